@@ -1,0 +1,33 @@
+"""Shared pytest setup for tests/ and bench/.
+
+On a machine without CUDA, Triton kernels run through Triton's interpreter on CPU tensors.
+The variable must be set before triton is first imported, hence here, at the root.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--quick", action="store_true", default=False,
+        help="benchmarks: small sizes and few rounds (what CI runs so the suite cannot rot)",
+    )
+
+
+@pytest.fixture(scope="session")
+def quick(request) -> bool:
+    return bool(request.config.getoption("--quick"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,39 @@
+"""The one place that decides which implementation an op runs.
+
+``backend="auto"`` picks Triton for CUDA tensors, and for CPU tensors when the Triton
+interpreter is on (``TRITON_INTERPRET=1``, which must be set before triton is imported);
+otherwise the PyTorch path. ``"triton"`` and ``"torch"`` force one path.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_on()))
+    if backend == "triton" and not runnable:
+        raise ValueError(
+            f"backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+            f"got tensors on {device}, triton installed: {triton_available()}"
+        )
+    return "triton" if runnable else "torch"
