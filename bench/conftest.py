@@ -1,0 +1,47 @@
+"""Benchmark fixtures shared by every group in bench/.
+
+``bench(fn)`` times ``fn()`` with pytest-benchmark, synchronising CUDA after each call and
+warming up first; ``--quick`` (root conftest) cuts rounds so CI only checks that the suite runs.
+Peak memory (CUDA allocator, else process RSS high-water mark) goes into ``extra_info``.
+"""
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kB on Linux
+
+
+@pytest.fixture
+def bench(benchmark, quick, device):
+    """``bench(fn, rounds=None)``: time ``fn()``; returns its last result."""
+
+    def run(fn, rounds: int | None = None):
+        def call():
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return out
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        n = 1 if quick else (rounds or (20 if device.type == "cuda" else 5))
+        out = benchmark.pedantic(call, rounds=n, iterations=1, warmup_rounds=0 if quick else 2)
+        benchmark.extra_info["device"] = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+        )
+        benchmark.extra_info["peak_mem_mb"] = round(_peak_memory_mb(device), 1)
+        return out
+
+    return run
