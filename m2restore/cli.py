@@ -1,5 +1,7 @@
-"""The ``m2restore`` command line. Each subcommand lives in its own module, which exposes
-``add_arguments(parser)`` and ``run(args) -> int``; only the chosen one is imported."""
+"""M2Restore: all-in-one adverse-weather image restoration.
+
+Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and
+``run(args) -> int``; only the chosen one is imported, so ``--help`` stays fast."""
 from __future__ import annotations
 
 import argparse
