@@ -1,8 +1,55 @@
-"""Fused depthwise 3x3 conv + per-pixel gate + blend (the DGF of M2Restore's MCDB)."""
+"""Fused depthwise 3x3 conv + per-pixel gate + blend (the DGF of M2Restore's MCDB).
+
+For every pixel p of y (B, C, H, W), with W1 = g1_weight (C, C) and w2 = g2_weight (1, C):
+
+    h    = W1 y_p + g1_bias + prompt_bias[b]          (C,)
+    G    = sigmoid(w2 . GELU(h) + g2_bias)            scalar, one per pixel
+    cnn  = GELU(dwconv3x3(y)_p + dw_bias)              (C,), zero padding at the image border
+    out  = G * cnn + (1 - G) * mamba_p (+ residual_p)
+
+GELU is the exact (erf) one. Three implementations share this contract: ``gated_fusion_ref``
+(plain float reference), a PyTorch path (one 1x1 conv for the C x C gate product, cuDNN/oneDNN
+depthwise conv, autograd by PyTorch) and a Triton path registered as the custom op
+``m2restore_kernels::gated_fusion`` with its backward ``m2restore_kernels::gated_fusion_backward``.
+
+Triton forward: one program per tile of BLOCK_P pixels (a run of the row-major H*W index, so
+tiles may span rows and are cut by the image end). It computes the gate's C x C product with
+``tl.dot`` in channel blocks, then, per channel block, the depthwise conv from the tile and its
+one-pixel halo (nine shifted, border-masked loads that hit cache), the blend and the residual,
+and stores ``out`` once. Only y (plus halo), mamba, residual and out touch memory.
+
+Triton backward (all in Triton except the C x C weight gradient): kernel 1 recomputes the gate
+and the conv per tile and writes dmamba, dz = dL/d(conv pre-activation) and dh = dL/dh to
+workspaces, plus per-tile partial sums for the small parameter gradients (summed afterwards with
+torch: deterministic, no atomics); kernel 2 forms dy = dh W1 + conv_transpose(dz) with
+``tl.dot`` and the halo of dz. dW1 = sum_p dh_p y_p^T is one cuBLAS GEMM over the workspace.
+
+Layouts: every feature map is addressed through its own strides, so NCHW-contiguous and
+channels-last inputs both run without a copy. MCDB passes y and residual NCHW-contiguous (the
+model's default) and mamba as a channels-last-strided view (the permuted pixel sequence); all
+three are read in place. ``out`` and dy take y's memory format, dmamba mamba's.
+
+Dtypes: float32, float16, bfloat16. The compute dtype is y's, or the autocast dtype when autocast
+is on for y's device; the parameters are cast to it (they are small), the Triton kernels read
+y, mamba and residual in whatever dtype they have and convert in registers (no cast pass over the
+maps; the PyTorch path casts them). ``out`` is in the compute dtype; every gradient in its input's
+dtype. Accumulation is float32 everywhere. float32 gate products use IEEE dots unless
+``torch.set_float32_matmul_precision("high")`` allows TF32 (then ``tl.dot``'s TF32, as cuBLAS would).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._backend import resolve_backend
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 def gated_fusion_ref(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual=None):
@@ -21,6 +68,419 @@ def gated_fusion_ref(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bi
     return out if residual is None else out + residual
 
 
+def _gated_fusion_torch(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual):
+    """PyTorch path: the same math in the fewest framework ops (autograd and torch.compile native)."""
+    hidden_bias = prompt_bias if g1_bias is None else prompt_bias + g1_bias
+    h = F.conv2d(y, g1_weight[:, :, None, None]) + hidden_bias[:, :, None, None]
+    gate_logit = F.conv2d(F.gelu(h), g2_weight[:, :, None, None], g2_bias)
+    cnn = F.gelu(F.conv2d(y, dw_weight, dw_bias, padding=1, groups=y.shape[1]))
+    # G cnn + (1 - G) mamba in one pass, as cnn + sigmoid(-s) (mamba - cnn): cnn leads, so out keeps y's layout.
+    out = torch.lerp(cnn, mamba, torch.sigmoid(-gate_logit))
+    return out if residual is None else out + residual
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+
+
+@triton.jit
+def _gelu_grad(x):
+    return 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def _pixel_tile(H, W, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Rows, columns and validity of this program's (BLOCK_P // BLOCK_W) x BLOCK_W block of pixels.
+    Dividing by the constexpr BLOCK_W (not by W) keeps columns provably contiguous, so loads along a
+    unit-stride W (NCHW) vectorise and coalesce."""
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    p = tl.arange(0, BLOCK_P)
+    rows = (tl.program_id(0) // tiles_w) * (BLOCK_P // BLOCK_W) + p // BLOCK_W
+    cols = (tl.program_id(0) % tiles_w) * BLOCK_W + p % BLOCK_W
+    return rows, cols, (rows < H) & (cols < W)
+
+
+@triton.jit
+def _tile_offsets(rows, cols, offs_c, s_c, s_h, s_w):
+    return rows[:, None] * s_h + cols[:, None] * s_w + offs_c[None, :] * s_c
+
+
+@triton.jit
+def _load_tap(ptr, rows, cols, mask_p, dr: tl.constexpr, dc: tl.constexpr, H, W, offs_c, mask_c, s_c, s_h, s_w):
+    """The [BLOCK_P, BLOCK_C] tile shifted by (dr, dc) pixels, zero outside the image (float32)."""
+    r = rows + dr
+    c = cols + dc
+    inside = mask_p & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+    return tl.load(ptr + _tile_offsets(r, c, offs_c, s_c, s_h, s_w),
+                   mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dwconv(y_ptr, dw_ptr, dwb_ptr, rows, cols, mask_p, H, W, offs_c, mask_c, s_c, s_h, s_w,
+            HAS_DWB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise 3x3 conv pre-activation (+ dw_bias) for one channel block; dw is (C, 9) contiguous."""
+    z = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for t in tl.static_range(9):
+        w = tl.load(dw_ptr + offs_c * 9 + t, mask=mask_c, other=0.0).to(tl.float32)
+        z += _load_tap(y_ptr, rows, cols, mask_p, t // 3 - 1, t % 3 - 1, H, W, offs_c, mask_c, s_c, s_h, s_w) * w[None, :]
+    if HAS_DWB:
+        z += tl.load(dwb_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    return z
+
+
+@triton.jit
+def _gate_hidden(y_ptr, w1_ptr, b1_ptr, pb_ptr, pix, mask_p, n0, C, s_c,
+                 HAS_B1: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """h[:, n0:n0+BLOCK_C] = y W1^T + g1_bias + prompt_bias (float32) and the channel mask.
+    W1 (C, C) is contiguous; its transpose is read through the pointer grid, never materialised."""
+    offs_n = n0 + tl.arange(0, BLOCK_C)
+    mask_n = offs_n < C
+    h = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for k0 in range(0, C, BLOCK_C):
+        offs_k = k0 + tl.arange(0, BLOCK_C)
+        mask_k = offs_k < C
+        y = tl.load(y_ptr + pix[:, None] + offs_k[None, :] * s_c, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        w1t = tl.load(w1_ptr + offs_n[None, :] * C + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        h = tl.dot(y.to(w1t.dtype), w1t, h, input_precision=DOT_PRECISION)
+    bias = tl.load(pb_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_B1:
+        bias += tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return h + bias[None, :], offs_n, mask_n
+
+
+@triton.jit
+def _gate(y_ptr, w1_ptr, b1_ptr, pb_ptr, w2_ptr, b2_ptr, pix, mask_p, C, s_c,
+          HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """G = sigmoid(w2 . GELU(h) + g2_bias) per pixel of the tile (float32, [BLOCK_P])."""
+    logit = tl.zeros((BLOCK_P,), tl.float32)
+    for n0 in range(0, C, BLOCK_C):
+        h, offs_n, mask_n = _gate_hidden(y_ptr, w1_ptr, b1_ptr, pb_ptr, pix, mask_p, n0, C, s_c,
+                                         HAS_B1, BLOCK_P, BLOCK_C, DOT_PRECISION)
+        w2 = tl.load(w2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        logit += tl.sum(_gelu(h) * w2[None, :], axis=1)
+    if HAS_B2:
+        logit += tl.load(b2_ptr).to(tl.float32)
+    return tl.sigmoid(logit)
+
+
+@triton.jit
+def _fwd_kernel(
+    y_ptr, m_ptr, r_ptr, o_ptr, pb_ptr, dw_ptr, dwb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    C, H, W,
+    s_yb, s_yc, s_yh, s_yw, s_mb, s_mc, s_mh, s_mw, s_rb, s_rc, s_rh, s_rw, s_ob, s_oc, s_oh, s_ow,
+    HAS_RES: tl.constexpr, HAS_DWB: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)  # batch offsets can pass 2**31 elements
+    y_ptr += b * s_yb
+    m_ptr += b * s_mb
+    r_ptr += b * s_rb
+    o_ptr += b * s_ob
+    pb_ptr += b * C
+    rows, cols, mask_p = _pixel_tile(H, W, BLOCK_P, BLOCK_W)
+
+    g = _gate(y_ptr, w1_ptr, b1_ptr, pb_ptr, w2_ptr, b2_ptr, rows * s_yh + cols * s_yw, mask_p, C, s_yc,
+              HAS_B1, HAS_B2, BLOCK_P, BLOCK_C, DOT_PRECISION)[:, None]
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        mask = mask_p[:, None] & mask_c[None, :]
+        cnn = _gelu(_dwconv(y_ptr, dw_ptr, dwb_ptr, rows, cols, mask_p, H, W, offs_c, mask_c, s_yc, s_yh, s_yw,
+                            HAS_DWB, BLOCK_P, BLOCK_C))
+        m = tl.load(m_ptr + _tile_offsets(rows, cols, offs_c, s_mc, s_mh, s_mw), mask=mask, other=0.0).to(tl.float32)
+        out = m + g * (cnn - m)
+        if HAS_RES:
+            out += tl.load(r_ptr + _tile_offsets(rows, cols, offs_c, s_rc, s_rh, s_rw), mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptr + _tile_offsets(rows, cols, offs_c, s_oc, s_oh, s_ow), out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_gate_kernel(
+    go_ptr, y_ptr, m_ptr, dm_ptr, dz_ptr, dh_ptr, pb_ptr, dw_ptr, dwb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    part_c_ptr, part_dw_ptr, part_b2_ptr,
+    C, H, W, n_tiles,
+    s_gb, s_gc, s_gh, s_gw, s_yb, s_yc, s_yh, s_yw, s_mb, s_mc, s_mh, s_mw, s_dmb, s_dmc, s_dmh, s_dmw,
+    s_db, s_dc, s_dh, s_dw,
+    HAS_DWB: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Writes dmamba, dz (conv pre-activation grad) and dh (gate hidden grad), the latter two into
+    workspaces with y's strides (s_d*), and this tile's partial sums:
+    part_c (3, B, n_tiles, C) = [d prompt_bias, d g2_weight, d dw_bias], part_dw (B, n_tiles, 9, C),
+    part_b2 (B, n_tiles)."""
+    b = tl.program_id(1).to(tl.int64)
+    tile = b * n_tiles + tl.program_id(0)
+    go_ptr += b * s_gb
+    y_ptr += b * s_yb
+    m_ptr += b * s_mb
+    dm_ptr += b * s_dmb
+    dz_ptr += b * s_db
+    dh_ptr += b * s_db
+    pb_ptr += b * C
+    part_c_ptr += tile * C
+    part_c_stride = tl.num_programs(1) * n_tiles * C
+    part_dw_ptr += tile * 9 * C
+    rows, cols, mask_p = _pixel_tile(H, W, BLOCK_P, BLOCK_W)
+    pix = rows * s_yh + cols * s_yw
+
+    g = _gate(y_ptr, w1_ptr, b1_ptr, pb_ptr, w2_ptr, b2_ptr, pix, mask_p, C, s_yc,
+              HAS_B1, HAS_B2, BLOCK_P, BLOCK_C, DOT_PRECISION)
+    dg = tl.zeros((BLOCK_P,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        mask = mask_p[:, None] & mask_c[None, :]
+        z = _dwconv(y_ptr, dw_ptr, dwb_ptr, rows, cols, mask_p, H, W, offs_c, mask_c, s_yc, s_yh, s_yw,
+                    HAS_DWB, BLOCK_P, BLOCK_C)
+        go = tl.load(go_ptr + _tile_offsets(rows, cols, offs_c, s_gc, s_gh, s_gw), mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + _tile_offsets(rows, cols, offs_c, s_mc, s_mh, s_mw), mask=mask, other=0.0).to(tl.float32)
+        dg += tl.sum(go * (_gelu(z) - m), axis=1)
+        tl.store(dm_ptr + _tile_offsets(rows, cols, offs_c, s_dmc, s_dmh, s_dmw),
+                 ((1.0 - g[:, None]) * go).to(dm_ptr.dtype.element_ty), mask=mask)
+        dz = g[:, None] * go * _gelu_grad(z)
+        tl.store(dz_ptr + _tile_offsets(rows, cols, offs_c, s_dc, s_dh, s_dw), dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_c_ptr + 2 * part_c_stride + offs_c, tl.sum(dz, axis=0), mask=mask_c)
+        for t in tl.static_range(9):
+            tap = _load_tap(y_ptr, rows, cols, mask_p, t // 3 - 1, t % 3 - 1, H, W, offs_c, mask_c, s_yc, s_yh, s_yw)
+            tl.store(part_dw_ptr + t * C + offs_c, tl.sum(dz * tap, axis=0), mask=mask_c)
+
+    dlogit = dg * g * (1.0 - g)  # zero on pixels outside the image, since go is zero there
+    tl.store(part_b2_ptr + tile, tl.sum(dlogit, axis=0))
+    for n0 in range(0, C, BLOCK_C):
+        h, offs_n, mask_n = _gate_hidden(y_ptr, w1_ptr, b1_ptr, pb_ptr, pix, mask_p, n0, C, s_yc,
+                                         HAS_B1, BLOCK_P, BLOCK_C, DOT_PRECISION)
+        w2 = tl.load(w2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(part_c_ptr + part_c_stride + offs_n, tl.sum(dlogit[:, None] * _gelu(h), axis=0), mask=mask_n)
+        dh = dlogit[:, None] * w2[None, :] * _gelu_grad(h)
+        tl.store(dh_ptr + _tile_offsets(rows, cols, offs_n, s_dc, s_dh, s_dw), dh.to(dh_ptr.dtype.element_ty),
+                 mask=mask_p[:, None] & mask_n[None, :])
+        tl.store(part_c_ptr + offs_n, tl.sum(dh, axis=0), mask=mask_n)
+
+
+@triton.jit
+def _bwd_input_kernel(
+    dz_ptr, dh_ptr, dy_ptr, dw_ptr, w1_ptr,
+    C, H, W,
+    s_db, s_dc, s_dh, s_dw, s_yb, s_yc, s_yh, s_yw,
+    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dy = dh W1 + conv_transpose3x3(dz): the gate path as a tl.dot, the conv from dz's halo."""
+    b = tl.program_id(1).to(tl.int64)
+    dz_ptr += b * s_db
+    dh_ptr += b * s_db
+    dy_ptr += b * s_yb
+    rows, cols, mask_p = _pixel_tile(H, W, BLOCK_P, BLOCK_W)
+    for k0 in range(0, C, BLOCK_C):
+        offs_k = k0 + tl.arange(0, BLOCK_C)
+        mask_k = offs_k < C
+        dy = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+        for n0 in range(0, C, BLOCK_C):
+            offs_n = n0 + tl.arange(0, BLOCK_C)
+            mask_n = offs_n < C
+            dh = tl.load(dh_ptr + _tile_offsets(rows, cols, offs_n, s_dc, s_dh, s_dw),
+                         mask=mask_p[:, None] & mask_n[None, :], other=0.0)
+            w1 = tl.load(w1_ptr + offs_n[:, None] * C + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            dy = tl.dot(dh, w1, dy, input_precision=DOT_PRECISION)
+        for t in tl.static_range(9):
+            w = tl.load(dw_ptr + offs_k * 9 + t, mask=mask_k, other=0.0).to(tl.float32)
+            dy += _load_tap(dz_ptr, rows, cols, mask_p, 1 - t // 3, 1 - t % 3, H, W, offs_k, mask_k,
+                            s_dc, s_dh, s_dw) * w[None, :]
+        tl.store(dy_ptr + _tile_offsets(rows, cols, offs_k, s_yc, s_yh, s_yw), dy.to(dy_ptr.dtype.element_ty),
+                 mask=mask_p[:, None] & mask_k[None, :])
+
+
+# ----------------------------------------------------------------------------- launch code
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile: block_p pixels, (block_p // block_w) rows of block_w columns, x block_c channels. All powers
+    of two; block_p and block_c >= 16 (tl.dot's minimum on NVIDIA)."""
+
+    block_p: int
+    block_w: int
+    block_c: int
+    num_warps: int = 8
+
+    def n_tiles(self, H: int, W: int) -> int:
+        return triton.cdiv(H, self.block_p // self.block_w) * triton.cdiv(W, self.block_w)
+
+
+def _launch_config(C: int, H: int, W: int, device: torch.device) -> LaunchConfig:
+    block_w = triton.next_power_of_2(W)
+    if device.type != "cuda":
+        # The interpreter runs programs one after another at a fixed cost each: few, big ones.
+        block_p = max(min(triton.next_power_of_2(H) * block_w, 2048), 16, block_w)
+        return LaunchConfig(block_p=block_p, block_w=block_w, block_c=min(max(triton.next_power_of_2(C), 16), 128))
+    # The channel block divides C when C is a multiple of 16 (48, 96, 192, 384: no masked lanes).
+    block_c = next((bc for bc in (64, 32, 16) if C % bc == 0), min(triton.next_power_of_2(C), 64))
+    return LaunchConfig(block_p=128, block_w=min(block_w, 128), block_c=block_c)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # Triton's default; it only affects float32 operands
+
+
+def _strides(t: Optional[torch.Tensor]):
+    return t.stride() if t is not None else (0, 0, 0, 0)
+
+
+def _flag_args(dw_bias, g1_bias, g2_bias):
+    return dict(HAS_DWB=dw_bias is not None, HAS_B1=g1_bias is not None, HAS_B2=g2_bias is not None)
+
+
+@torch.library.custom_op("m2restore_kernels::gated_fusion", mutates_args=())
+def _gated_fusion_op(y: torch.Tensor, mamba: torch.Tensor, prompt_bias: torch.Tensor, dw_weight: torch.Tensor,
+                     dw_bias: Optional[torch.Tensor], g1_weight: torch.Tensor, g1_bias: Optional[torch.Tensor],
+                     g2_weight: torch.Tensor, g2_bias: Optional[torch.Tensor],
+                     residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """Triton forward. The parameters are contiguous and in the compute dtype, which ``out`` takes; y, mamba
+    and residual are read in their own dtypes and strides (the public wrapper ensures this)."""
+    B, C, H, W = y.shape
+    out = torch.empty_like(y, dtype=g1_weight.dtype)
+    if out.numel() == 0:
+        return out
+    cfg = _launch_config(C, H, W, y.device)
+    grid = (cfg.n_tiles(H, W), B)
+    _fwd_kernel[grid](
+        y, mamba, residual if residual is not None else y, out, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias,
+        g2_weight, g2_bias, C, H, W,
+        *y.stride(), *mamba.stride(), *_strides(residual), *out.stride(),
+        HAS_RES=residual is not None, **_flag_args(dw_bias, g1_bias, g2_bias),
+        BLOCK_P=cfg.block_p, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c, DOT_PRECISION=_dot_precision(g1_weight.dtype), num_warps=cfg.num_warps,
+    )
+    return out
+
+
+@_gated_fusion_op.register_fake
+def _(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual):
+    return torch.empty_like(y, dtype=g1_weight.dtype)
+
+
+@torch.library.custom_op("m2restore_kernels::gated_fusion_backward", mutates_args=())
+def _gated_fusion_backward_op(
+    grad_out: torch.Tensor, y: torch.Tensor, mamba: torch.Tensor, prompt_bias: torch.Tensor, dw_weight: torch.Tensor,
+    dw_bias: Optional[torch.Tensor], g1_weight: torch.Tensor, g1_bias: Optional[torch.Tensor],
+    g2_weight: torch.Tensor, g2_bias: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """Gradients (y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias), each in
+    its input's dtype; bias gradients are returned even for absent biases (the autograd formula drops them)."""
+    B, C, H, W = y.shape
+    dtype = g1_weight.dtype
+    cfg = _launch_config(C, H, W, y.device)
+    n_tiles = cfg.n_tiles(H, W)
+    dy, dmamba = torch.empty_like(y), torch.empty_like(mamba)
+    # Workspaces with y's strides in the compute dtype (dh feeds tl.dot and the dW1 GEMM), fully written.
+    dz, dh = torch.empty_like(y, dtype=dtype), torch.empty_like(y, dtype=dtype)
+    part_c = y.new_empty(3, B, n_tiles, C, dtype=torch.float32)
+    part_dw = y.new_empty(B, n_tiles, 9, C, dtype=torch.float32)
+    part_b2 = y.new_empty(B, n_tiles, dtype=torch.float32)
+    if y.numel() > 0:
+        grid = (n_tiles, B)
+        precision = _dot_precision(dtype)
+        _bwd_gate_kernel[grid](
+            grad_out, y, mamba, dmamba, dz, dh, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias,
+            part_c, part_dw, part_b2, C, H, W, n_tiles,
+            *grad_out.stride(), *y.stride(), *mamba.stride(), *dmamba.stride(), *dz.stride(),
+            **_flag_args(dw_bias, g1_bias, g2_bias),
+            BLOCK_P=cfg.block_p, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c, DOT_PRECISION=precision, num_warps=cfg.num_warps,
+        )
+        _bwd_input_kernel[grid](
+            dz, dh, dy, dw_weight, g1_weight, C, H, W, *dz.stride(), *dy.stride(),
+            BLOCK_P=cfg.block_p, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c, DOT_PRECISION=precision, num_warps=cfg.num_warps,
+        )
+    d_prompt_bias = part_c[0].sum(1)
+    return (
+        dy, dmamba, d_prompt_bias.to(dtype),
+        part_dw.sum((0, 1)).t().reshape(C, 1, 3, 3).to(dtype), part_c[2].sum((0, 1)).to(dtype),
+        torch.einsum("bnhw,bkhw->nk", dh, y.to(dtype)).contiguous(), d_prompt_bias.sum(0).to(dtype),
+        part_c[1].sum((0, 1)).view(1, C).to(dtype), part_b2.sum().view(1).to(dtype),
+    )
+
+
+@_gated_fusion_backward_op.register_fake
+def _(grad_out, y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias):
+    vec = g1_weight.new_empty(y.shape[1])
+    return (torch.empty_like(y), torch.empty_like(mamba), torch.empty_like(prompt_bias), torch.empty_like(dw_weight),
+            vec, torch.empty_like(g1_weight), vec.clone(), torch.empty_like(g2_weight), g1_weight.new_empty(1))
+
+
+def _setup_context(ctx, inputs, output):
+    *saved, residual = inputs
+    ctx.save_for_backward(*saved)
+    ctx.has_bias = tuple(t is not None for t in (saved[4], saved[6], saved[8]))
+    ctx.residual_dtype = None if residual is None else residual.dtype
+
+
+def _backward(ctx, grad_out):
+    dy, dm, dpb, ddw, ddwb, dg1w, dg1b, dg2w, dg2b = _gated_fusion_backward_op(grad_out, *ctx.saved_tensors)
+    has_dwb, has_b1, has_b2 = ctx.has_bias
+    return (dy, dm, dpb, ddw, ddwb if has_dwb else None, dg1w, dg1b if has_b1 else None, dg2w,
+            dg2b if has_b2 else None, None if ctx.residual_dtype is None else grad_out.to(ctx.residual_dtype))
+
+
+_gated_fusion_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+
+def _validate(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual):
+    if not isinstance(y, torch.Tensor) or y.dim() != 4 or not y.is_floating_point():
+        raise ValueError(f"y must be a floating-point (B, C, H, W) tensor, got "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    B, C = y.shape[:2]
+    expected = {
+        "mamba": (mamba, tuple(y.shape), False), "residual": (residual, tuple(y.shape), True),
+        "prompt_bias": (prompt_bias, (B, C), False), "dw_weight": (dw_weight, (C, 1, 3, 3), False),
+        "dw_bias": (dw_bias, (C,), True), "g1_weight": (g1_weight, (C, C), False), "g1_bias": (g1_bias, (C,), True),
+        "g2_weight": (g2_weight, (1, C), False), "g2_bias": (g2_bias, (1,), True),
+    }
+    for name, (t, shape, optional) in expected.items():
+        if t is None:
+            if optional:
+                continue
+            raise ValueError(f"{name} is required (shape {shape})")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for y of shape {tuple(y.shape)}, got {tuple(t.shape)}")
+        if t.device != y.device:
+            raise ValueError(f"{name} is on {t.device} but y is on {y.device}")
+
+
 def gated_fusion(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias,
                  residual=None, backend: str = "auto"):
-    return gated_fusion_ref(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual)
+    """The MCDB gated fusion (see the module docstring for the formula).
+
+    Args:
+        y, mamba: (B, C, H, W) float32/float16/bfloat16, any strides (NCHW-contiguous and channels-last
+            run without copies); y is the LayerNormed feature, mamba the Mamba branch output.
+        prompt_bias: (B, C) the prompt half of the first gate conv, already applied to p.
+        dw_weight: (C, 1, 3, 3) depthwise kernel; dw_bias: (C,) or None.
+        g1_weight: (C, C) the feature half of the first gate conv; g1_bias: (C,) or None.
+        g2_weight: (1, C) the second gate conv; g2_bias: (1,) or None.
+        residual: (B, C, H, W) or None, added to the output.
+        backend: "auto" | "triton" | "torch" (see ``_backend.resolve_backend``).
+
+    Returns:
+        out (B, C, H, W) in the compute dtype (y's, or the autocast dtype), in y's memory format.
+    """
+    _validate(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual)
+    device_type = y.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else y.dtype
+    params = [t if t is None else t.to(dtype).contiguous()
+              for t in (prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias)]
+    if resolve_backend(backend, y.device) == "torch":
+        y, mamba, residual = (t if t is None else t.to(dtype) for t in (y, mamba, residual))
+        return _gated_fusion_torch(y, mamba, *params, residual)
+    # The kernel converts y, mamba and residual as it loads them: no cast pass over the feature maps.
+    return _gated_fusion_op(y, mamba, *params, residual)

@@ -1,11 +1,52 @@
-"""Pixel-wise top-K routing and sparse expert MLPs (DDER of M2Restore)."""
+"""Pixel-wise top-K routing and sparse expert MLPs (the DDER of M2Restore).
+
+Two ops, each with a plain reference (``*_ref``), a sparse PyTorch path and a Triton path:
+
+* ``topk_softmax(logits, k) -> (weights, indices)``: softmax over the K largest logits per row.
+* ``moe_mlp(x, weights, indices, w1, b1, w2, b2, combine)``: every row runs only its K chosen
+  experts ``GELU(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` and combines them with the gate weights.
+
+Both sparse paths share one dispatch plan: the K*P (row, slot) assignments are sorted once by
+expert (stable, so each expert's rows stay in row order) and each expert then works on one
+contiguous segment of that order. The per-assignment expert outputs ``O`` (K*P, C) go to a float32
+buffer, one row per assignment, and a separate combine step reduces the K slots. The buffer costs
+one extra write and read of K*P*C floats but keeps the result deterministic (no atomics), serves
+``sum`` and ``logsumexp`` alike, and is exactly what the backward needs (``logsumexp`` gradients
+and the gate-weight gradient both need the unweighted expert outputs).
+
+Triton forward: a program takes BLOCK_M sorted rows of one expert, gathers their x rows, and
+walks the hidden width in BLOCK_H chunks: GEMM1 (+b1), exact GELU, GEMM2 into a (BLOCK_M, C)
+accumulator, so the hidden activation never leaves registers. The backward recomputes it: one
+kernel for dx (same grid as the forward), one for the weight gradients (grid experts x hidden
+chunks x row splits, partial sums reduced on the host side so the result is deterministic).
+"""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+from ._backend import interpreter_on, resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is Linux-only; the torch path works without it
+    triton = tl = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+COMBINES = ("sum", "logsumexp")
 
 
-def topk_softmax_ref(logits: torch.Tensor, k: int):
+# --------------------------------------------------------------------------------------------
+# References: obviously right, no speed ambitions.
+# --------------------------------------------------------------------------------------------
+def topk_softmax_ref(logits: Tensor, k: int):
     """logits (P, N) -> (weights (P, K) softmax of the K largest, sorted descending; indices (P, K) int64).
     Ties go to the lower expert index (stable descending sort)."""
     vals, idx = torch.sort(logits, dim=-1, descending=True, stable=True)
@@ -35,9 +76,678 @@ def moe_mlp_ref(x, weights, indices, w1, b1, w2, b2, combine: str = "sum"):
     return torch.logsumexp(outs + torch.log(weights).unsqueeze(-1), dim=1)
 
 
-def topk_softmax(logits: torch.Tensor, k: int, backend: str = "auto"):
-    return topk_softmax_ref(logits, k)
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MoeTileConfig:
+    """Tile sizes of the expert kernels (powers of two, every ``tl.dot`` dimension >= 16).
+
+    ``block_c`` covers the whole channel width (the GEMM2 accumulator is (block_m, block_c));
+    ``dw_split`` splits each expert's rows over that many weight-gradient programs.
+    """
+    block_m: int
+    block_h: int
+    block_c: int
+    num_warps: int
+    dw_split: int
 
 
-def moe_mlp(x, weights, indices, w1, b1, w2, b2, combine: str = "sum", backend: str = "auto"):
-    return moe_mlp_ref(x, weights, indices, w1, b1, w2, b2, combine)
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.device) -> MoeTileConfig:
+    block_c = _pow2_at_least_16(C)
+    if device.type != "cuda":
+        # The interpreter runs programs one after another at a fixed cost each: few, big programs.
+        return MoeTileConfig(block_m=128, block_h=min(128, _pow2_at_least_16(Hd)), block_c=block_c,
+                             num_warps=4, dw_split=1)
+    # Registers hold x (block_m, block_c), the output accumulator and one hidden chunk; wide
+    # channels get narrower hidden chunks and more warps.
+    wide = block_c > 128
+    block_m = 64
+    block_h = min(32 if wide else 64, _pow2_at_least_16(Hd))
+    # Aim for ~8 row blocks per weight-gradient program so the GPU still sees hundreds of programs.
+    rows_per_expert = max(1, n_assign // max(1, n_experts))
+    dw_split = max(1, min(64, rows_per_expert // (8 * block_m)))
+    return MoeTileConfig(block_m=block_m, block_h=block_h, block_c=block_c,
+                         num_warps=8 if wide else 4, dw_split=dw_split)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 dots follow torch's own TF32 switch so parity tests (and default users) get IEEE.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreter_on():
+        return "tf32"
+    return "ieee"
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@_jit
+def _topk_softmax_fwd_kernel(logits_ptr, w_ptr, idx_ptr, P, N,
+                             K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_N)
+    slots = tl.arange(0, BLOCK_K)
+    rmask = rows < P
+    free = rmask[:, None] & (cols[None, :] < N)
+    s = tl.load(logits_ptr + rows[:, None] * N + cols[None, :], mask=free, other=float("-inf")).to(tl.float32)
+    top_v = tl.full((BLOCK_P, BLOCK_K), float("-inf"), tl.float32)
+    top_i = tl.zeros((BLOCK_P, BLOCK_K), tl.int32)
+    # K rounds of "take the max": the lowest column holding the max wins, which settles ties.
+    for k in tl.static_range(K):
+        cand = tl.where(free, s, float("-inf"))
+        m = tl.max(cand, axis=1)
+        i = tl.min(tl.where(free & (cand == m[:, None]), cols[None, :], BLOCK_N), axis=1)
+        free = free & (cols[None, :] != i[:, None])
+        top_v = tl.where(slots[None, :] == k, m[:, None], top_v)
+        top_i = tl.where(slots[None, :] == k, i[:, None], top_i)
+    kept = slots[None, :] < K
+    top_v = tl.where(rmask[:, None], top_v, 0.0)  # rows past P would compute -inf - -inf
+    # Slot 0 holds the row max, so no separate max pass is needed for a stable softmax.
+    num = tl.where(kept, tl.exp(top_v - tl.max(top_v, axis=1)[:, None]), 0.0)
+    w = num / tl.sum(num, axis=1)[:, None]
+    out_mask = rmask[:, None] & kept
+    offs = rows[:, None] * K + slots[None, :]
+    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(idx_ptr + offs, top_i.to(tl.int64), mask=out_mask)
+
+
+@_jit
+def _topk_softmax_bwd_kernel(dw_ptr, w_ptr, idx_ptr, dlogits_ptr, P, N,
+                             K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    slots = tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < P) & (slots[None, :] < K)
+    offs = rows[:, None] * K + slots[None, :]
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    idx = tl.load(idx_ptr + offs, mask=mask, other=0)
+    d = w * (g - tl.sum(w * g, axis=1)[:, None])
+    tl.store(dlogits_ptr + rows[:, None] * N + idx, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _gelu(h):
+    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+
+@_jit
+def _gelu_grad(h):
+    cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+
+
+@_jit
+def _segment_rows(order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, pid, P, BLOCK_M: tl.constexpr):
+    """Rows of program ``pid``: (expert, assignment ids, their x rows, row mask)."""
+    e = tl.load(block_expert_ptr + pid)
+    r = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK_M)
+    rmask = r < tl.load(offsets_ptr + e + 1)
+    a = tl.load(order_ptr + r, mask=rmask, other=0)
+    return e, a, a % P, rmask
+
+
+@_jit
+def _moe_expert_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+                           order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, P, C, HD, N,
+                           HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    if tl.load(block_expert_ptr + pid) >= N:  # the grid is an upper bound on the block count
+        return
+    e, a, tok, rmask = _segment_rows(order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, pid, P, BLOCK_M)
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
+    xt = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    w1_e = w1_ptr + e.to(tl.int64) * C * HD
+    w2_e = w2_ptr + e.to(tl.int64) * HD * C
+    for h0 in range(0, HD, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        hmask = hh < HD
+        w1t = tl.load(w1_e + c[:, None] * HD + hh[None, :], mask=cmask[:, None] & hmask[None, :], other=0.0)
+        hpre = tl.dot(xt, w1t, input_precision=PRECISION)
+        if HAS_B1:
+            hpre += tl.load(b1_ptr + e * HD + hh, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        w2t = tl.load(w2_e + hh[:, None] * C + c[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0)
+        # Padded hidden columns are GELU(0) = 0 and meet zero rows of w2: no extra masking needed.
+        acc = tl.dot(_gelu(hpre).to(w2t.dtype), w2t, acc, input_precision=PRECISION)
+    if HAS_B2:
+        acc += tl.load(b2_ptr + e * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + a[:, None] * C + c[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+
+@_jit
+def _moe_expert_bwd_dx_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, dxa_ptr,
+                              order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, P, C, HD, N,
+                              HAS_B1: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    if tl.load(block_expert_ptr + pid) >= N:
+        return
+    e, a, tok, rmask = _segment_rows(order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, pid, P, BLOCK_M)
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
+    io_mask = rmask[:, None] & cmask[None, :]
+    xt = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=io_mask, other=0.0)
+    dout = tl.load(dout_ptr + a[:, None] * C + c[None, :], mask=io_mask, other=0.0).to(xt.dtype)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    w1_e = w1_ptr + e.to(tl.int64) * C * HD
+    w2_e = w2_ptr + e.to(tl.int64) * HD * C
+    for h0 in range(0, HD, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        wmask = cmask[:, None] & (hh < HD)[None, :]
+        w1t = tl.load(w1_e + c[:, None] * HD + hh[None, :], mask=wmask, other=0.0)
+        w2t_t = tl.load(w2_e + hh[None, :] * C + c[:, None], mask=wmask, other=0.0)  # w2[e][chunk].T
+        hpre = tl.dot(xt, w1t, input_precision=PRECISION)
+        if HAS_B1:
+            hpre += tl.load(b1_ptr + e * HD + hh, mask=hh < HD, other=0.0).to(tl.float32)[None, :]
+        dh = tl.dot(dout, w2t_t, input_precision=PRECISION) * _gelu_grad(hpre)
+        acc = tl.dot(dh.to(xt.dtype), tl.trans(w1t), acc, input_precision=PRECISION)
+    tl.store(dxa_ptr + a[:, None] * C + c[None, :], acc, mask=io_mask)
+
+
+@_jit
+def _moe_expert_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr, offsets_ptr,
+                              dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, P, C, HD, N,
+                              SPLIT: tl.constexpr, HAS_B1: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    """Program (e, hidden chunk, split s) sums row blocks s, s+SPLIT, ... of expert e into
+    partial buffers dw1 (SPLIT, N, C, HD), db1 (SPLIT, N, HD), dw2 (SPLIT, N, HD, C), db2 (SPLIT, N, C)."""
+    e = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    s = tl.program_id(2)
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
+    hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = hh < HD
+    wmask = cmask[:, None] & hmask[None, :]
+    w1t = tl.load(w1_ptr + e.to(tl.int64) * C * HD + c[:, None] * HD + hh[None, :], mask=wmask, other=0.0)
+    w2t_t = tl.load(w2_ptr + e.to(tl.int64) * HD * C + hh[None, :] * C + c[:, None], mask=wmask, other=0.0)
+    b1 = tl.zeros((BLOCK_H,), tl.float32)
+    if HAS_B1:
+        b1 = tl.load(b1_ptr + e * HD + hh, mask=hmask, other=0.0).to(tl.float32)
+    dw1 = tl.zeros((BLOCK_C, BLOCK_H), tl.float32)
+    dw2 = tl.zeros((BLOCK_H, BLOCK_C), tl.float32)
+    db1 = tl.zeros((BLOCK_H,), tl.float32)
+    db2 = tl.zeros((BLOCK_C,), tl.float32)
+    for r0 in range(start + s * BLOCK_M, end, SPLIT * BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        rmask = r < end
+        a = tl.load(order_ptr + r, mask=rmask, other=0)
+        io_mask = rmask[:, None] & cmask[None, :]
+        xt = tl.load(x_ptr + (a % P)[:, None] * C + c[None, :], mask=io_mask, other=0.0)
+        dout32 = tl.load(dout_ptr + a[:, None] * C + c[None, :], mask=io_mask, other=0.0)
+        dout = dout32.to(xt.dtype)
+        hpre = tl.dot(xt, w1t, input_precision=PRECISION) + b1[None, :]
+        # Masked rows have GELU(b1) != 0 here, but their dout rows are zero, so they add nothing.
+        dh = tl.dot(dout, w2t_t, input_precision=PRECISION) * _gelu_grad(hpre)
+        dw1 = tl.dot(tl.trans(xt), dh.to(xt.dtype), dw1, input_precision=PRECISION)
+        dw2 = tl.dot(tl.trans(_gelu(hpre).to(xt.dtype)), dout, dw2, input_precision=PRECISION)
+        db1 += tl.sum(dh, axis=0)
+        db2 += tl.sum(dout32, axis=0)
+    part = s * N + e
+    tl.store(dw1_ptr + part.to(tl.int64) * C * HD + c[:, None] * HD + hh[None, :], dw1, mask=wmask)
+    tl.store(dw2_ptr + part.to(tl.int64) * HD * C + hh[:, None] * C + c[None, :], dw2,
+             mask=hmask[:, None] & cmask[None, :])
+    tl.store(db1_ptr + part * HD + hh, db1, mask=hmask)
+    if pid_h == 0:
+        tl.store(db2_ptr + part * C + c, db2, mask=cmask)
+
+
+@_jit
+def _combine_rows(out_ptr, w_ptr, rows, c, rmask, mask, P, C, K: tl.constexpr, LSE: tl.constexpr):
+    """float32 y of ``rows``: sum_k w_k o_k, or an online log-sum-exp of o_k + log w_k."""
+    for k in tl.static_range(K):
+        o = tl.load(out_ptr + (k * P + rows)[:, None] * C + c[None, :], mask=mask, other=0.0)
+        g = tl.load(w_ptr + rows * K + k, mask=rmask, other=1.0).to(tl.float32)[:, None]
+        if LSE:
+            t = o + tl.log(g)
+            if k == 0:
+                m = t
+                acc = tl.full(t.shape, 1.0, tl.float32)
+            else:
+                m_new = tl.maximum(m, t)
+                acc = acc * tl.exp(m - m_new) + tl.exp(t - m_new)
+                m = m_new
+        else:
+            if k == 0:
+                acc = g * o
+            else:
+                acc += g * o
+    if LSE:
+        acc = m + tl.log(acc)
+    return acc
+
+
+@_jit
+def _moe_combine_fwd_kernel(out_ptr, w_ptr, y_ptr, P, C,
+                            K: tl.constexpr, LSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.arange(0, BLOCK_C)
+    rmask = rows < P
+    mask = rmask[:, None] & (c[None, :] < C)
+    y = _combine_rows(out_ptr, w_ptr, rows, c, rmask, mask, P, C, K, LSE)
+    tl.store(y_ptr + rows[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _moe_combine_bwd_kernel(dy_ptr, out_ptr, w_ptr, dout_ptr, dw_ptr, P, C,
+                            K: tl.constexpr, LSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dout[k,p] = d y[p] / d o[k,p] (float32 (K*P, C)); dw[p,k] = d y[p] / d w[p,k]."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.arange(0, BLOCK_C)
+    rmask = rows < P
+    mask = rmask[:, None] & (c[None, :] < C)
+    dy = tl.load(dy_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if LSE:
+        # y again in float32 rather than the saved (possibly half-precision) output.
+        y = _combine_rows(out_ptr, w_ptr, rows, c, rmask, mask, P, C, K, LSE)
+    for k in tl.static_range(K):
+        offs = (k * P + rows)[:, None] * C + c[None, :]
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(w_ptr + rows * K + k, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        if LSE:
+            share = tl.where(mask, tl.exp(o - y), 0.0)  # d y / d (w o-term) without dividing by w
+            tl.store(dout_ptr + offs, dy * g * share, mask=mask)
+            dw = tl.sum(dy * share, axis=1)
+        else:
+            tl.store(dout_ptr + offs, dy * g, mask=mask)
+            dw = tl.sum(dy * o, axis=1)
+        tl.store(dw_ptr + rows * K + k, dw.to(dw_ptr.dtype.element_ty), mask=rmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch plan shared by both sparse paths
+# --------------------------------------------------------------------------------------------
+def _sort_assignments(indices: Tensor, n_experts: int):
+    """Sort the K*P assignments by expert: (order (K*P,), offsets (N+1,)).
+
+    Assignment a = k*P + p (slot-major), so per-assignment buffers viewed as (K, P, C) combine
+    with contiguous elementwise ops over whole (P, C) slabs."""
+    flat = indices.t().reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(torch.bincount(flat, minlength=n_experts), 0, out=offsets[1:])
+    return order, offsets
+
+
+def _row_blocks(offsets: Tensor, n_assign: int, block_m: int):
+    """Per program of the row-block grid: its expert (N marks a spare program) and first sorted row.
+
+    Each expert's segment is cut into ceil(count / block_m) blocks; the grid size
+    n_assign // block_m + N bounds their total without reading the counts back to the host.
+    """
+    n_experts = offsets.numel() - 1
+    blocks = (offsets.diff() + block_m - 1) // block_m
+    ends = torch.cumsum(blocks, 0)
+    grid = n_assign // block_m + n_experts
+    b = torch.arange(grid, device=offsets.device)
+    expert = torch.searchsorted(ends, b, right=True)
+    e = expert.clamp(max=n_experts - 1)
+    start = offsets[e] + (b - (ends[e] - blocks[e])) * block_m
+    return expert.to(torch.int32), start, grid
+
+
+# --------------------------------------------------------------------------------------------
+# topk_softmax: both paths and the custom op
+# --------------------------------------------------------------------------------------------
+def _topk_softmax_torch(logits: Tensor, k: int):
+    # K rounds of argmax (which returns the first maximum) settle ties towards the lower index.
+    work = logits.clone()
+    vals, idxs = [], []
+    for _ in range(k):
+        v, i = work.max(dim=1, keepdim=True)
+        vals.append(v)
+        idxs.append(i)
+        work.scatter_(1, i, float("-inf"))
+    return torch.softmax(torch.cat(vals, 1), dim=1), torch.cat(idxs, 1)
+
+
+def _topk_softmax_triton(logits: Tensor, k: int):
+    P, N = logits.shape
+    logits = logits.contiguous()
+    weights = torch.empty(P, k, dtype=logits.dtype, device=logits.device)
+    indices = torch.empty(P, k, dtype=torch.int64, device=logits.device)
+    block_p = 1024 if logits.device.type != "cuda" else 128
+    _topk_softmax_fwd_kernel[(triton.cdiv(P, block_p),)](
+        logits, weights, indices, P, N, K=k, BLOCK_P=block_p,
+        BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(k))
+    return weights, indices
+
+
+@torch.library.custom_op("m2restore_kernels::topk_softmax", mutates_args=())
+def _topk_softmax_op(logits: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _topk_softmax_triton(logits, k)
+    return _topk_softmax_torch(logits, k)
+
+
+@_topk_softmax_op.register_fake
+def _(logits, k, backend):
+    P = logits.shape[0]
+    return logits.new_empty(P, k), logits.new_empty(P, k, dtype=torch.int64)
+
+
+@torch.library.custom_op("m2restore_kernels::topk_softmax_bwd", mutates_args=())
+def _topk_softmax_bwd_op(grad_weights: Tensor, weights: Tensor, indices: Tensor, n: int, backend: str) -> Tensor:
+    P, K = weights.shape
+    dlogits = torch.zeros(P, n, dtype=weights.dtype, device=weights.device)
+    if backend == "triton":
+        block_p = 1024 if weights.device.type != "cuda" else 256
+        _topk_softmax_bwd_kernel[(triton.cdiv(P, block_p),)](
+            grad_weights.contiguous(), weights, indices, dlogits, P, n,
+            K=K, BLOCK_P=block_p, BLOCK_K=triton.next_power_of_2(K))
+        return dlogits
+    g, w = grad_weights.float(), weights.float()
+    d = w * (g - (w * g).sum(1, keepdim=True))
+    return dlogits.scatter_(1, indices, d.to(dlogits.dtype))
+
+
+@_topk_softmax_bwd_op.register_fake
+def _(grad_weights, weights, indices, n, backend):
+    return weights.new_empty(weights.shape[0], n)
+
+
+def _topk_setup_context(ctx, inputs, output):
+    logits, _, backend = inputs
+    ctx.n, ctx.backend = logits.shape[1], backend
+    ctx.save_for_backward(*output)
+
+
+def _topk_backward(ctx, grad_weights, _grad_indices):
+    weights, indices = ctx.saved_tensors
+    return _topk_softmax_bwd_op(grad_weights, weights, indices, ctx.n, ctx.backend), None, None
+
+
+_topk_softmax_op.register_autograd(_topk_backward, setup_context=_topk_setup_context)
+
+
+def topk_softmax(logits: Tensor, k: int, backend: str = "auto"):
+    """Top-K routing: softmax over the K largest logits of each row.
+
+    logits: (P, N) floating. Returns ``weights`` (P, K), logits' dtype, softmax of the kept
+    logits sorted descending, and ``indices`` (P, K) int64; ties go to the lower expert index.
+    Differentiable in ``logits`` (the dropped logits get zero gradient).
+    """
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"topk_softmax: logits must be a floating (P, N) tensor, got "
+                         f"{getattr(logits, 'dtype', type(logits))} of shape {tuple(getattr(logits, 'shape', ()))}")
+    N = logits.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+        raise ValueError(f"topk_softmax: k must be an int in [1, N={N}], got {k!r}")
+    return _topk_softmax_op(logits, k, resolve_backend(backend, logits.device))
+
+
+# --------------------------------------------------------------------------------------------
+# moe_mlp: both sparse paths
+# --------------------------------------------------------------------------------------------
+def _combine_torch(out: Tensor, weights: Tensor, combine: str) -> Tensor:
+    """out (K, P, C) float32, weights (P, K) -> float32 y (P, C)."""
+    # Fused two-operand ops over whole (P, C) slabs: on CPU this is several times faster than a
+    # reduction over the K axis (torch.logsumexp adds extra passes for its inf handling).
+    w = weights.float().t().unsqueeze(-1)
+    if combine == "sum":
+        y = out[0] * w[0]
+        for k in range(1, out.shape[0]):
+            y.addcmul_(out[k], w[k])
+        return y
+    log_w = w.log()
+    y = out[0] + log_w[0]
+    for k in range(1, out.shape[0]):
+        y = torch.logaddexp(y, out[k] + log_w[k])
+    return y
+
+
+def _pad_hidden(w1, b1, w2, multiple: int = 16):
+    """Zero-pad the hidden width to a multiple of 16: CPU BLAS (MKL on this AMD host) runs GEMMs
+    with an odd output width (127, 255, 510) up to 5x slower. Padded units see zero weights and
+    bias, so they are GELU(0) = 0 and meet zero rows of w2."""
+    pad = -w1.shape[2] % multiple
+    if pad == 0:
+        return w1, b1, w2
+    return F.pad(w1, (0, pad)), F.pad(b1, (0, pad)) if b1 is not None else None, F.pad(w2, (0, 0, 0, pad))
+
+
+def _segments(offsets: Tensor):
+    """(expert, first, end) of every expert that has rows in the sorted order."""
+    bounds = offsets.tolist()
+    return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+
+
+def _inverse(order: Tensor) -> Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    return torch.mm(x, w, out=out) if b is None else torch.addmm(b, x, w, out=out)
+
+
+def _moe_fwd_torch(x, weights, indices, w1, b1, w2, b2, combine):
+    P, K = indices.shape
+    w1, b1, w2 = _pad_hidden(w1, b1, w2)
+    order, offsets = _sort_assignments(indices, w1.shape[0])
+    tokens = order % P
+    # GEMM2 writes straight into its expert's slice of the sorted order; one row gather then
+    # restores (K, P) order. Per-expert row scatters (index_copy_, index_add_) are far slower on CPU.
+    sorted_out = x.new_empty(K * P, w2.shape[2])
+    for e, lo, hi in _segments(offsets):
+        h = F.gelu(_linear(x.index_select(0, tokens[lo:hi]), w1[e], None if b1 is None else b1[e]))
+        _linear(h, w2[e], None if b2 is None else b2[e], out=sorted_out[lo:hi])
+    out = sorted_out.index_select(0, _inverse(order)).float()
+    return _combine_torch(out.view(K, P, -1), weights, combine).to(x.dtype), out
+
+
+def _combine_bwd_torch(dy, out, weights, combine):
+    """out (K, P, C) -> (dout (K, P, C) float32, dweights (P, K) float32)."""
+    dy, w = dy.float(), weights.float().t().contiguous().unsqueeze(-1)  # contiguous: (K, P, C) results
+    if combine == "sum":
+        return dy * w, (out * dy).sum(-1).t()
+    share = torch.exp(out - _combine_torch(out, weights, combine))  # d y / d (w o-term), without the w
+    return dy * w * share, (dy * share).sum(-1).t()
+
+
+def _moe_bwd_torch(dy, x, weights, indices, w1, b1, w2, out, combine):
+    P, K = indices.shape
+    Hd = w1.shape[2]
+    dout, dweights = _combine_bwd_torch(dy, out.view(K, P, -1), weights, combine)
+    w1, b1, w2 = _pad_hidden(w1, b1, w2)
+    order, offsets = _sort_assignments(indices, w1.shape[0])
+    tokens = order % P
+    dout = dout.view(K * P, -1).index_select(0, order).to(x.dtype)
+    dx_sorted = torch.empty_like(dout)
+    dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+    db1 = w1.new_zeros(w1.shape[0], w1.shape[2])
+    db2 = w2.new_zeros(w2.shape[0], w2.shape[2])
+    for e, lo, hi in _segments(offsets):
+        xe, de = x.index_select(0, tokens[lo:hi]), dout[lo:hi]
+        hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
+        torch.mm(F.gelu(hpre).t(), de, out=dw2[e])
+        torch.sum(de, 0, out=db2[e])
+        dh = torch.ops.aten.gelu_backward(de @ w2[e].t(), hpre)
+        torch.mm(xe.t(), dh, out=dw1[e])
+        torch.sum(dh, 0, out=db1[e])
+        torch.mm(dh, w1[e].t(), out=dx_sorted[lo:hi])
+    dx_slots = dx_sorted.index_select(0, _inverse(order)).view(K, P, -1)
+    dx = dx_slots[0].to(torch.float32, copy=True)
+    for k in range(1, K):
+        dx += dx_slots[k]
+    return (dx.to(x.dtype), dweights.to(weights.dtype), dw1[:, :, :Hd], db1[:, :Hd], dw2[:, :Hd], db2)
+
+
+def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine):
+    P, K = indices.shape
+    N, C, Hd = w1.shape
+    cfg = _tile_config(K * P, N, C, Hd, x.device)
+    order, offsets = _sort_assignments(indices, N)
+    block_expert, block_start, grid = _row_blocks(offsets, K * P, cfg.block_m)
+    out = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
+    _moe_expert_fwd_kernel[(grid,)](
+        x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out,
+        order, block_expert, block_start, offsets, P, C, Hd, N,
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_H=cfg.block_h,
+        PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps)
+    y = torch.empty(P, C, dtype=x.dtype, device=x.device)
+    block_p = _combine_block_p(cfg.block_c, x.device)
+    _moe_combine_fwd_kernel[(triton.cdiv(P, block_p),)](
+        out, weights, y, P, C, K=K, LSE=combine == "logsumexp", BLOCK_P=block_p, BLOCK_C=cfg.block_c)
+    return y, out
+
+
+def _combine_block_p(block_c: int, device: torch.device) -> int:
+    # Keep a (BLOCK_P, BLOCK_C) tile near 4K elements on the GPU; the interpreter prefers one big tile.
+    return 256 if device.type != "cuda" else max(16, 4096 // block_c)
+
+
+def _moe_bwd_triton(dy, x, weights, indices, w1, b1, w2, out, combine):
+    P, K = indices.shape
+    N, C, Hd = w1.shape
+    cfg = _tile_config(K * P, N, C, Hd, x.device)
+    precision = _dot_precision(x.dtype)
+    dout = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
+    dweights = torch.empty(P, K, dtype=weights.dtype, device=x.device)
+    block_p = _combine_block_p(cfg.block_c, x.device)
+    _moe_combine_bwd_kernel[(triton.cdiv(P, block_p),)](
+        dy.contiguous(), out, weights, dout, dweights, P, C,
+        K=K, LSE=combine == "logsumexp", BLOCK_P=block_p, BLOCK_C=cfg.block_c)
+    order, offsets = _sort_assignments(indices, N)
+    block_expert, block_start, grid = _row_blocks(offsets, K * P, cfg.block_m)
+    b1_arg = b1 if b1 is not None else w1
+    dxa = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
+    _moe_expert_bwd_dx_kernel[(grid,)](
+        x, w1, b1_arg, w2, dout, dxa, order, block_expert, block_start, offsets, P, C, Hd, N,
+        HAS_B1=b1 is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_H=cfg.block_h,
+        PRECISION=precision, num_warps=cfg.num_warps)
+    split = cfg.dw_split
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dw1, db1 = torch.empty(split, N, C, Hd, **f32), torch.empty(split, N, Hd, **f32)
+    dw2, db2 = torch.empty(split, N, Hd, C, **f32), torch.empty(split, N, C, **f32)
+    _moe_expert_bwd_dw_kernel[(N, triton.cdiv(Hd, cfg.block_h), split)](
+        x, w1, b1_arg, w2, dout, order, offsets, dw1, db1, dw2, db2, P, C, Hd, N,
+        SPLIT=split, HAS_B1=b1 is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+        BLOCK_H=cfg.block_h, PRECISION=precision, num_warps=cfg.num_warps)
+    dx = dxa.view(K, P, C).sum(0).to(x.dtype)
+    return (dx, dweights, dw1.sum(0).to(w1.dtype), db1.sum(0).to(w1.dtype),
+            dw2.sum(0).to(w2.dtype), db2.sum(0).to(w2.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# moe_mlp: custom ops and public function
+# --------------------------------------------------------------------------------------------
+def _check_index_range(indices: Tensor, n_experts: int):
+    # Data-dependent (a host sync on CUDA), so it lives in the op body, not in the traced wrapper.
+    if indices.numel() and bool(((indices < 0) | (indices >= n_experts)).any()):
+        raise ValueError(f"moe_mlp: indices must lie in [0, N={n_experts}), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+
+
+@torch.library.custom_op("m2restore_kernels::moe_mlp", mutates_args=())
+def _moe_mlp_op(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
+                w2: Tensor, b2: Optional[Tensor], combine: str, backend: str) -> tuple[Tensor, Tensor]:
+    """-> (y (P, C) x.dtype, expert outputs (K*P, C) float32, row k*P + p, kept for the backward)."""
+    _check_index_range(indices, w1.shape[0])
+    impl = _moe_fwd_triton if backend == "triton" else _moe_fwd_torch
+    return impl(x, weights, indices, w1, b1, w2, b2, combine)
+
+
+@_moe_mlp_op.register_fake
+def _(x, weights, indices, w1, b1, w2, b2, combine, backend):
+    return x.new_empty(x.shape), x.new_empty(indices.numel(), x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("m2restore_kernels::moe_mlp_bwd", mutates_args=())
+def _moe_mlp_bwd_op(dy: Tensor, x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
+                    w2: Tensor, out: Tensor, combine: str, backend: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> grads of (x, weights, w1, b1, w2, b2); b1's and b2's are computed even when the bias is None."""
+    impl = _moe_bwd_triton if backend == "triton" else _moe_bwd_torch
+    return impl(dy, x, weights, indices, w1, b1, w2, out, combine)
+
+
+@_moe_mlp_bwd_op.register_fake
+def _(dy, x, weights, indices, w1, b1, w2, out, combine, backend):
+    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1),
+            w1.new_empty(w1.shape[0], w1.shape[2]), torch.empty_like(w2), w2.new_empty(w2.shape[0], w2.shape[2]))
+
+
+def _moe_setup_context(ctx, inputs, output):
+    x, weights, indices, w1, b1, w2, b2, combine, backend = inputs
+    ctx.combine, ctx.backend, ctx.has_b1, ctx.has_b2 = combine, backend, b1 is not None, b2 is not None
+    ctx.save_for_backward(x, weights, indices, w1, b1, w2, output[1])
+
+
+def _moe_backward(ctx, dy, _dout):
+    x, weights, indices, w1, b1, w2, out = ctx.saved_tensors
+    dx, dweights, dw1, db1, dw2, db2 = _moe_mlp_bwd_op(
+        dy, x, weights, indices, w1, b1, w2, out, ctx.combine, ctx.backend)
+    return (dx, dweights, None, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
+            None, None)
+
+
+_moe_mlp_op.register_autograd(_moe_backward, setup_context=_moe_setup_context)
+
+
+def _check_moe_args(x, weights, indices, w1, b1, w2, b2, combine):
+    named = dict(x=x, weights=weights, indices=indices, w1=w1, b1=b1, w2=w2, b2=b2)
+    for name, t in named.items():
+        if t is None and name in ("b1", "b2"):
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"moe_mlp: {name} must be a tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"moe_mlp: {name} is on {t.device} but x is on {x.device}")
+    if combine not in COMBINES:
+        raise ValueError(f"moe_mlp: combine must be one of {COMBINES}, got {combine!r}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"moe_mlp: x must be a floating (P, C) tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    P, C = x.shape
+    if indices.dim() != 2 or indices.shape[0] != P or indices.shape[1] < 1:
+        raise ValueError(f"moe_mlp: indices must have shape (P={P}, K>=1), got {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"moe_mlp: indices must be int64 or int32, got {indices.dtype}")
+    if weights.shape != indices.shape or not weights.is_floating_point():
+        raise ValueError(f"moe_mlp: weights must be a floating tensor of shape {tuple(indices.shape)} like indices, "
+                         f"got {weights.dtype} of shape {tuple(weights.shape)}")
+    if w1.dim() != 3 or w1.shape[1] != C:
+        raise ValueError(f"moe_mlp: w1 must have shape (N, C={C}, Hd), got {tuple(w1.shape)}")
+    N, _, Hd = w1.shape
+    expected = dict(w2=(N, Hd, C), b1=(N, Hd), b2=(N, C))
+    for name, shape in expected.items():
+        t = named[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"moe_mlp: {name} must have shape {shape}, got {tuple(t.shape)}")
+    for name in ("w1", "b1", "w2", "b2"):
+        t = named[name]
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"moe_mlp: {name} has dtype {t.dtype} but x has {x.dtype}")
+
+
+def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+            b2: Optional[Tensor], combine: str = "sum", backend: str = "auto") -> Tensor:
+    """Sparse mixture of expert MLPs; only the K experts chosen per row are computed.
+
+    x (P, C) floating; weights (P, K) floating gate weights; indices (P, K) int64/int32 in [0, N);
+    w1 (N, C, Hd), b1 (N, Hd) or None, w2 (N, Hd, C), b2 (N, C) or None, all in x's dtype.
+    Returns y (P, C) in x's dtype:
+    ``y[p] = sum_k weights[p,k] * (GELU(x[p] @ w1[e] + b1[e]) @ w2[e] + b2[e])``, e = indices[p,k],
+    or with ``combine="logsumexp"`` ``y[p] = log sum_k weights[p,k] * exp(expert output)``.
+    Differentiable in every floating input. Under CUDA autocast x and the expert parameters are
+    cast to the autocast dtype; the kernels accumulate in float32.
+    """
+    if isinstance(x, Tensor) and x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        x, w1, b1, w2, b2 = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+                             for t in (x, w1, b1, w2, b2))
+    _check_moe_args(x, weights, indices, w1, b1, w2, b2, combine)
+    args = [t.contiguous() if t is not None else None for t in (x, weights, indices.long(), w1, b1, w2, b2)]
+    return _moe_mlp_op(*args, combine, resolve_backend(backend, x.device))[0]

@@ -1,46 +1,623 @@
-"""Selective scan (Mamba's S6 recurrence), with the signature of mamba_ssm's selective_scan_fn."""
+"""Selective scan (Mamba's S6 recurrence) with the signature and semantics of mamba_ssm's ``selective_scan_fn``.
+
+Per batch b, channel d and state n (delta' = softplus(delta + delta_bias) or delta + delta_bias):
+
+    x_t = exp(delta'_t A[d, n]) x_{t-1} + delta'_t B[n, t] u_t,    x_{-1} = 0
+    y_t = sum_n C[n, t] x_t[n];    out = (y + D u) * silu(z)
+
+B and C are shared by all channels, (b, n, l), or by the channels of one of g groups, (b, g, n, l)
+(channel d reads group d // (d_inner / g)). A is real, (d, n).
+
+Three implementations:
+
+* ``selective_scan_ref``: the recurrence one step at a time, the float reference of the tests.
+* PyTorch path (CPU, or wherever Triton cannot run): a chunked scan. Inside a chunk of T steps the
+  states are ``x_t = (x_in' + cumsum_k(v_k E_k)) / E_t`` with ``E_t = exp(-A * sum(delta' after the
+  chunk's first step up to t))``: one exp, one cumsum and a few multiplies per state element, all
+  vectorised, laid out (batch, channels, d_state, step-in-chunk, chunk) so every pass runs along
+  contiguous rows of chunks. ``E`` grows like ``exp(|A| sum delta')``, so T is the longest power of
+  two whose chunks keep that exponent under ``max_log_range`` (data-dependent). The chunk entry
+  states ``x_in'`` are the same recurrence one level up, over chunks, in float64 (where the bound is
+  ~600); where even single steps decay beyond the bound, a log-space scan (float64
+  ``logcumsumexp`` of the positive and negative parts) is exact at any decay. Channels go in blocks
+  small enough to stay in cache. Gradients: autograd through these ops.
+* Triton path: one program per (batch, group, block of channels) keeps its (BLOCK_D, d_state)
+  states in registers and walks the sequence in order (the recurrence is strictly sequential; the
+  parallelism is batch x channels). The forward stores the states every ``CHUNK`` steps; the
+  backward kernel walks the chunks in reverse, recomputes each chunk's states from its checkpoint
+  into a scratch buffer, then runs the adjoint recurrence backwards in time over them.
+  Cross-channel gradients (B, C) and cross-batch ones (A, D, delta_bias) are written as
+  per-program partial sums and reduced in PyTorch, so results are deterministic.
+
+``backend="auto"`` on CUDA uses mamba_ssm's own kernel when that package imports (it is imported
+lazily, never on CPU), else the Triton path.
+"""
 from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+from ._backend import resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is Linux-only; the torch path works without it
+    triton = tl = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _effective_delta(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+    """delta (b, d, l) -> delta' in the compute dtype."""
+    delta = delta.to(_compute_dtype(delta.dtype))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(delta.dtype)[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _per_channel(X: Tensor, d: int) -> Tensor:
+    """B or C, (b, n, l) or (b, g, n, l) -> (b, d or 1, n, l), channel c reading group c // (d / g)."""
+    if X.dim() == 3:
+        return X.unsqueeze(1)
+    return X.repeat_interleave(d // X.shape[1], dim=1)
+
+
+def _gate(y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor]) -> Tensor:
+    if D is not None:
+        y = y + u.to(y.dtype) * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
-    """u, delta (b, d, l); A (d, n); B, C (b, n, l) or (b, g, n, l); D (d,); z (b, d, l); delta_bias (d,).
-    Sequential float reference: x_t = exp(delta_t A) x_{t-1} + delta_t B_t u_t; y_t = C_t . x_t."""
-    dtype_in = u.dtype
-    u, delta = u.float() if u.dtype != torch.float64 else u, delta.float() if delta.dtype != torch.float64 else delta
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].to(delta.dtype)
-    if delta_softplus:
-        delta = F.softplus(delta)
-    b, d, l = u.shape
-    A = A.to(delta.dtype)
-    B = B.to(delta.dtype)
-    C = C.to(delta.dtype)
-    if B.dim() == 4:
-        B = B.repeat_interleave(d // B.shape[1], dim=1)  # (b, d, n, l)
-    else:
-        B = B.unsqueeze(1)
-    if C.dim() == 4:
-        C = C.repeat_interleave(d // C.shape[1], dim=1)
-    else:
-        C = C.unsqueeze(1)
-    x = u.new_zeros(b, d, A.shape[1])
+    """Sequential reference, one time step at a time (float32, or float64 for float64 inputs).
+
+    u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,).
+    Returns out (b, d, l) in u's dtype, and with ``return_last_state`` also x_{l-1} (b, d, n) in the
+    compute dtype.
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    dlt = _effective_delta(delta, delta_bias, delta_softplus)
+    ct = dlt.dtype
+    d = u.shape[1]
+    A, uc = A.to(ct), u.to(ct)
+    Bd, Cd = _per_channel(B.to(ct), d), _per_channel(C.to(ct), d)
+    x = uc.new_zeros(u.shape[0], d, A.shape[1])
     ys = []
-    for t in range(l):
-        x = torch.exp(delta[:, :, t, None] * A) * x + delta[:, :, t, None] * B[..., t] * u[:, :, t, None]
-        ys.append((x * C[..., t]).sum(-1))
-    y = torch.stack(ys, dim=2)
-    if D is not None:
-        y = y + u * D[:, None].to(y.dtype)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    y = y.to(dtype_in)
-    return (y, x) if return_last_state else y
+    for t in range(u.shape[2]):
+        x = torch.exp(dlt[:, :, t, None] * A) * x + (dlt[:, :, t] * uc[:, :, t])[..., None] * Bd[..., t]
+        ys.append((x * Cd[..., t]).sum(-1))
+    y = torch.stack(ys, dim=2) if ys else uc.new_zeros(u.shape)
+    out = _gate(y, uc, D, z).to(u.dtype)
+    return (out, x) if return_last_state else out
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, dim, seqlen), got shape {tuple(u.shape)}")
+    b, d, l = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be (dim={d}, dstate), got shape {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("A must be real (complex A is not supported)")
+    n = A.shape[1]
+    for name, X in (("B", B), ("C", C)):
+        if X.dim() == 3:
+            ok = X.shape == (b, n, l)
+        elif X.dim() == 4:
+            ok = X.shape[0] == b and X.shape[2:] == (n, l) and X.shape[1] >= 1 and d % X.shape[1] == 0
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be (batch={b}, dstate={n}, seqlen={l}) or (batch, groups, dstate, seqlen) "
+                             f"with groups dividing dim={d}; got shape {tuple(X.shape)}")
+    for name, X in (("D", D), ("delta_bias", delta_bias)):
+        if X is not None and X.shape != (d,):
+            raise ValueError(f"{name} must be (dim={d},), got shape {tuple(X.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    if any(t.device != u.device for t in tensors):
+        raise ValueError("all inputs must be on one device")
+    if any(not t.is_floating_point() for t in tensors):
+        raise ValueError("all inputs must be floating point")
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch path: chunked scan
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChunkedScanConfig:
+    """The PyTorch path's chunking.
+
+    ``max_chunk``: longest chunk (a power of two). ``max_log_range``: bound on ``|A| * sum(delta')``
+    inside a float32 chunk, so ``exp`` of it stays far inside float32 and the rounding of the exponent
+    (relative error ~ range * eps) stays ~1e-6; float64 levels (the scans over chunks) allow
+    ``max_log_range_f64``. ``block_elements``: batch x channels x d_state x length per channel block,
+    sized to stay in cache.
+    """
+    max_chunk: int = 64
+    max_log_range: float = 24.0
+    max_log_range_f64: float = 600.0
+    block_elements: int = 1 << 20
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _chunk_len(rate: Tensor, dl: Tensor, max_chunk: int, max_range: float) -> int:
+    """Longest power-of-two chunk <= max_chunk whose in-chunk exponent |A| * sum(delta') stays <= max_range.
+
+    rate (db,) = max_n |A[d, n]|; dl (b, db, L) delta' (>= 0).
+    """
+    T = min(max_chunk, _next_pow2(dl.shape[-1]))
+    dl = F.pad(dl, (0, (-dl.shape[-1]) % T)).detach()
+    while T > 1:
+        chunks = dl.view(*dl.shape[:2], -1, T)
+        span = chunks.sum(-1) - chunks[..., 0]  # sum of delta' after each chunk's first step
+        if float((span * rate[:, None]).amax()) <= max_range:
+            break
+        T //= 2
+    return T
+
+
+def _time_major(x: Tensor, T: int) -> Tensor:
+    """(..., L) with L = nc * T -> (..., T, nc): step s of every chunk side by side, so the per-step work
+    and the cumsum over steps run along contiguous rows of nc chunks."""
+    return x.unflatten(-1, (-1, T)).transpose(-1, -2).contiguous()
+
+
+def _log_space_states(A: Tensor, dl: Tensor, v: Tensor) -> Tensor:
+    """All states, exact at any decay: x_t = sum_{k<=t} exp(A (Gamma_t - Gamma_k)) v_k, Gamma = cumsum(delta').
+
+    A (db, n); dl (b, db, L); v (b, db, n, L) -> (b, db, n, L) float64. Evaluated as
+    ``exp(A Gamma_t + logcumsumexp_k(log v_k - A Gamma_k))`` for the positive and negative parts of v.
+    """
+    alpha = A.double()[None, :, :, None] * dl.double().cumsum(-1)[:, :, None, :]
+    v = v.double()
+    tiny = torch.finfo(torch.float64).tiny  # log(0) would poison autograd
+    states = 0.0
+    for sign, part in ((1.0, v.clamp_min(0.0)), (-1.0, (-v).clamp_min(0.0))):
+        states = states + sign * torch.exp(alpha + torch.logcumsumexp(part.clamp_min(tiny).log() - alpha, dim=-1))
+    return states
+
+
+def _scan_states(A: Tensor, dl: Tensor, factors: tuple, cfg: ChunkedScanConfig) -> tuple:
+    """All states of x_t = exp(delta'_t A) x_{t-1} + v_t, x_{-1} = 0, v = product of ``factors``.
+
+    A (db, n); dl (b, db, L) delta'; factors broadcast to (b, db, n, L). Works in dl's dtype.
+    Returns (states (b, db, n, T, nc) in time-major chunk layout, T), L padded to nc * T with steps
+    that leave the state unchanged. The chunk entry states come from this same function one level
+    up (over chunks, in float64), down to ``_log_space_states`` when even single steps decay too far.
+    """
+    max_range = cfg.max_log_range if dl.dtype != torch.float64 else cfg.max_log_range_f64
+    T = _chunk_len(A.detach().abs().amax(-1), dl, cfg.max_chunk, max_range)
+    L = dl.shape[-1]
+    pad = (-L) % T
+    dl = F.pad(dl, (0, pad))
+    factors = [F.pad(f, (0, pad)) for f in factors]
+    if T == 1:
+        v = factors[0]
+        for f in factors[1:]:
+            v = v * f
+        return _log_space_states(A, dl, v).to(dl.dtype).unsqueeze(-2), 1
+    nc = (L + pad) // T
+    dlt = _time_major(dl, T)                                           # (b, db, T, nc)
+    rel = (dlt.cumsum(-2) - dlt[..., :1, :]).unsqueeze(2)              # >= 0, zero at each chunk's first step
+    a = A.to(dl.dtype)[None, :, :, None, None]
+    # in-place exp_ and cumsum_ are autograd-safe here (the products save their inputs, not outputs)
+    grow = (rel * -a).exp_()                                           # E_t, in [1, exp(max_range)]
+    acc = grow
+    for f in factors:
+        acc = acc * _time_major(f, T)
+    acc = acc.cumsum_(3)
+    if nc > 1:
+        h_end = acc[:, :, :, -1] / grow[:, :, :, -1]                  # chunk-local end states (b, db, n, nc)
+        chunk_states, _ = _scan_states(A, dlt.sum(2).double(), (h_end.double(),), cfg)
+        chunk_states = chunk_states.transpose(-1, -2).flatten(-2)[..., :nc]   # state after each chunk
+        # state entering chunk c, already decayed by its first step
+        first_decay = torch.exp(A.double()[None, :, :, None] * dlt[:, :, None, 0, 1:].double())
+        entry = torch.cat([torch.zeros_like(h_end[..., :1]),
+                           (first_decay * chunk_states[..., :-1]).to(h_end.dtype)], dim=-1)
+        acc = acc + entry.unsqueeze(3)
+    return acc / grow, T
+
+
+def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                          cfg: ChunkedScanConfig = ChunkedScanConfig()):
+    """Chunked PyTorch scan -> (out (b, d, l) in u's dtype, last state (b, d, n) in the compute dtype)."""
+    dl = _effective_delta(delta, delta_bias, delta_softplus)
+    ct = dl.dtype
+    b, d, l = u.shape
+    n = A.shape[1]
+    uc = u.to(ct)
+    du = dl * uc
+    Bc, Cc = B.to(ct), C.to(ct)
+    block = max(1, min(d, cfg.block_elements // max(1, b * n * l)))
+    ys, lasts = [], []
+    for d0 in range(0, d, block):
+        d1 = min(d, d0 + block)
+        states, T = _scan_states(A[d0:d1], dl[:, d0:d1], (du[:, d0:d1, None], _channel_rows(Bc, d0, d1, d)), cfg)
+        y = (states * _time_major(F.pad(_channel_rows(Cc, d0, d1, d), (0, (-l) % T)), T)).sum(2)
+        ys.append(y.transpose(-1, -2).flatten(-2)[..., :l])
+        lasts.append(states[..., -1, -1])  # the padding steps keep the state
+    y = torch.cat(ys, dim=1)
+    return _gate(y, uc, D, z).to(u.dtype), torch.cat(lasts, dim=1)
+
+
+def _channel_rows(X: Tensor, d0: int, d1: int, d: int) -> Tensor:
+    """B or C, (b, n, l) or (b, g, n, l) -> the rows of channels d0:d1, (b, d1-d0 or 1, n, l)."""
+    if X.dim() == 3:
+        return X.unsqueeze(1)
+    per_group = d // X.shape[1]
+    g0, g1 = d0 // per_group, (d1 - 1) // per_group
+    if g0 == g1:
+        return X[:, g0:g0 + 1]
+    return X[:, torch.arange(d0, d1, device=X.device) // per_group]
+
+
+# --------------------------------------------------------------------------------------------
+# Triton path
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScanKernelConfig:
+    """Launch configuration of the Triton scan.
+
+    ``block_d`` channels per program (a power of two that divides the channels per B/C group, so a
+    program reads one group); ``block_n`` >= d_state (power of two); the forward checkpoints the
+    states every ``chunk`` steps and the backward recomputes one chunk at a time from them.
+    """
+    block_d: int
+    block_n: int
+    chunk: int
+    num_warps: int
+
+
+def _kernel_config(u: Tensor, B: Tensor, C: Tensor, n: int) -> ScanKernelConfig:
+    d, l = u.shape[1], u.shape[2]
+    # A program must not straddle two groups of B or C: block_d divides every group's channel count.
+    align = math.gcd(*(d // X.shape[1] for X in (B, C) if X.dim() == 4)) if max(B.dim(), C.dim()) == 4 else 0
+    cap = align & -align if align else 1 << 30  # largest power of two dividing align
+    block_n = max(2, triton.next_power_of_2(n))
+    if u.device.type != "cuda":
+        # The interpreter runs programs one after another at a fixed cost per step: few, wide programs.
+        return ScanKernelConfig(min(cap, 64, triton.next_power_of_2(d)), block_n, chunk=64, num_warps=1)
+    # The recurrence is sequential in time, so the GPU's parallelism is batch x channel blocks:
+    # narrow blocks give enough programs for the SMs; one warp holds a (block_d, block_n) state.
+    return ScanKernelConfig(min(cap, 8, triton.next_power_of_2(d)), block_n, chunk=min(128, max(16, l)),
+                            num_warps=1 if block_n <= 16 else 2)
+
+
+@_jit
+def _softplus(x):
+    # softplus(x) = max(x, 0) + log1p(exp(-|x|)), log1p by Goldberg's trick so tiny arguments keep
+    # their relative precision; above 20 softplus(x) == x in float32 (torch's threshold).
+    w = tl.exp(-tl.abs(x))
+    onep = 1.0 + w
+    log1p = tl.where(onep == 1.0, w, tl.log(onep) * w / (onep - 1.0))
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p)
+
+
+@_jit
+def _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u_t and delta'_t for the program's channels, plus d(delta')/d(delta) (float32)."""
+    uu = tl.load(u_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
+    raw = tl.load(dlt_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += bias
+    if SOFTPLUS:
+        dt = _softplus(raw)
+        ddt_draw = tl.where(raw > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-raw)))
+    else:
+        dt = raw
+        ddt_draw = tl.full(raw.shape, 1.0, tl.float32)
+    return uu, dt, ddt_draw
+
+
+@_jit
+def _scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
+                     d, L, n, gB, gC, per_gB, per_gC, n_chunks,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    pid_b = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_D
+    ch = c0 + tl.arange(0, BLOCK_D)
+    ns = tl.arange(0, BLOCK_N)
+    cmask = ch < d
+    smask = cmask[:, None] & (ns < n)[None, :]
+    state_off = ch[:, None] * n + ns[None, :]
+    A = tl.load(A_ptr + state_off, mask=smask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    Dv = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    rows = (pid_b * d + ch) * L
+    b_cols = B_ptr + (pid_b * gB + c0 // per_gB) * n * L + ns * L
+    c_cols = C_ptr + (pid_b * gC + c0 // per_gC) * n * L + ns * L
+    nmask = ns < n
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    for c in range(n_chunks):
+        # state entering step c * CHUNK, for the backward's recomputation
+        tl.store(ckpt_ptr + (pid_b * n_chunks + c) * d * n + state_off, h, mask=smask)
+        for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)):
+            uu, dt, _ = _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(b_cols + t, mask=nmask, other=0.0).to(tl.float32)
+            Ct = tl.load(c_cols + t, mask=nmask, other=0.0).to(tl.float32)
+            h = tl.exp(dt[:, None] * A) * h + (dt * uu)[:, None] * Bt[None, :]
+            y = tl.sum(h * Ct[None, :], axis=1)
+            if HAS_D:
+                y += Dv * uu
+            if HAS_Z:
+                zz = tl.load(z_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
+                y *= zz / (1.0 + tl.exp(-zz))
+            tl.store(out_ptr + rows + t, y.to(out_ptr.dtype.element_ty), mask=cmask)
+    tl.store(last_ptr + pid_b * d * n + state_off, h, mask=smask)
+
+
+@_jit
+def _scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
+                     du_ptr, ddlt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, scratch_ptr,
+                     d, L, n, gB, gC, per_gB, per_gC, n_chunks, n_blocks,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     HAS_DLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Reverse-time adjoint. g holds dLoss/dx_t; per step (x_t = a_t x_{t-1} + dt u_t B_t, a_t = exp(dt A)):
+    g += C_t dy_t; then dB_t, du_t, ddt_t, dA read g, and g <- a_t g for step t - 1.
+    dA, dD, dbias go out per batch, dB and dC per channel block (partial sums reduced by the caller).
+    """
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    c0 = pid_d * BLOCK_D
+    ch = c0 + tl.arange(0, BLOCK_D)
+    ns = tl.arange(0, BLOCK_N)
+    cmask = ch < d
+    nmask = ns < n
+    smask = cmask[:, None] & nmask[None, :]
+    state_off = ch[:, None] * n + ns[None, :]
+    A = tl.load(A_ptr + state_off, mask=smask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    Dv = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    rows = (pid_b * d + ch) * L
+    b_cols = B_ptr + (pid_b * gB + c0 // per_gB) * n * L + ns * L
+    c_cols = C_ptr + (pid_b * gC + c0 // per_gC) * n * L + ns * L
+    part_cols = (pid_b * n_blocks + pid_d) * n * L + ns * L
+    scratch = scratch_ptr + (pid_b * n_blocks + pid_d) * CHUNK * BLOCK_D * BLOCK_N \
+        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + ns[None, :]
+    if HAS_DLAST:
+        g = tl.load(dlast_ptr + pid_b * d * n + state_off, mask=smask, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for ci in range(n_chunks):
+        c = n_chunks - 1 - ci
+        t0 = c * CHUNK
+        steps = tl.minimum(CHUNK, L - t0)
+        h0 = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * d * n + state_off, mask=smask, other=0.0)
+        h = h0
+        for s in range(steps):  # recompute this chunk's states into the scratch rows
+            uu, dt, _ = _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t0 + s, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(b_cols + t0 + s, mask=nmask, other=0.0).to(tl.float32)
+            h = tl.exp(dt[:, None] * A) * h + (dt * uu)[:, None] * Bt[None, :]
+            tl.store(scratch + s * BLOCK_D * BLOCK_N, h)
+        tl.debug_barrier()
+        for si in range(steps):
+            s = steps - 1 - si
+            t = t0 + s
+            h = tl.load(scratch + s * BLOCK_D * BLOCK_N)
+            if s > 0:
+                h_prev = tl.load(scratch + (s - 1) * BLOCK_D * BLOCK_N)
+            else:
+                h_prev = h0
+            uu, dt, ddt_draw = _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(b_cols + t, mask=nmask, other=0.0).to(tl.float32)
+            Ct = tl.load(c_cols + t, mask=nmask, other=0.0).to(tl.float32)
+            dy = tl.load(dout_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zz = tl.load(z_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
+                sig = 1.0 / (1.0 + tl.exp(-zz))
+                y = tl.sum(h * Ct[None, :], axis=1)
+                if HAS_D:
+                    y += Dv * uu
+                tl.store(dz_ptr + rows + t, (dy * y * sig * (1.0 + zz * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
+                         mask=cmask)
+                dy = dy * zz * sig
+            g += dy[:, None] * Ct[None, :]
+            tl.store(dC_ptr + part_cols + t, tl.sum(tl.where(smask, dy[:, None] * h, 0.0), axis=0), mask=nmask)
+            tl.store(dB_ptr + part_cols + t, tl.sum(tl.where(smask, g * (dt * uu)[:, None], 0.0), axis=0),
+                     mask=nmask)
+            a = tl.exp(dt[:, None] * A)
+            gB_sum = tl.sum(g * Bt[None, :], axis=1)
+            decay_grad = g * a * h_prev                     # dLoss/d(dt A) per state
+            du = dt * gB_sum
+            if HAS_D:
+                du += dy * Dv
+                dD_acc += dy * uu
+            ddt = (uu * gB_sum + tl.sum(decay_grad * A, axis=1)) * ddt_draw
+            dA_acc += decay_grad * dt[:, None]
+            dbias_acc += ddt
+            tl.store(du_ptr + rows + t, du.to(du_ptr.dtype.element_ty), mask=cmask)
+            tl.store(ddlt_ptr + rows + t, ddt.to(ddlt_ptr.dtype.element_ty), mask=cmask)
+            g = g * a
+        tl.debug_barrier()
+    tl.store(dA_ptr + pid_b * d * n + state_off, dA_acc, mask=smask)
+    if HAS_D:
+        tl.store(dD_ptr + pid_b * d + ch, dD_acc, mask=cmask)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pid_b * d + ch, dbias_acc, mask=cmask)
+
+
+def _group_sizes(X: Tensor, d: int):
+    """(groups, channels per group) of B or C."""
+    g = X.shape[1] if X.dim() == 4 else 1
+    return g, d // g
+
+
+def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    b, d, l = u.shape
+    n = A.shape[1]
+    cfg = _kernel_config(u, B, C, n)
+    (gB, per_gB), (gC, per_gC) = _group_sizes(B, d), _group_sizes(C, d)
+    n_chunks = triton.cdiv(l, cfg.chunk)
+    out = torch.empty_like(u)
+    last = u.new_empty(b, d, n, dtype=torch.float32)
+    ckpt = u.new_empty(b, n_chunks, d, n, dtype=torch.float32)
+    _scan_fwd_kernel[(b, triton.cdiv(d, cfg.block_d))](
+        u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+        delta_bias if delta_bias is not None else u, out, last, ckpt,
+        d, l, n, gB, gC, per_gB, per_gC, n_chunks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+    return out, last, ckpt
+
+
+def _scan_bwd_triton(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus):
+    b, d, l = u.shape
+    n = A.shape[1]
+    cfg = _kernel_config(u, B, C, n)
+    (gB, per_gB), (gC, per_gC) = _group_sizes(B, d), _group_sizes(C, d)
+    n_chunks = ckpt.shape[1]
+    n_blocks = triton.cdiv(d, cfg.block_d)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    dA_part = torch.empty(b, d, n, **f32)
+    dD_part = torch.empty(b, d, **f32)
+    dbias_part = torch.empty(b, d, **f32)
+    dB_part = torch.empty(b, n_blocks, n, l, **f32)
+    dC_part = torch.empty(b, n_blocks, n, l, **f32)
+    scratch = torch.empty(b * n_blocks * cfg.chunk * cfg.block_d * cfg.block_n, **f32)
+    _scan_bwd_kernel[(b, n_blocks)](
+        u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+        delta_bias if delta_bias is not None else u, ckpt, dout, dlast if dlast is not None else u,
+        du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part, scratch,
+        d, l, n, gB, gC, per_gB, per_gC, n_chunks, n_blocks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_DLAST=dlast is not None, BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk,
+        num_warps=cfg.num_warps)
+
+    def per_group(part: Tensor, X: Tensor) -> Tensor:
+        # blocks never straddle groups, so each group's blocks are consecutive
+        if X.dim() == 3:
+            return part.sum(1).to(X.dtype)
+        return part.view(b, X.shape[1], -1, n, l).sum(2).to(X.dtype)
+
+    dB, dC = per_group(dB_part, B), per_group(dC_part, C)
+    dA = dA_part.sum(0).to(A.dtype)
+    dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
+    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops (torch.compile / torch.export see them as single nodes)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("m2restore_kernels::selective_scan", mutates_args=())
+def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton forward -> (out (b, d, l), last state (b, d, n) f32, checkpoints (b, chunks, d, n) f32)."""
+    return _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    b, d, l = u.shape
+    n = A.shape[1]
+    n_chunks = triton.cdiv(l, _kernel_config(u, B, C, n).chunk)
+    return (torch.empty_like(u), u.new_empty(b, d, n, dtype=torch.float32),
+            u.new_empty(b, n_chunks, d, n, dtype=torch.float32))
+
+
+@torch.library.custom_op("m2restore_kernels::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], ckpt: Tensor,
+                 delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (empty where the input is None)."""
+    return _scan_bwd_triton(dout.contiguous(), None if dlast is None else dlast.contiguous(), u, delta, A, B, C, D,
+                            z, delta_bias, ckpt, delta_softplus)
+
+
+@_scan_bwd_op.register_fake
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus):
+    def like(x):
+        return torch.empty_like(x) if x is not None else u.new_empty(0)
+
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), like(D), like(z), like(delta_bias))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.delta_softplus = delta_softplus
+    ctx.present = (D is not None, z is not None, delta_bias is not None)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+
+
+def _scan_backward(ctx, dout, dlast, _dckpt):
+    u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd_op(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt,
+                                                         ctx.delta_softplus)
+    has_D, has_z, has_bias = ctx.present
+    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None, None)
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _mamba_selective_scan_fn():
+    """mamba_ssm's CUDA ``selective_scan_fn`` if that package imports, else None (only asked on CUDA)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError):  # not installed, or its extension was built for another torch/CUDA
+        return None
+    return selective_scan_fn
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend: str = "auto"):
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    """Mamba's selective scan; mamba_ssm ``selective_scan_fn`` semantics (see the module docstring).
+
+    u, delta, z: (b, d, l); A: (d, n) real; B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,).
+    Any float dtype; the recurrence runs in float32 (float64 for float64 inputs on the torch path).
+    Returns out (b, d, l) in u's dtype, plus the last state (b, d, n) float32 with
+    ``return_last_state``. Gradients reach every floating input (and flow from the last state).
+    ``backend``: "auto" (mamba_ssm's kernel on CUDA when installed, else Triton where it runs, else
+    PyTorch), "triton" or "torch".
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    path = resolve_backend(backend, u.device)
+    if backend == "auto" and u.device.type == "cuda" and _mamba_selective_scan_fn() is not None:
+        # mamba_ssm wants A, D and delta_bias in float32 (casts are differentiable)
+        return _mamba_selective_scan_fn()(
+            u, delta, A.float(), B, C, None if D is None else D.float(), z,
+            None if delta_bias is None else delta_bias.float(), delta_softplus, return_last_state)
+    if path == "triton":
+        args = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
+        out, last, _ = _scan_op(*args, delta_softplus)
+    else:
+        out, last = _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last) if return_last_state else out

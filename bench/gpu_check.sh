@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: CUDA parity tests, then the benchmarks; log and JSON in $OUT.
+#
+# That machine reaches no registry. It has Python 3.12, torch 2.11, triton 3.6, pytest,
+# pytest-benchmark, hypothesis, timm, safetensors, regex, tqdm, huggingface-hub, torchvision; not
+# open_clip_torch, ftfy or wcwidth (DA-CLIP needs them). Carry those as wheels: once, here, in the
+# repository root (they are pure Python but for wcwidth's abi3 wheel):
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+#
+# then run, with `.whl` in the call's carry list:   bash bench/gpu_check.sh
+#
+# Steps, each under `timeout` and all inside an 8-minute budget (GPU_CHECK_BUDGET_S), most
+# valuable first so a slow step only costs the ones after it:
+#   1. machine facts; `import m2restore, m2restore_kernels` before open_clip is installed;
+#   2. install the project (--no-deps) and the carried wheels;
+#   3. CUDA parity tests: `pytest -m cuda` over tests/, plus every kernel's whole test file;
+#   4. `m2restore bench` on the paper config: reference vs triton, fp32/bf16/fp16, eager and
+#      CUDA graph, with DA-CLIP -> $OUT/model.json;
+#   5. `pytest bench --benchmark-only` without torch.compile cases -> $OUT/bench.json;
+#   6. the torch.compile cases of the full-model group (bf16, with DA-CLIP) -> $OUT/bench_compile.json.
+# The exit status is the number of steps that failed (0: all passed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-/tmp/gpu_check}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-480}"
+DEADLINE=$(( $(date +%s) + BUDGET_S ))
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+FAILED=0
+
+exec > >(tee -a "$LOG") 2>&1
+
+# step NAME SECONDS CMD...: run CMD under min(SECONDS, time left), log its status and duration.
+step() {
+  local name=$1 want=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) - 5 ))
+  local limit=$(( want < left ? want : left ))
+  echo
+  echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
+  if (( limit < 10 )); then
+    echo "=== $name: SKIPPED, the ${BUDGET_S}s budget is spent"
+    FAILED=$(( FAILED + 1 ))
+    return
+  fi
+  local t0=$SECONDS rc=0
+  # bash -c so that the shell functions below can run under timeout, which kills the whole group.
+  timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" || rc=$?
+  local took=$(( SECONDS - t0 ))
+  if (( rc == 0 )); then
+    echo "=== $name: ok in ${took}s"
+  else
+    (( rc == 124 || rc == 137 )) && echo "=== $name: TIMED OUT after ${took}s" \
+                                 || echo "=== $name: FAILED (exit $rc) in ${took}s"
+    FAILED=$(( FAILED + 1 ))
+  fi
+}
+
+facts() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  "$PY" - <<'EOF'
+import platform, torch, triton
+print("python", platform.python_version(), "| torch", torch.__version__, "| triton", triton.__version__,
+      "| cuda", torch.version.cuda, "| device", torch.cuda.get_device_name(0))
+EOF
+  git rev-parse --short HEAD 2>/dev/null || echo "commit: unknown (no .git in this copy)"
+}
+
+install() {
+  if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . ; then
+    # No setuptools build: expose the two import names through links instead.
+    echo "editable install failed; using PYTHONPATH links"
+    mkdir -p /tmp/m2path
+    ln -sfn "$PWD/m2restore" /tmp/m2path/m2restore
+    ln -sfn "$PWD/kernels" /tmp/m2path/m2restore_kernels
+  fi
+  "$PY" -c "import m2restore, m2restore_kernels, m2restore.benchmark; print('import ok without open_clip')"
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  else
+    echo "no .whl/ carried: DA-CLIP cases will be skipped or fail"
+  fi
+  "$PY" -c "import open_clip; print('open_clip', open_clip.__version__)"
+}
+
+export PYTHONPATH="/tmp/site:/tmp/m2path:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# Every kernel's whole test file (its CPU and CUDA cases), then the tests marked cuda elsewhere.
+parity() {
+  local files=() ignore=() f op rc=0
+  for op in kernels/*.py; do
+    op=$(basename "$op" .py)
+    [[ $op == _* ]] && continue
+    for f in tests/test_"$op"*.py; do [[ -e $f ]] && files+=("$f") && ignore+=("--ignore=$f"); done
+  done
+  echo "kernel test files: ${files[*]:-none}"
+  if (( ${#files[@]} )); then
+    "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests_kernels.xml" "${files[@]}" || rc=1
+  fi
+  "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests_cuda.xml" -m cuda tests "${ignore[@]}" || rc=1
+  return $rc
+}
+
+export PY OUT
+export -f facts install parity
+step "machine" 30 facts
+step "install" 60 install
+step "cuda parity tests" 150 parity
+step "m2restore bench" 120 "$PY" -m m2restore bench --config paper --size 224 --backends reference,triton \
+  --dtypes fp32,bf16,fp16 --graph --json "$OUT/model.json"
+step "pytest bench (no compile)" 150 "$PY" -m pytest bench -q -p no:cacheprovider --benchmark-only \
+  -k "not compile" --benchmark-json "$OUT/bench.json" --benchmark-columns=median,min,max,rounds
+step "pytest bench (compile)" 180 "$PY" -m pytest bench/test_bench_model.py -q -p no:cacheprovider \
+  --benchmark-only -k "compile and bf16 and prior_on" --benchmark-json "$OUT/bench_compile.json" \
+  --benchmark-columns=median,min,max,rounds
+
+echo
+echo "=== gpu_check done: $FAILED step(s) failed; files in $OUT:"
+ls -la "$OUT"
+exit "$FAILED"

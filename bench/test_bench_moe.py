@@ -1,0 +1,113 @@
+"""Sparse expert dispatch of one DDER: top-K routing from the router logits, then the K chosen
+expert MLPs per pixel and their combination (N=6 experts, K=2, ``combine="logsumexp"``, the
+public code's combine, so every variant computes the same function).
+
+Variants, side by side in one group per (image size, DDER level, pass):
+
+* ``authors``: the public code's style of dispatcher, rewritten: dense gates, pixels gathered
+  per expert with Python index ops, each expert run on its slice, outputs stitched back with
+  ``exp``, ``index_add`` and ``log``;
+* ``dense``: every expert on every pixel, then the same gated ``exp``/``log`` combination;
+* ``torch``: our sparse PyTorch path (``backend="torch"``);
+* ``triton``: our Triton path (CUDA only: on CPU it would time the interpreter).
+
+Shapes: the three DDERs of a 224x224 and of a 512x512 image (P pixels of C channels, hidden
+int(2.66 C)); ``--quick`` runs one tiny shape. ``extra_info`` records the expert FLOPs and the
+minimum bytes moved so GPU numbers can be set against the roofline.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m2restore_kernels import moe_mlp, topk_softmax
+
+N_EXPERTS, TOP_K = 6, 2
+# (image side, DDER level) -> (pixels, channels, hidden)
+SHAPES = {
+    (side, level): ((side >> level) ** 2, 48 << level, int(2.66 * (48 << level)))
+    for side in (224, 512) for level in range(3)
+}
+TINY = (256, 16, 42)
+VARIANTS = ("authors", "dense", "torch", "triton")
+
+
+def _authors_dispatch(x, logits, w1, b1, w2, b2):
+    """The public code's SparseDispatcher pattern: dense (P, N) gates -> per-expert row lists."""
+    vals, idx = logits.topk(TOP_K, dim=1)
+    gates = torch.zeros_like(logits).scatter(1, idx, torch.softmax(vals, dim=1))
+    sorted_experts, index_sorted = torch.nonzero(gates).sort(0)
+    _, expert_index = sorted_experts.split(1, dim=1)
+    batch_index = torch.nonzero(gates)[index_sorted[:, 1], 0]
+    part_sizes = (gates > 0).sum(0).tolist()
+    nonzero_gates = torch.gather(gates[batch_index], 1, expert_index)
+    expert_inputs = torch.split(x[batch_index], part_sizes, dim=0)
+    outs = [F.linear(F.gelu(F.linear(xe, w1[e].t(), b1[e])), w2[e].t(), b2[e])
+            for e, xe in enumerate(expert_inputs)]
+    stitched = torch.cat(outs, 0).exp() * nonzero_gates
+    combined = torch.zeros_like(x).index_add(0, batch_index, stitched)
+    return combined.clamp_min(torch.finfo(x.dtype).eps).log()
+
+
+def _dense_dispatch(x, logits, w1, b1, w2, b2):
+    vals, idx = logits.topk(TOP_K, dim=1)
+    gates = torch.zeros_like(logits).scatter(1, idx, torch.softmax(vals, dim=1))
+    hidden = F.gelu(torch.einsum("pc,nch->nph", x, w1) + b1[:, None])
+    outs = torch.baddbmm(b2[:, None], hidden, w2)  # (N, P, C)
+    return torch.einsum("pn,npc->pc", gates, outs.exp()).log()
+
+
+def _ours(backend):
+    def run(x, logits, w1, b1, w2, b2):
+        weights, indices = topk_softmax(logits, TOP_K, backend=backend)
+        return moe_mlp(x, weights, indices, w1, b1, w2, b2, combine="logsumexp", backend=backend)
+    return run
+
+
+DISPATCH = {"authors": _authors_dispatch, "dense": _dense_dispatch, "torch": _ours("torch"), "triton": _ours("triton")}
+
+
+def pytest_generate_tests(metafunc):
+    if "moe_shape" not in metafunc.fixturenames:
+        return
+    shapes = {"tiny": TINY} if metafunc.config.getoption("--quick") else {
+        f"{side}px-dder{level + 1}": shape for (side, level), shape in SHAPES.items()}
+    metafunc.parametrize("moe_shape", [pytest.param(s, id=name) for name, s in shapes.items()])
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_moe_dispatch(bench, benchmark, device, moe_shape, variant, passes):
+    if variant == "triton" and device.type != "cuda":
+        pytest.skip("Triton path needs CUDA: on CPU it runs the interpreter, which says nothing about speed")
+    P, C, Hd = moe_shape
+    g = torch.Generator().manual_seed(0)
+    params = [
+        torch.randn(P, C, generator=g),
+        torch.randn(P, N_EXPERTS, generator=g),
+        torch.randn(N_EXPERTS, C, Hd, generator=g) / C ** 0.5,
+        0.1 * torch.randn(N_EXPERTS, Hd, generator=g),
+        torch.randn(N_EXPERTS, Hd, C, generator=g) / Hd ** 0.5,
+        0.1 * torch.randn(N_EXPERTS, C, generator=g),
+    ]
+    params = [t.to(device).requires_grad_(passes == "fwd_bwd") for t in params]
+    fn = DISPATCH[variant]
+
+    def step():
+        y = fn(*params)
+        if passes == "fwd_bwd":
+            torch.autograd.grad(y.sum(), params)
+        return y
+
+    benchmark.group = f"moe {P}x{C} hidden {Hd} {passes}"
+    experts_run = N_EXPERTS if variant == "dense" else TOP_K
+    benchmark.extra_info.update(
+        P=P, C=C, Hd=Hd, N=N_EXPERTS, K=TOP_K,
+        # two GEMMs per expert run on a pixel; the backward does twice the forward's GEMM work
+        gflop=2 * P * experts_run * 2 * C * Hd * (3 if passes == "fwd_bwd" else 1) / 1e9,
+        # x in, y out, logits in, expert weights in (float32): the forward's lower bound on traffic
+        min_mb=4 * (2 * P * C + P * N_EXPERTS + N_EXPERTS * (2 * C * Hd + Hd + C)) / 2**20,
+    )
+    y = bench(step, rounds=3 if P * C > 5e6 and device.type == "cpu" else None)
+    assert torch.isfinite(y).all()

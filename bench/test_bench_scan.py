@@ -1,0 +1,77 @@
+"""Selective-scan benchmarks at the MCDB latent sizes (group ``scan``).
+
+The Mamba branch scans the latent of the image: batch 1, d_inner 768 (2 x 384 channels), d_state
+16, over L = 784 tokens for a 224x224 input (28x28 latent) and L = 4096 for 512x512 (64x64).
+Implementations: the sequential reference, our chunked PyTorch path, our Triton kernel (CUDA only:
+on CPU it would time the interpreter) and mamba_ssm's CUDA kernel where it is installed; each for
+the forward pass and forward + backward. Inputs follow the mixer's call: softplus(delta + bias)
+with mamba_ssm's dt initialisation, the S4D-real A = -[1..16], D and z gating.
+
+``--quick`` shrinks the channels and lengths so the whole group runs in seconds.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from m2restore_kernels import selective_scan, selective_scan_ref
+
+ss = importlib.import_module("m2restore_kernels.selective_scan")
+
+CUDA = torch.cuda.is_available()
+SIZES = {"latent224": (1, 768, 784, 16), "latent512": (1, 768, 4096, 16)}
+QUICK_SIZES = {"latent224": (1, 32, 49, 16), "latent512": (1, 32, 256, 16)}
+IMPLS = ("reference", "torch", "triton", "mamba_ssm")
+
+
+def scan_inputs(b, d, l, n, device, requires_grad):
+    gen = torch.Generator().manual_seed(0)
+    dt = torch.exp(torch.rand(d, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    tensors = dict(
+        u=torch.randn(b, d, l, generator=gen), delta=torch.randn(b, d, l, generator=gen) * 0.5,
+        A=-torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1), B=torch.randn(b, n, l, generator=gen),
+        C=torch.randn(b, n, l, generator=gen), D=torch.ones(d), z=torch.randn(b, d, l, generator=gen),
+        delta_bias=dt + torch.log(-torch.expm1(-dt)))
+    return {k: v.to(device).requires_grad_(requires_grad) for k, v in tensors.items()}
+
+
+def _runner(impl: str):
+    if impl == "reference":
+        return selective_scan_ref
+    if impl == "mamba_ssm":
+        return ss._mamba_selective_scan_fn()
+    return lambda *a, **k: selective_scan(*a, **k, backend=impl)
+
+
+@pytest.mark.benchmark(group="scan")
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_bench_selective_scan(bench, benchmark, quick, device, size, impl, mode):
+    if impl == "triton" and not CUDA:
+        pytest.skip("the Triton kernel is timed on CUDA only (on CPU it runs in the interpreter)")
+    if impl == "mamba_ssm" and not (CUDA and ss._mamba_selective_scan_fn() is not None):
+        pytest.skip("mamba_ssm's kernel needs CUDA and the mamba-ssm package")
+    b, d, l, n = (QUICK_SIZES if quick else SIZES)[size]
+    backward = mode == "fwd_bwd"
+    inputs = scan_inputs(b, d, l, n, device, backward)
+    run = _runner(impl)
+    grad = torch.randn(b, d, l, device=device)
+
+    def step():
+        if not backward:
+            with torch.no_grad():
+                return run(**inputs, delta_softplus=True)
+        out = run(**inputs, delta_softplus=True)
+        out.backward(grad)
+        return out
+
+    # the sequential loop is slow on long sequences (thousands of tiny ops): one round there
+    rounds = 1 if impl == "reference" and l > 1000 else None
+    out = bench(step, rounds=rounds)
+    ref = selective_scan_ref(**{k: v.detach() for k, v in inputs.items()}, delta_softplus=True)
+    benchmark.extra_info.update(shape=f"b{b} d{d} l{l} n{n}", impl=impl, mode=mode,
+                                rel_err_vs_ref=float((out.detach() - ref).norm() / ref.norm()))

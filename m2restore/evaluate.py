@@ -1,0 +1,141 @@
+"""``m2restore eval``: PSNR and SSIM of trained weights on test sets, laid out like Table I.
+
+Protocol (the paper's, as in TransWeather's evaluation): outputs clamped to [0, 1] and
+quantised to 8 bits, as if saved as PNG; PSNR and SSIM on the RGB channels with data range 1
+(scikit-image's ``peak_signal_noise_ratio`` and ``structural_similarity`` with its defaults:
+7×7 uniform window (smaller for images under 7 pixels), SSIM averaged over channels). The Y-channel numbers (the other common
+protocol) use the BT.601 luma of ``rgb2ycbcr``, in [16, 235] with data range 255.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
+
+
+def quantize(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float -> float64 on the 8-bit grid, as a saved PNG would hold it."""
+    return np.rint(np.clip(image, 0.0, 1.0) * 255.0) / 255.0
+
+
+def image_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """PSNR/SSIM on RGB (data range 1) and on Y of two (H, W, 3) images in [0, 1]."""
+    from skimage.color import rgb2ycbcr
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    if pred.shape != gt.shape or pred.ndim != 3 or pred.shape[-1] != 3:
+        raise ValueError(f"pred and gt must both be (H, W, 3), got {pred.shape} and {gt.shape}")
+    # The 7×7 window shrinks (odd) for images smaller than it; SSIM needs at least 3×3.
+    win = min(7, *pred.shape[:2])
+    win -= 1 - win % 2
+    if win < 3:
+        raise ValueError(f"SSIM needs images of at least 3x3 pixels, got {pred.shape[1]}x{pred.shape[0]}")
+    pred, gt = pred.astype(np.float64), gt.astype(np.float64)
+    y_pred, y_gt = rgb2ycbcr(pred)[..., 0], rgb2ycbcr(gt)[..., 0]
+    return {
+        "psnr": float(peak_signal_noise_ratio(gt, pred, data_range=1.0)),
+        "ssim": float(structural_similarity(gt, pred, data_range=1.0, channel_axis=-1, win_size=win)),
+        "psnr_y": float(peak_signal_noise_ratio(y_gt, y_pred, data_range=255.0)),
+        "ssim_y": float(structural_similarity(y_gt, y_pred, data_range=255.0, win_size=win)),
+    }
+
+
+@dataclass
+class SetResult:
+    """Mean metrics over one test set of ``count`` images."""
+
+    name: str
+    count: int
+    psnr: float
+    ssim: float
+    psnr_y: float
+    ssim_y: float
+
+
+def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int = 32,
+                 limit: int | None = None, progress: bool = True) -> SetResult:
+    """Restore every pair of ``dataset`` (items with whole-image ``input``/``gt`` tensors, and
+    cached priors ``d_g``/``P_f`` when it has them) and average the per-image metrics."""
+    from tqdm import tqdm
+
+    from .restore import restore_tensor
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise ValueError(f"test set {name!r} is empty")
+    rows = []
+    for i in tqdm(range(n), desc=f"eval {name}", unit="img", disable=not progress, leave=False):
+        item = dataset[i]
+        prior = (item["d_g"][None].to(device), item["P_f"][None].to(device)) if "d_g" in item else None
+        out = restore_tensor(model, item["input"][None].to(device), tile, overlap, prior)
+        pred = quantize(out[0].permute(1, 2, 0).float().cpu().numpy())
+        rows.append(image_metrics(pred, item["gt"].permute(1, 2, 0).numpy()))
+    return SetResult(name, n, **{m: float(np.mean([r[m] for r in rows])) for m in METRICS})
+
+
+def average(results: list[SetResult]) -> SetResult:
+    """Unweighted mean over sets, as Table I's "Average" column."""
+    return SetResult("Average", sum(r.count for r in results),
+                     **{m: float(np.mean([getattr(r, m) for r in results])) for m in METRICS})
+
+
+def format_table(results: list[SetResult], title: str = "") -> str:
+    """Table I layout: one column pair (PSNR↑ SSIM↑) per set and the average; rows RGB and Y."""
+    cols = results + ([average(results)] if len(results) > 1 else [])
+    width = [max(15, len(r.name) + 2) for r in cols]
+    head = "".join(f"{r.name:^{w}}" for r, w in zip(cols, width))
+    sub = "".join(f"{'PSNR↑':>7} {'SSIM↑':>6}".center(w) for w in width)
+    lines = [title] if title else []
+    lines += [f"{'':8}{head}", f"{'':8}{sub}"]
+    for label, p, s in (("RGB", "psnr", "ssim"), ("Y", "psnr_y", "ssim_y")):
+        cells = "".join(f"{getattr(r, p):>7.2f} {getattr(r, s):>6.3f}".center(w) for r, w in zip(cols, width))
+        lines.append(f"{label:8}{cells}")
+    lines.append(f"{'images':8}" + "".join(f"{r.count:^{w}}" for r, w in zip(cols, width)))
+    return "\n".join(lines)
+
+
+def parse_set(spec: str) -> tuple[str, Path]:
+    """``name=path`` or ``path`` (named after the folder, or the list file's stem)."""
+    name, sep, path = spec.partition("=")
+    if sep:
+        return name, Path(path)
+    p = Path(spec)
+    return (p.stem if p.is_file() else p.name), p
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .restore import add_model_arguments
+
+    parser.add_argument("--data", nargs="+", required=True, metavar="[NAME=]PATH",
+                        help="test sets: All-weather list files or folders with input/ and gt/")
+    parser.add_argument("--out", type=Path, default=Path("eval"), help="folder for metrics.csv/json (default: eval)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many images per set")
+    add_model_arguments(parser, weights_default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data import PairedImages, open_pairs
+    from .restore import default_device, load_model
+
+    sets = [parse_set(s) for s in args.data]
+    datasets = [(name, PairedImages(open_pairs(path), crop=None, flip=False)) for name, path in sets]
+    device = default_device(args.device)
+    model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
+    results = [evaluate_set(model, ds, name, device, args.tile, args.tile_overlap, args.limit) for name, ds in datasets]
+    print(format_table(results, title=f"M2Restore ({args.weights})"))
+    rows = results + ([average(results)] if len(results) > 1 else [])
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["name", "count", *METRICS])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    (args.out / "metrics.json").write_text(json.dumps(
+        {"weights": str(args.weights), "sets": [asdict(r) for r in rows]}, indent=2))
+    print(f"metrics written to {args.out / 'metrics.csv'} and {args.out / 'metrics.json'}")
+    return 0

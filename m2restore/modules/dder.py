@@ -1,0 +1,104 @@
+"""DDER: degradation-aware dynamic expert routing, a pixel-wise noisy top-K mixture of experts.
+
+Per pixel p of a feature map x (B, C, H, W), with the image's task prompt T and DA-CLIP's d_g:
+
+    x_p = [x ; Linear(T)]                                      (2C)       paper eq. 3
+    S   = x_p W_g + α ⊙ (d_g W_b + b_b)                        (N)        eqs. 4-6
+    S̃   = S + ε ⊙ σ ⊙ n,  σ = softplus(x_p W_n) + 0.01,        training only, eqs. 7-9
+          n ~ N(0, 1), ε ~ Bernoulli(0.5) per pixel and expert (ε = 1 with noise_mask=False)
+    g   = softmax over the K largest S̃ (the others are out)   eqs. 10-11
+    out = x + Σ_k g_k E_k(x)      (or log Σ_k g_k exp(E_k(x)) with combine="logsumexp")
+
+E_n: Linear(C→int(2.66C)) → GELU → Linear(→C). Balance loss: cv²(importance) + cv²(load) over all
+pixels of the batch (paper's L_balance).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import M2RestoreConfig
+
+
+def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation var(v) / (mean(v)² + eps), unbiased variance, in float32."""
+    v = v.float()
+    return v.var() / (v.mean() ** 2 + eps)
+
+
+def balance_loss(gates: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """gates (P, N) dense routing weights (zeros for unselected experts) -> scalar.
+
+    cv²(importance) + cv²(load); importance[n] = Σ_p gates[p, n], load[n] = #{p : gates[p, n] > 0}.
+    The load term is a count and carries no gradient.
+    """
+    return cv_squared(gates.sum(0), eps) + cv_squared((gates > 0).sum(0), eps)
+
+
+class DDER(nn.Module):
+    """forward(x (B, C, H, W), task_prompt (B, prompt_dim), d_g (B, D)) -> (out, balance_loss, routing).
+
+    out (B, C, H, W); balance_loss a float32 scalar; routing (B, N, H, W) the dense gate weights.
+    """
+
+    def __init__(self, dim: int, config: M2RestoreConfig):
+        super().__init__()
+        n, c2 = config.num_experts, 2 * dim
+        hidden = int(dim * config.expert_ratio)
+        self.top_k = config.top_k
+        self.combine = config.combine
+        self.noise_mask = config.noise_mask
+        self.noise_floor = config.noise_floor
+        self.noise_keep_prob = config.noise_keep_prob
+        self.balance_eps = config.balance_eps
+        self.backend = ops.check_backend(config.backend)
+
+        self.prompt_proj = nn.Linear(config.prompt_dim, dim)
+        # Unit-normal router as in the authors' code; the noise scale starts at softplus(0) + floor.
+        self.w_gate = nn.Parameter(torch.randn(c2, n))
+        self.w_noise = nn.Parameter(torch.zeros(c2, n))
+        self.degradation_proj = nn.Linear(config.num_degradations, n)  # W_b, b_b
+        self.alpha = nn.Parameter(torch.full((n,) if config.alpha == "vector" else (), config.alpha_init))
+        # Experts stacked in the layout of m2restore_kernels.moe_mlp, initialised like nn.Linear.
+        self.w1 = nn.Parameter(torch.empty(n, dim, hidden))
+        self.b1 = nn.Parameter(torch.empty(n, hidden))
+        self.w2 = nn.Parameter(torch.empty(n, hidden, dim))
+        self.b2 = nn.Parameter(torch.empty(n, dim))
+        for w, b, fan_in in ((self.w1, self.b1, dim), (self.w2, self.b2, hidden)):
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_gate.shape[1]
+
+    def router_logits(self, x_p: torch.Tensor, d_g: torch.Tensor) -> torch.Tensor:
+        """x_p (B, L, 2C), d_g (B, D) -> S̃ (B, L, N): S in eval mode, S plus the masked noise in training."""
+        logits = x_p @ self.w_gate + (self.alpha * self.degradation_proj(d_g)).unsqueeze(1)
+        if not self.training:
+            return logits
+        sigma = F.softplus(x_p @ self.w_noise) + self.noise_floor
+        noise = sigma * torch.randn_like(logits)
+        if self.noise_mask:
+            noise = noise * torch.bernoulli(torch.full_like(logits, self.noise_keep_prob))
+        return logits + noise
+
+    def forward(self, x: torch.Tensor, task_prompt: torch.Tensor, d_g: torch.Tensor):
+        b, c, h, w = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        prompt = self.prompt_proj(task_prompt).unsqueeze(1).expand(b, h * w, c)
+        logits = self.router_logits(torch.cat([tokens, prompt], dim=-1), d_g)
+
+        flat = tokens.reshape(b * h * w, c)
+        weights, indices = ops.topk_softmax(logits.reshape(b * h * w, -1), self.top_k, self.backend)
+        y = ops.moe_mlp(flat, weights, indices, self.w1, self.b1, self.w2, self.b2, self.combine, self.backend)
+
+        gates = torch.zeros_like(logits.reshape(b * h * w, -1)).scatter(1, indices, weights)
+        out = x + y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        routing = gates.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        return out, balance_loss(gates, self.balance_eps), routing

@@ -1,0 +1,165 @@
+"""``m2restore restore INPUT... -o OUTDIR``: restore image files and folders.
+
+Each output keeps its input's size, format, bit depth, grayscale-ness and alpha channel (alpha
+is passed through untouched; the network sees RGB). ``--tile N`` restores big images in
+overlapping N×N tiles blended with linear ramps, with the degradation prior computed once on the
+whole image so every tile is routed alike. Also home of the helpers the other commands share:
+:func:`load_model` and :func:`restore_tensor`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "demo_tiny"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path | None = DEMO_WEIGHTS) -> None:
+    """Options every command that runs a trained model shares."""
+    parser.add_argument("--weights", type=Path, default=weights_default, required=weights_default is None,
+                        help="folder with config.json and model.safetensors"
+                             + (" (default: the shipped demo weights)" if weights_default else ""))
+    parser.add_argument("--prior-checkpoint", type=Path, default=None,
+                        help="DA-CLIP checkpoint (daclip_ViT-B-32.pt) for weights trained with the prior")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default=None,
+                        help="kernel backend (default: the one saved with the weights)")
+    parser.add_argument("--tile", type=int, default=0, help="restore in tiles of this size (0: whole image)")
+    parser.add_argument("--tile-overlap", type=int, default=32, help="overlap between tiles in pixels")
+
+
+def default_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_model(weights: str | Path, device: str | torch.device = "cpu", backend: str | None = None,
+               prior_checkpoint: str | Path | None = None):
+    """A trained M2Restore in eval mode on ``device``; ``backend`` overrides the saved one.
+
+    Without ``prior_checkpoint`` the model runs with the null prior (the model warns unless
+    these are the shipped demo weights, which were trained without DA-CLIP).
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from .model import CONFIG_NAME, WEIGHTS_NAME, M2Restore, M2RestoreConfig
+    from .prior import NullPrior
+
+    weights = Path(weights)
+    if not (weights / WEIGHTS_NAME).is_file() or not (weights / CONFIG_NAME).is_file():
+        hint = "; train them with `m2restore demo --train` or pass --weights" if weights.resolve() == DEMO_WEIGHTS else ""
+        raise FileNotFoundError(f"{weights} must hold {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
+    config = M2RestoreConfig.from_dict(json.loads((weights / CONFIG_NAME).read_text()))
+    if backend:
+        config = dataclasses.replace(config, backend=backend)
+    prior = None
+    if prior_checkpoint is not None:
+        from .prior import DAClipPrior
+
+        prior = DAClipPrior.from_checkpoint(prior_checkpoint, names=config.degradation_names)
+    elif weights.resolve() == DEMO_WEIGHTS:
+        prior = NullPrior(config.num_degradations, config.prior_dim)
+    model = M2Restore(config, prior=prior)
+    model.load_weights(load_file(str(weights / WEIGHTS_NAME)))
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int = 32,
+                   prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Restore x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1].
+
+    With ``tile`` > 0 and an image larger than it, the image is cut into ``tile × tile``
+    windows overlapping by ``overlap`` pixels; outputs are averaged with weights that ramp
+    linearly over the overlap, which hides tile seams. ``prior`` (d_g, P_f) is the degradation
+    prior of the whole image; by default the model's prior module computes it once.
+    """
+    if tile < 0 or overlap < 0:
+        raise ValueError(f"tile and overlap must be non-negative, got tile={tile}, overlap={overlap}")
+    _, _, h, w = x.shape
+    if tile == 0 or (h <= tile and w <= tile):
+        return model(x, prior=prior).clamp(0.0, 1.0)
+    if overlap >= tile:
+        raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile ({tile})")
+    if prior is None:
+        prior = model.prior(x)
+    out = torch.zeros_like(x)
+    weight = torch.zeros_like(x[:, :1])
+    for top in _starts(h, tile, overlap):
+        for left in _starts(w, tile, overlap):
+            window = x[:, :, top:top + tile, left:left + tile]
+            ramp = _ramp(window.shape[2], overlap, x)[:, None] * _ramp(window.shape[3], overlap, x)[None, :]
+            out[:, :, top:top + tile, left:left + tile] += model(window, prior=prior) * ramp
+            weight[:, :, top:top + tile, left:left + tile] += ramp
+    return (out / weight).clamp(0.0, 1.0)
+
+
+def _starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Window offsets covering [0, size): stride tile − overlap, the last flush with the end."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, tile - overlap))
+    return starts + [size - tile]
+
+
+def _ramp(n: int, overlap: int, like: torch.Tensor) -> torch.Tensor:
+    """(n,) weights rising linearly over ``overlap`` pixels at both ends, 1 in between; > 0."""
+    i = torch.arange(n, dtype=like.dtype, device=like.device)
+    edge = torch.minimum(i + 1, n - i) / (overlap + 1)
+    return edge.clamp(max=1.0)
+
+
+def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
+    """(image file, its output path relative to OUTDIR) for files and folders (recursive)."""
+    from .data.io import is_image_file
+
+    found: list[tuple[Path, Path]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += [(p, p.relative_to(item)) for p in sorted(item.rglob("*")) if p.is_file() and is_image_file(p)]
+        elif item.is_file():
+            if not is_image_file(item):
+                raise ValueError(f"not a PNG or JPEG file: {item}")
+            found.append((item, Path(item.name)))
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    seen: dict[Path, Path] = {}
+    for src, rel in found:
+        if rel in seen:
+            raise ValueError(f"{src} and {seen[rel]} would both be written to {rel}")
+        seen[rel] = src
+    return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (PNG/JPEG)")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
+    add_model_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data.io import ImageData, read_image, write_image
+
+    jobs = collect_inputs(args.inputs)
+    if not jobs:
+        raise ValueError("no PNG or JPEG images in the given inputs")
+    device = default_device(args.device)
+    model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
+    out_dir = args.out.resolve()
+    for src, rel in tqdm(jobs, desc="restore", unit="img", disable=len(jobs) == 1):
+        dst = out_dir / rel
+        if dst.resolve() == src.resolve():
+            raise ValueError(f"refusing to overwrite the input {src}; choose another --out")
+        image = read_image(src)
+        x = torch.from_numpy(image.rgb).permute(2, 0, 1)[None].to(device)
+        y = restore_tensor(model, x, args.tile, args.tile_overlap)[0].permute(1, 2, 0).cpu().numpy()
+        write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale))
+    print(f"restored {len(jobs)} image(s) into {out_dir}")
+    return 0

@@ -1,0 +1,337 @@
+"""topk_softmax and moe_mlp: both backends against float64 references, gradients, bad input,
+torch.compile / torch.export. On CPU the Triton path runs in the interpreter (TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from m2restore_kernels.moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
+
+BACKENDS = ("torch", "triton")
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """These shapes are tiny: on a shared CPU, intra-op threads only add barrier waits (3x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_experts(N: int, C: int, Hd: int, bias: bool = True, seed: int = 0):
+    """float64 (w1, b1, w2, b2) scaled so hidden and outputs stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(N, C, Hd, generator=g, dtype=torch.float64) / math.sqrt(C)
+    w2 = torch.randn(N, Hd, C, generator=g, dtype=torch.float64) / math.sqrt(Hd)
+    b1 = 0.5 * torch.randn(N, Hd, generator=g, dtype=torch.float64) if bias else None
+    b2 = 0.5 * torch.randn(N, C, generator=g, dtype=torch.float64) if bias else None
+    return w1, b1, w2, b2
+
+
+def check_moe(backend, dtype, x, weights, indices, experts, combine):
+    """Forward and every gradient of moe_mlp in ``dtype`` against moe_mlp_ref in float64 on the
+    same (rounded) inputs."""
+    inputs = [t.to(dtype) if t is not None else None for t in (x, weights, *experts)]
+    ref_in = [t.double().requires_grad_() if t is not None else None for t in inputs]
+    got_in = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    ref = moe_mlp_ref(ref_in[0], ref_in[1], indices, *ref_in[2:], combine=combine)
+    got = moe_mlp(got_in[0], got_in[1], indices, *got_in[2:], combine=combine, backend=backend)
+    assert got.dtype == dtype and got.shape == ref.shape
+    tol = TOL[dtype]
+    assert rel_err(got, ref) <= tol
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    wrt = [i for i, t in enumerate(ref_in) if t is not None]
+    ref_g = torch.autograd.grad(ref, [ref_in[i] for i in wrt], dy)
+    got_g = torch.autograd.grad(got, [got_in[i] for i in wrt], dy.to(dtype))
+    names = ["x", "weights", "w1", "b1", "w2", "b2"]
+    for i, rg, gg in zip(wrt, ref_g, got_g):
+        assert gg.dtype == dtype, names[i]
+        assert rel_err(gg, rg) <= tol, (names[i], rel_err(gg, rg))
+
+
+def route(logits: torch.Tensor, k: int):
+    """float64 top-K gate weights and indices from the reference."""
+    return topk_softmax_ref(logits.double(), k)
+
+
+# ---------------------------------------------------------------------------------------------
+# topk_softmax
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,k", [(1, 1), (4, 2), (6, 2), (6, 6), (8, 1), (8, 8)])
+def test_topk_softmax_matches_reference(backend, N, k):
+    logits = torch.randn(203, N, generator=torch.Generator().manual_seed(N * 10 + k), dtype=torch.float64)
+    ref_in = logits.clone().requires_grad_()
+    got_in = logits.float().requires_grad_()
+    w_ref, i_ref = topk_softmax_ref(ref_in, k)
+    w, i = topk_softmax(got_in, k, backend=backend)
+    assert i.dtype == torch.int64 and torch.equal(i, i_ref)
+    assert w.dtype == torch.float32 and rel_err(w, w_ref) <= 1e-5
+    dw = torch.randn(w.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad(w_ref, ref_in, dw)
+    (g,) = torch.autograd.grad(w, got_in, dw.float())
+    assert rel_err(g, g_ref) <= 1e-5
+    dropped = torch.ones_like(logits, dtype=torch.bool).scatter_(1, i, False)
+    assert (g[dropped] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_softmax_ties_go_to_lower_index(backend):
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0],
+                           [2.0, 2.0, 2.0, 2.0, 2.0],
+                           [-1.0, 5.0, -1.0, 5.0, -1.0]])
+    w, i = topk_softmax(logits, 3, backend=backend)
+    assert i.tolist() == [[1, 2, 4], [0, 1, 2], [1, 3, 0]]
+    e = math.exp(-6.0)
+    expected = torch.tensor([[1 / 3] * 3, [1 / 3] * 3, [1 / (2 + e), 1 / (2 + e), e / (2 + e)]])
+    torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_softmax_float16(backend):
+    logits = torch.randn(150, 6, generator=torch.Generator().manual_seed(5)).half()
+    w_ref, i_ref = topk_softmax_ref(logits.double(), 2)
+    w, i = topk_softmax(logits, 2, backend=backend)
+    assert w.dtype == torch.float16 and torch.equal(i, i_ref)
+    assert rel_err(w, w_ref) <= 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# moe_mlp
+# ---------------------------------------------------------------------------------------------
+def _routing_case(name: str):
+    """(x, weights, indices, experts) in float64 for the named covering case."""
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    if name == "one_expert_many_blocks":  # N=1, K=1; 300 rows span several row blocks
+        P, C, Hd, N, K = 300, 16, 23, 1, 1
+        logits = torch.randn(P, N, generator=g, dtype=torch.float64)
+    elif name == "dder_like":  # the first DDER's widths
+        P, C, Hd, N, K = 133, 48, 127, 6, 2
+        logits = torch.randn(P, N, generator=g, dtype=torch.float64)
+    elif name == "k_equals_n_two_hidden_chunks":
+        P, C, Hd, N, K = 70, 96, 150, 4, 4
+        logits = torch.randn(P, N, generator=g, dtype=torch.float64)
+    elif name == "unused_expert":  # expert 3 of 8 is never picked
+        P, C, Hd, N, K = 101, 16, 40, 8, 2
+        logits = torch.randn(P, N, generator=g, dtype=torch.float64)
+        logits[:, 3] = -1e9
+    elif name == "all_to_one_expert":  # every pixel picks expert 2 first
+        P, C, Hd, N, K = 90, 48, 33, 4, 2
+        logits = torch.randn(P, N, generator=g, dtype=torch.float64)
+        logits[:, 2] = 10.0
+    elif name == "ties":  # every logit equal: experts 0 and 1 everywhere, weights 1/2
+        P, C, Hd, N, K = 45, 16, 20, 6, 2
+        logits = torch.zeros(P, N, dtype=torch.float64)
+    x = torch.randn(P, C, generator=g, dtype=torch.float64)
+    weights, indices = route(logits, K)
+    return x, weights, indices, make_experts(N, C, Hd, seed=P)
+
+
+CASES = ["one_expert_many_blocks", "dder_like", "k_equals_n_two_hidden_chunks", "unused_expert",
+         "all_to_one_expert", "ties"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("combine", ["sum", "logsumexp"])
+@pytest.mark.parametrize("case", CASES)
+def test_moe_mlp_float32(case, combine, backend):
+    x, weights, indices, experts = _routing_case(case)
+    if case == "unused_expert":
+        assert not (indices == 3).any()
+    if case == "all_to_one_expert":
+        assert (indices[:, 0] == 2).all()
+    if case == "ties":
+        assert (indices == torch.tensor([0, 1])).all() and (weights == 0.5).all()
+    check_moe(backend, torch.float32, x, weights, indices, experts, combine)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,combine", [("dder_like", "sum"), ("k_equals_n_two_hidden_chunks", "logsumexp")])
+def test_moe_mlp_float16(case, combine, backend):
+    x, weights, indices, experts = _routing_case(case)
+    check_moe(backend, torch.float16, x, weights, indices, experts, combine)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_mlp_without_biases_and_repeated_experts(backend):
+    """No biases; indices not from top-K, so a pixel may use the same expert twice."""
+    g = torch.Generator().manual_seed(11)
+    P, C, Hd, N, K = 64, 16, 19, 3, 3
+    x = torch.randn(P, C, generator=g, dtype=torch.float64)
+    indices = torch.randint(0, N, (P, K), generator=g)
+    weights = torch.rand(P, K, generator=g, dtype=torch.float64) + 0.1
+    assert (indices[:, 0] == indices[:, 1]).any()
+    check_moe(backend, torch.float32, x, weights, indices, make_experts(N, C, Hd, bias=False), "sum")
+
+
+def test_moe_mlp_by_hand():
+    """One pixel, two experts, C=1, Hd=1: y = 0.25*E0 + 0.75*E1 with E = gelu(a*x + b)*c + d."""
+    gelu = lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2)))
+    x = torch.tensor([[2.0]])
+    w1, b1 = torch.tensor([[[0.5]], [[-1.0]]]), torch.tensor([[0.1], [0.3]])
+    w2, b2 = torch.tensor([[[2.0]], [[-0.5]]]), torch.tensor([[1.0], [0.0]])
+    e0 = gelu(0.5 * 2 + 0.1) * 2 + 1
+    e1 = gelu(-1.0 * 2 + 0.3) * -0.5
+    weights, indices = torch.tensor([[0.25, 0.75]]), torch.tensor([[0, 1]])
+    y = moe_mlp(x, weights, indices, w1, b1, w2, b2, backend="torch")
+    assert y.item() == pytest.approx(0.25 * e0 + 0.75 * e1, rel=1e-6)
+    y = moe_mlp(x, weights, indices, w1, b1, w2, b2, combine="logsumexp", backend="torch")
+    assert y.item() == pytest.approx(math.log(0.25 * math.exp(e0) + 0.75 * math.exp(e1)), rel=1e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(P=st.integers(1, 90), C=st.integers(1, 40), Hd=st.integers(1, 70), N=st.integers(1, 8),
+       data=st.data())
+def test_moe_mlp_random_shapes(P, C, Hd, N, data):
+    K = data.draw(st.integers(1, N), label="K")
+    combine = data.draw(st.sampled_from(["sum", "logsumexp"]), label="combine")
+    bias = data.draw(st.booleans(), label="bias")
+    backend = data.draw(st.sampled_from(BACKENDS), label="backend")
+    g = torch.Generator().manual_seed(P * 1000 + C)
+    x = torch.randn(P, C, generator=g, dtype=torch.float64)
+    weights, indices = route(torch.randn(P, N, generator=g, dtype=torch.float64), K)
+    check_moe(backend, torch.float32, x, weights, indices, make_experts(N, C, Hd, bias=bias), combine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+def _valid_args():
+    P, C, Hd, N, K = 10, 16, 20, 4, 2
+    x = torch.randn(P, C)
+    weights, indices = topk_softmax_ref(torch.randn(P, N), K)
+    w1, b1, w2, b2 = (t.float() for t in make_experts(N, C, Hd))
+    return dict(x=x, weights=weights, indices=indices, w1=w1, b1=b1, w2=w2, b2=b2)
+
+
+@pytest.mark.parametrize("name,bad,match", [
+    ("x", lambda a: a["x"].long(), "x"),
+    ("x", lambda a: a["x"][:, :8], "w1"),
+    ("weights", lambda a: a["weights"][:, :1], "weights"),
+    ("indices", lambda a: a["indices"][:5], "indices"),
+    ("indices", lambda a: a["indices"].float(), "indices"),
+    ("indices", lambda a: a["indices"].index_fill(0, torch.tensor([3]), 4), "indices"),
+    ("indices", lambda a: a["indices"].index_fill(0, torch.tensor([3]), -1), "indices"),
+    ("w2", lambda a: a["w2"].transpose(1, 2), "w2"),
+    ("b1", lambda a: a["b1"][:, :-1], "b1"),
+    ("b2", lambda a: a["b2"].double(), "b2"),
+    ("w1", lambda a: a["w1"].to("meta"), "w1"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_mlp_rejects_bad_input(name, bad, match, backend):
+    args = _valid_args()
+    args[name] = bad(args)
+    with pytest.raises(ValueError, match=rf"\b{match}\b"):
+        moe_mlp(**args, backend=backend)
+
+
+def test_moe_mlp_rejects_unknown_combine_and_backend():
+    with pytest.raises(ValueError, match="combine"):
+        moe_mlp(**_valid_args(), combine="max", backend="torch")
+    with pytest.raises(ValueError, match="backend"):
+        moe_mlp(**_valid_args(), backend="cuda")
+
+
+@pytest.mark.parametrize("logits,k,match", [
+    (torch.randn(5, 4), 0, r"\bk\b"),
+    (torch.randn(5, 4), 5, r"\bk\b"),
+    (torch.randint(0, 3, (5, 4)), 2, "logits"),
+    (torch.randn(5, 4, 2), 2, "logits"),
+])
+def test_topk_softmax_rejects_bad_input(logits, k, match):
+    with pytest.raises(ValueError, match=match):
+        topk_softmax(logits, k, backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: opcheck, torch.compile, torch.export
+# ---------------------------------------------------------------------------------------------
+class TinyDDER(torch.nn.Module):
+    """Router + sparse experts, the way DDER uses the two ops."""
+
+    def __init__(self, C=16, Hd=21, N=4, K=2, combine="sum"):
+        super().__init__()
+        w1, b1, w2, b2 = (torch.nn.Parameter(t.float()) for t in make_experts(N, C, Hd))
+        self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
+        self.router = torch.nn.Linear(C, N)
+        self.K, self.combine = K, combine
+
+    def forward(self, x):
+        weights, indices = topk_softmax(self.router(x), self.K, backend="torch")
+        return x + moe_mlp(x, weights, indices, self.w1, self.b1, self.w2, self.b2,
+                           combine=self.combine, backend="torch")
+
+
+def test_custom_ops_pass_opcheck():
+    args = _valid_args()
+    opcheck_args = [args[n] for n in ("x", "weights", "indices", "w1", "b1", "w2", "b2")]
+    opcheck_args[1].requires_grad_()
+    opcheck_args[0].requires_grad_()
+    torch.library.opcheck(torch.ops.m2restore_kernels.moe_mlp.default, (*opcheck_args, "logsumexp", "torch"))
+    torch.library.opcheck(torch.ops.m2restore_kernels.topk_softmax.default,
+                          (torch.randn(9, 5, requires_grad=True), 2, "torch"))
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = TinyDDER(combine="logsumexp")
+    x = torch.randn(77, 16)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_eager, y_comp = model(x_eager), compiled(x_comp)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
+    g_eager = torch.autograd.grad(y_eager.square().sum(), [x_eager, *model.parameters()])
+    g_comp = torch.autograd.grad(y_comp.square().sum(), [x_comp, *model.parameters()])
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_export_keeps_the_ops():
+    model = TinyDDER()
+    exported = torch.export.export(model, (torch.randn(30, 16),))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "m2restore_kernels.topk_softmax.default" in targets
+    assert "m2restore_kernels.moe_mlp.default" in targets
+    x = torch.randn(30, 16)
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("combine", ["sum", "logsumexp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_moe_mlp_triton_cuda(dtype, combine):
+    g = torch.Generator().manual_seed(7)
+    P, C, Hd, N, K = 3000, 192, 510, 6, 2
+    x = torch.randn(P, C, generator=g, dtype=torch.float64)
+    weights, indices = route(torch.randn(P, N, generator=g, dtype=torch.float64), K)
+    experts = make_experts(N, C, Hd)
+    moved = [t.cuda() for t in (x, weights, indices, *experts)]
+    check_moe("triton", dtype, moved[0], moved[1], moved[2], moved[3:], combine)
+
+
+@pytest.mark.cuda
+def test_moe_mlp_cuda_autocast_bf16():
+    g = torch.Generator().manual_seed(8)
+    P, C, Hd, N, K = 2000, 96, 255, 6, 2
+    x = torch.randn(P, C, generator=g, dtype=torch.float64)
+    weights, indices = route(torch.randn(P, N, generator=g, dtype=torch.float64), K)
+    experts = make_experts(N, C, Hd)
+    ref = moe_mlp_ref(x, weights, indices, *experts)
+    x, weights, indices = x.float().cuda(), weights.float().cuda(), indices.cuda()
+    w1, b1, w2, b2 = (t.float().cuda() for t in experts)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = moe_mlp(x, weights, indices, w1, b1, w2, b2)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.cpu(), ref) <= 1e-2

@@ -1,0 +1,107 @@
+"""``m2restore restore``: formats, sizes, alpha, bit depth, folders, tiles and errors."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m2restore import M2Restore, M2RestoreConfig, NullPrior
+from m2restore.cli import main
+from m2restore.restore import collect_inputs, restore_tensor
+
+pytestmark = pytest.mark.filterwarnings("ignore:M2Restore has no degradation prior")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = M2RestoreConfig.tiny(backend="torch")
+    path = tmp_path_factory.mktemp("weights")
+    M2Restore(cfg, prior=NullPrior(cfg.num_degradations, cfg.prior_dim)).save_pretrained(path)
+    return path
+
+
+def _restore(weights, *args):
+    return main(["restore", *map(str, args), "--weights", str(weights), "--backend", "torch", "--device", "cpu"])
+
+
+def test_rgba_and_16bit_grayscale_keep_size_alpha_and_depth(weights, tmp_path):
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    gray16 = rng.integers(0, 65536, (29, 41), dtype=np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    assert _restore(weights, tmp_path / "rgba.png", tmp_path / "gray16.png", "-o", tmp_path / "out") == 0
+
+    out = Image.open(tmp_path / "out" / "rgba.png")
+    assert out.mode == "RGBA" and out.size == (53, 37)
+    np.testing.assert_array_equal(np.asarray(out)[..., 3], rgba[..., 3])
+    assert not np.array_equal(np.asarray(out)[..., :3], rgba[..., :3])  # the colour went through the model
+
+    out16 = Image.open(tmp_path / "out" / "gray16.png")
+    assert out16.mode.startswith("I") and out16.size == (41, 29)
+    values = np.asarray(out16)
+    assert values.max() > 255 and len(np.unique(values)) > 256  # 16-bit precision, not 8-bit scaled up
+
+
+def test_folders_are_walked_and_jpeg_stays_jpeg(weights, tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "in" / "a.jpg")
+    Image.fromarray(rng.integers(0, 256, (17, 9), dtype=np.uint8)).save(tmp_path / "in" / "sub" / "b.png")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    assert _restore(weights, tmp_path / "in", "-o", tmp_path / "out") == 0
+    a, b = Image.open(tmp_path / "out" / "a.jpg"), Image.open(tmp_path / "out" / "sub" / "b.png")
+    assert (a.format, a.size, b.mode, b.size) == ("JPEG", (30, 20), "L", (9, 17))
+
+
+def test_corrupt_image_fails_with_its_path(weights, tmp_path):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    with pytest.raises(ValueError, match="corrupt.png"):
+        _restore(weights, bad, "-o", tmp_path / "out")
+
+
+def test_refuses_to_overwrite_inputs_and_duplicate_outputs(weights, tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    with pytest.raises(ValueError, match="overwrite"):
+        _restore(weights, tmp_path / "x.png", "-o", tmp_path)
+    (tmp_path / "d").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "x.png")
+    with pytest.raises(ValueError, match="both be written"):
+        collect_inputs([tmp_path / "x.png", tmp_path / "d"])
+
+
+class _Pointwise:
+    """A per-pixel stand-in model: tiling it must reproduce the whole-image output exactly,
+    so any error is in the tiling and blending, and the prior must reach every tile."""
+
+    def __init__(self):
+        self.priors = []
+
+    def prior(self, x):
+        return torch.ones(x.shape[0], 1), torch.zeros(x.shape[0], 1)
+
+    def __call__(self, x, prior=None):
+        self.priors.append(prior)
+        return torch.sigmoid(3 * x - 1)
+
+
+@pytest.mark.parametrize("shape,tile,overlap", [((45, 70), 16, 4), ((33, 17), 20, 8), ((10, 10), 16, 4)])
+def test_tiles_blend_back_to_the_whole_image(shape, tile, overlap):
+    x = torch.rand(1, 3, *shape, dtype=torch.float64)
+    model = _Pointwise()
+    torch.testing.assert_close(restore_tensor(model, x, tile, overlap), torch.sigmoid(3 * x - 1), rtol=0, atol=1e-12)
+    if max(shape) > tile:
+        assert len(model.priors) > 1 and all(p is not None for p in model.priors)
+
+
+def test_tiled_real_model_keeps_size_and_stays_close(weights):
+    from m2restore.restore import load_model
+
+    model = load_model(weights, "cpu", "torch")
+    x = torch.rand(1, 3, 40, 56)
+    whole, tiled = restore_tensor(model, x), restore_tensor(model, x, tile=32, overlap=16)
+    assert tiled.shape == x.shape
+    assert (whole - tiled).abs().mean() < 0.1 * (whole - x).abs().mean() + 1e-3
+    with pytest.raises(ValueError, match="tile_overlap"):
+        restore_tensor(model, x, tile=16, overlap=16)
