@@ -11,6 +11,8 @@ Variants, side by side in one group per (image size, DDER level, pass):
 * ``torch``: our sparse PyTorch path (``backend="torch"``);
 * ``triton``: our Triton path (CUDA only: on CPU it would time the interpreter).
 
+Each in float32 and under bf16 autocast (on CPU, too: bf16 GEMMs are several times faster there).
+
 Shapes: the three DDERs of a 224x224 and of a 512x512 image (P pixels of C channels, hidden
 int(2.66 C)); ``--quick`` runs one tiny shape. ``extra_info`` records the expert FLOPs and the
 minimum bytes moved so GPU numbers can be set against the roofline.
@@ -76,9 +78,10 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("moe_shape", [pytest.param(s, id=name) for name, s in shapes.items()])
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("passes", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_moe_dispatch(bench, benchmark, device, moe_shape, variant, passes):
+def test_moe_dispatch(bench, benchmark, device, moe_shape, variant, passes, dtype):
     if variant == "triton" and device.type != "cuda":
         pytest.skip("Triton path needs CUDA: on CPU it runs the interpreter, which says nothing about speed")
     P, C, Hd = moe_shape
@@ -95,12 +98,13 @@ def test_moe_dispatch(bench, benchmark, device, moe_shape, variant, passes):
     fn = DISPATCH[variant]
 
     def step():
-        y = fn(*params)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            y = fn(*params)
         if passes == "fwd_bwd":
             torch.autograd.grad(y.sum(), params)
         return y
 
-    benchmark.group = f"moe {P}x{C} hidden {Hd} {passes}"
+    benchmark.group = f"moe {P}x{C} hidden {Hd} {passes} {dtype}"
     experts_run = N_EXPERTS if variant == "dense" else TOP_K
     benchmark.extra_info.update(
         P=P, C=C, Hd=Hd, N=N_EXPERTS, K=TOP_K,

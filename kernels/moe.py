@@ -22,7 +22,6 @@ chunks x row splits, partial sums reduced on the host side so the result is dete
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -103,10 +102,10 @@ def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.d
         # The interpreter runs programs one after another at a fixed cost each: few, big programs.
         return MoeTileConfig(block_m=128, block_h=min(128, _pow2_at_least_16(Hd)), block_c=block_c,
                              num_warps=4, dw_split=1)
-    # Registers hold x (block_m, block_c), the output accumulator and one hidden chunk; wide
-    # channels get narrower hidden chunks and more warps.
+    # Registers hold the x tile and the output accumulator (both (block_m, block_c)) plus one
+    # hidden chunk of w1 and w2: wide channels (192 -> 256) get fewer rows, narrower chunks, more warps.
     wide = block_c > 128
-    block_m = 64
+    block_m = 32 if wide else 64
     block_h = min(32 if wide else 64, _pow2_at_least_16(Hd))
     # Aim for ~8 row blocks per weight-gradient program so the GPU still sees hundreds of programs.
     rows_per_expert = max(1, n_assign // max(1, n_experts))
@@ -741,11 +740,12 @@ def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optiona
     Returns y (P, C) in x's dtype:
     ``y[p] = sum_k weights[p,k] * (GELU(x[p] @ w1[e] + b1[e]) @ w2[e] + b2[e])``, e = indices[p,k],
     or with ``combine="logsumexp"`` ``y[p] = log sum_k weights[p,k] * exp(expert output)``.
-    Differentiable in every floating input. Under CUDA autocast x and the expert parameters are
-    cast to the autocast dtype; the kernels accumulate in float32.
+    Differentiable in every floating input. Under autocast (CUDA, or CPU where bf16 GEMMs are
+    fast) x and the expert parameters are cast to the autocast dtype; the kernels accumulate in
+    float32 and the K-way combination runs in float32.
     """
-    if isinstance(x, Tensor) and x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
+    if isinstance(x, Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
         x, w1, b1, w2, b2 = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
                              for t in (x, w1, b1, w2, b2))
     _check_moe_args(x, weights, indices, w1, b1, w2, b2, combine)

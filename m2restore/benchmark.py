@@ -316,7 +316,9 @@ def run_cases(
     results = []
     inputs_by_size: dict[int, list[torch.Tensor]] = {}
     for case in cases:
-        inputs = inputs_by_size.setdefault(case.size, make_inputs(case.size, session.device, n_inputs))
+        if case.size not in inputs_by_size:
+            inputs_by_size[case.size] = make_inputs(case.size, session.device, n_inputs)
+        inputs = inputs_by_size[case.size]
         result = Result(case)
         log(f"  {case.label:<18} {case.dtype:<5} prior {'on ' if case.prior else 'off'} {case.size}px ...")
         try:
@@ -417,6 +419,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 5 CPU, 30 CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 2 CPU, 5 CUDA)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); on a busy machine 1 avoids "
+                             "threads spinning while they wait for each other")
     parser.add_argument("--no-prior", action="store_true", help="skip the DA-CLIP pass (a null prior instead)")
     parser.add_argument("--compile", action="store_true", help="also time each backend under torch.compile")
     parser.add_argument("--graph", action="store_true", help="also time each backend as a captured CUDA graph")
@@ -434,6 +439,11 @@ def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"m2restore bench: --threads must be at least 1, got {args.threads}")
+            return 2
+        torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
     args.rounds = args.rounds or (30 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)

@@ -155,6 +155,7 @@ def fit(model, train_set, out_dir: str | Path, opts: TrainOptions, device: str |
                     loss, l1, balance = _loss(model, out.float(), gt, aux)
                 scaler.scale(loss / size).backward()
                 sums += torch.stack([loss.detach(), l1.detach(), balance.detach()]).float().cpu()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -165,7 +166,7 @@ def fit(model, train_set, out_dir: str | Path, opts: TrainOptions, device: str |
             loss_v, l1_v, bal_v = (sums / size).tolist()
             ips = size * opts.batch_size / (time.perf_counter() - t0)
             train_log.write(step=state["step"], epoch=epoch, loss=loss_v, l1=l1_v, balance=bal_v,
-                            lr=optimizer.param_groups[0]["lr"], images_per_s=ips, seconds=state["seconds"])
+                            lr=lr, images_per_s=ips, seconds=state["seconds"])
             smoothed = loss_v if smoothed is None else 0.9 * smoothed + 0.1 * loss_v
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{smoothed:.4f}", img_s=f"{ips:.1f}")

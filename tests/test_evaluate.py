@@ -50,6 +50,7 @@ def test_y_channel_is_bt601_luma():
     assert image_metrics(pred, gt)["psnr_y"] == pytest.approx(10 * math.log10(255.0 ** 2 / dy ** 2))
 
 
+@pytest.mark.filterwarnings("ignore:M2Restore has no degradation prior")
 def test_eval_cli_prints_table_and_writes_csv_json(tmp_path, capsys):
     torch.manual_seed(0)
     cfg = M2RestoreConfig.tiny(backend="torch")

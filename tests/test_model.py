@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -188,7 +189,6 @@ def test_missing_prior_warns_once_and_explicit_prior_does_not():
     with pytest.warns(UserWarning, match="NullPrior .* carry no signal") as record:
         M2Restore(config)
     assert len(record) == 1
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         M2Restore(config, prior=NullPrior(6))

@@ -305,6 +305,24 @@ def test_torch_export_keeps_the_ops():
     torch.testing.assert_close(exported.module()(x), model(x))
 
 
+def test_moe_mlp_cpu_autocast_bf16():
+    """bf16 GEMMs under CPU autocast (the fast CPU mode): output bf16, float32 gradients, both
+    within the bf16 tolerance of the float64 reference."""
+    g = torch.Generator().manual_seed(9)
+    P, C, Hd, N, K = 300, 48, 127, 6, 2
+    weights, indices = route(torch.randn(P, N, generator=g, dtype=torch.float64), K)
+    inputs = [torch.randn(P, C, generator=g, dtype=torch.float64), *make_experts(N, C, Hd)]
+    ref_in = [t.clone().requires_grad_() for t in inputs]
+    got_in = [t.float().requires_grad_() for t in inputs]
+    ref = moe_mlp_ref(ref_in[0], weights, indices, *ref_in[1:], combine="logsumexp")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = moe_mlp(got_in[0], weights.float(), indices, *got_in[1:], combine="logsumexp", backend="torch")
+    assert got.dtype == torch.bfloat16 and rel_err(got, ref) <= 1e-2
+    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for gg, rg in zip(torch.autograd.grad(got, got_in, dy.to(got.dtype)), torch.autograd.grad(ref, ref_in, dy)):
+        assert gg.dtype == torch.float32 and rel_err(gg, rg) <= 1e-2
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA only
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # delta regimes (raw delta before bias/softplus) x |A| range:
 #   mamba: softplus(delta + bias) ~ 0.01..0.2, |A| in [0.5, 16] (a trained-block scale)
 #   memory: tiny steps, the state remembers the whole sequence (chunk carries span everything)
-#   forget: |A| delta' up to ~40 per step, so the chunked path falls back to chunks of one step
-REGIMES = {"mamba": (-3.0, 0.5, 16.0), "memory": (-8.0, 0.3, 2.0), "forget": (1.5, 0.5, 16.0)}
+#   forget: |A| delta' up to ~60 per step, beyond the chunked path's float32 bound: log-space scan
+REGIMES = {"mamba": (-3.0, 0.5, 16.0), "memory": (-8.0, 0.3, 2.0), "forget": (3.0, 0.5, 16.0)}
 
 
 def make_inputs(b, d, l, n, *, groups=None, dtype=torch.float32, D=True, z=True, bias=True, regime="mamba", seed=0):
@@ -148,11 +148,15 @@ def test_torch_without_last_state_grad_and_float16():
     check_against_float64(make_inputs(2, 4, 300, 16, dtype=torch.float16), "torch", last_state=False)
 
 
-def test_torch_small_chunks_config():
-    """The chunked path with tiny chunks and channel blocks gives the same answer (many carries)."""
+@pytest.mark.parametrize("cfg", [
+    ss.ChunkedScanConfig(max_chunk=4, block_elements=1),   # many chunks, three levels, one channel per block
+    ss.ChunkedScanConfig(max_log_range=0.0),               # every step alone: the log-space scan
+    ss.ChunkedScanConfig(max_log_range_f64=0.0),           # chunks in float32, carries in log space
+], ids=["tiny-chunks", "log-space", "log-space-carries"])
+def test_torch_chunking_configs(cfg):
+    """Every way the chunked path can split the work gives the reference's answer."""
     args = make_inputs(2, 6, 100, 4)
-    out, last = ss._selective_scan_torch(*[a.detach() for a in args], True,
-                                         ss.ChunkedScanConfig(max_chunk=4, block_elements=1))
+    out, last = ss._selective_scan_torch(*[a.detach() for a in args], True, cfg)
     ref, ref_last = selective_scan_ref(*[a.detach().double() for a in args], True, return_last_state=True)
     assert rel_err(out, ref) <= 1e-5 and rel_err(last, ref_last) <= 1e-5
 

@@ -52,7 +52,8 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(allweather, tmp_path, 
     """Kill a run after it logged step 3 (its last checkpoint is step 2), resume it, and
     compare every later loss with an uninterrupted run's, exactly."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _train(allweather, straight, "--max-steps", "5")
+    val = ("--val-data", str(allweather), "--val-limit", "2")  # validation must not disturb the RNG streams
+    _train(allweather, straight, "--max-steps", "5", *val)
 
     class Killed(Exception):
         pass
@@ -66,14 +67,18 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(allweather, tmp_path, 
 
     monkeypatch.setattr(train_mod._CsvLog, "write", write_then_die)
     with pytest.raises(Killed):
-        _train(allweather, killed, "--max-steps", "5", "--ckpt-every", "2")
+        _train(allweather, killed, "--max-steps", "5", "--ckpt-every", "2", *val)
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["state"]["step"] == 2
     monkeypatch.setattr(train_mod._CsvLog, "write", write)
-    _train(allweather, killed, "--max-steps", "5", "--ckpt-every", "2", "--resume")
+    _train(allweather, killed, "--max-steps", "5", "--ckpt-every", "2", "--resume", *val)
     want, got = _losses(straight), _losses(killed)
     assert sorted(got) == [1, 2, 3, 4, 5]  # the killed run's step-3 row was replaced
     assert got == want
     assert len(set(want.values())) == 5  # the losses differ from step to step: a real comparison
+    for run in (straight, killed):  # validated after epochs 0 and 1 (steps 2 and 4), best weights kept
+        with open(run / "val_log.csv") as f:
+            assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4]
+        assert (run / "best" / "model.safetensors").is_file()
 
 
 def test_resume_without_checkpoint_fails(allweather, tmp_path):

@@ -91,7 +91,7 @@ def box_mask(thresholds: torch.Tensor, h: int, w: int) -> torch.Tensor:
     in_rows = (rows >= -half_h) & (rows < half_h)  # (B, h)
     in_cols = (cols >= -half_w) & (cols < half_w)  # (B, w)
     shifted = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
-    return torch.fft.ifftshift(shifted, dim=(-2, -1)).float()
+    return torch.fft.ifftshift(shifted, dim=(-2, -1)).to(thresholds.dtype)
 
 
 class AFLB(nn.Module):
@@ -116,12 +116,12 @@ class AFLB(nn.Module):
         """f (B, C, H, W) -> (low, high), magnitudes of the inverse FFTs inside / outside the box."""
         h, w = f.shape[-2:]
         thresholds = torch.sigmoid(self.rate_conv(f.mean(dim=(2, 3), keepdim=True)))[:, :, 0, 0]
-        mask = box_mask(thresholds, h, w)
-        # FFTs in float32: half-precision FFTs are missing on CPU and limited to powers of two on CUDA.
-        f32 = f.float()
-        low = torch.fft.ifft2(torch.fft.fft2(f32, norm="forward") * mask, norm="forward")
+        # Half-precision FFTs are missing on CPU and limited to powers of two on CUDA: go to float32.
+        work = f if f.dtype in (torch.float32, torch.float64) else f.float()
+        mask = box_mask(thresholds, h, w).to(work.dtype)
+        low = torch.fft.ifft2(torch.fft.fft2(work, norm="forward") * mask, norm="forward")
         # ifft2(F·(1−M)) = f − ifft2(F·M): one inverse transform serves both parts.
-        return low.abs().to(f.dtype), (f32 - low).abs().to(f.dtype)
+        return low.abs().to(f.dtype), (work - low).abs().to(f.dtype)
 
     def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         f = self.image_conv(F.interpolate(image, size=features.shape[-2:], mode="bilinear", align_corners=False))
