@@ -5,6 +5,5 @@ from setuptools import find_packages, setup
 setup(
     packages=["m2restore_kernels"] + find_packages(include=["m2restore", "m2restore.*"]),
     package_dir={"m2restore_kernels": "kernels"},
-    package_data={"m2restore": ["assets/*.safetensors", "assets/*.json", "assets/*.png"]},
-    include_package_data=True,
+    package_data={"m2restore": ["assets/demo_tiny/*.json", "assets/demo_tiny/*.safetensors", "assets/samples/*.png"]},
 )

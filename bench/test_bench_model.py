@@ -26,10 +26,8 @@ cuda_only = pytest.mark.cuda  # the root conftest skips these, with a reason, on
 
 
 def _param(case: Case, group: str):
+    # Autocast dtypes, CUDA graphs and 1024² (minutes per call on a CPU) are GPU cases.
     marks = [cuda_only] if case.dtype != "fp32" or case.mode == "graph" or case.size > 512 else []
-    # Triton kernels time the interpreter on CPU, which says nothing about their speed.
-    if case.backend == "triton" and not CUDA:
-        marks = [cuda_only]
     label = f"{case.label}-{case.dtype}-prior_{'on' if case.prior else 'off'}-{case.size}"
     return pytest.param(case, id=f"{group}-{label}", marks=marks)
 

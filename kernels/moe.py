@@ -373,10 +373,10 @@ def _sort_assignments(indices: Tensor, n_experts: int):
 
     Assignment a = k*P + p (slot-major), so per-assignment buffers viewed as (K, P, C) combine
     with contiguous elementwise ops over whole (P, C) slabs."""
-    flat = indices.t().reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=indices.device)
-    torch.cumsum(torch.bincount(flat, minlength=n_experts), 0, out=offsets[1:])
+    experts, order = torch.sort(indices.t().reshape(-1), stable=True)
+    # searchsorted rather than bincount: no host sync (bincount sizes its output from the data),
+    # so the Triton path can be captured in a CUDA graph.
+    offsets = torch.searchsorted(experts, torch.arange(n_experts + 1, device=indices.device))
     return order, offsets
 
 
@@ -401,14 +401,17 @@ def _row_blocks(offsets: Tensor, n_assign: int, block_m: int):
 # topk_softmax: both paths and the custom op
 # --------------------------------------------------------------------------------------------
 def _topk_softmax_torch(logits: Tensor, k: int):
-    # K rounds of argmax (which returns the first maximum) settle ties towards the lower index.
-    work = logits.clone()
+    # K rounds of "take the max" (as the Triton kernel): among equal values the lowest free column
+    # wins (argmax returns the first maximum), which settles ties and repeated -inf alike.
+    free = torch.ones_like(logits, dtype=torch.bool)
     vals, idxs = [], []
     for _ in range(k):
-        v, i = work.max(dim=1, keepdim=True)
-        vals.append(v)
+        cand = logits.masked_fill(~free, float("-inf"))
+        m = cand.amax(dim=1, keepdim=True)
+        i = ((cand == m) & free).to(torch.uint8).argmax(dim=1, keepdim=True)
+        free.scatter_(1, i, False)
+        vals.append(m)
         idxs.append(i)
-        work.scatter_(1, i, float("-inf"))
     return torch.softmax(torch.cat(vals, 1), dim=1), torch.cat(idxs, 1)
 
 
@@ -644,7 +647,10 @@ def _moe_bwd_triton(dy, x, weights, indices, w1, b1, w2, out, combine):
 # moe_mlp: custom ops and public function
 # --------------------------------------------------------------------------------------------
 def _check_index_range(indices: Tensor, n_experts: int):
-    # Data-dependent (a host sync on CUDA), so it lives in the op body, not in the traced wrapper.
+    # Data-dependent (a host sync on CUDA), so it lives in the op body, not in the traced wrapper,
+    # and is skipped while a CUDA graph is being captured.
+    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     if indices.numel() and bool(((indices < 0) | (indices >= n_experts)).any()):
         raise ValueError(f"moe_mlp: indices must lie in [0, N={n_experts}), got values in "
                          f"[{int(indices.min())}, {int(indices.max())}]")

@@ -74,7 +74,7 @@ def seed_everything(seed: int) -> None:
 def fit(model, train_set, out_dir: str | Path, opts: TrainOptions, device: str | torch.device = "cpu",
         val_set=None, resume: bool = False, progress: bool = True) -> dict:
     """Train ``model`` on ``train_set`` (items: dicts with ``input``/``gt`` (3, h, w) tensors,
-    optionally ``d_g``/``P_f``); returns a summary (steps, epochs, seconds, last loss)."""
+    optionally ``d_g``/``P_f``); returns a summary: steps, epoch, seconds, steps_per_epoch, total_steps."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 

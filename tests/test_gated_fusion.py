@@ -93,21 +93,21 @@ def test_matches_float64_reference(case, backend, dtype):
 
 
 @pytest.mark.parametrize("case", [
-    (1, 48, 17, 17, False, True, True),   # 5 tiles of 4 x 32 pixels, cut by the border; 3 channel blocks
-    (2, 20, 7, 33, True, False, True),    # C not a multiple of 16: masked channel lanes
-    (1, 64, 3, 150, False, True, False),  # 3 x 2 tiles of 1 x 128: halos cross tiles in both directions
+    (1, 48, 9, 17, False, True, True),    # 3 tiles of 4 x 32 pixels, cut by the border; 3 channel blocks
+    (1, 20, 7, 33, True, False, True),    # C not a multiple of 16: masked channel lanes
+    (1, 32, 2, 150, False, True, False),  # 2 x 2 tiles of 1 x 128: halos cross tiles in both directions
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_triton_with_gpu_tiles(case, dtype, monkeypatch):
+def test_triton_with_gpu_tiles(case, monkeypatch):
     """The interpreter normally gets one tile per image; here it runs the tile shapes a GPU would use."""
-    gpu_config = gf._launch_config(*case[1:4], torch.device("cuda"))
-    monkeypatch.setattr(gf, "_launch_config", lambda C, H, W, device: gpu_config)
+    dtype = torch.float32
+    gpu_config = gf._launch_config(*case[1:4], torch.device("cuda"), dtype)
+    monkeypatch.setattr(gf, "_launch_config", lambda C, H, W, device, dtype: gpu_config)
     B, C, H, W, channels_last, residual, biases = case
     check_against_float64(make_inputs(B, C, H, W, dtype=dtype, channels_last=channels_last, residual=residual,
                                       biases=biases), "triton")
 
 
-@settings(max_examples=8, deadline=None, derandomize=True)
+@settings(max_examples=6, deadline=None, derandomize=True)
 @given(B=st.integers(1, 2), C=st.integers(1, 40), H=st.integers(1, 9), W=st.integers(1, 9),
        channels_last=st.booleans(), residual=st.booleans(), biases=st.booleans(),
        backend=st.sampled_from(["torch", "triton"]))

@@ -86,13 +86,15 @@ def test_topk_softmax_matches_reference(backend, N, k):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_softmax_ties_go_to_lower_index(backend):
+    inf = float("inf")
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0],
                            [2.0, 2.0, 2.0, 2.0, 2.0],
-                           [-1.0, 5.0, -1.0, 5.0, -1.0]])
+                           [-1.0, 5.0, -1.0, 5.0, -1.0],
+                           [-inf, 0.0, -inf, -inf, -inf]])
     w, i = topk_softmax(logits, 3, backend=backend)
-    assert i.tolist() == [[1, 2, 4], [0, 1, 2], [1, 3, 0]]
+    assert i.tolist() == [[1, 2, 4], [0, 1, 2], [1, 3, 0], [1, 0, 2]]
     e = math.exp(-6.0)
-    expected = torch.tensor([[1 / 3] * 3, [1 / 3] * 3, [1 / (2 + e), 1 / (2 + e), e / (2 + e)]])
+    expected = torch.tensor([[1 / 3] * 3, [1 / 3] * 3, [1 / (2 + e), 1 / (2 + e), e / (2 + e)], [1.0, 0.0, 0.0]])
     torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7)
 
 
