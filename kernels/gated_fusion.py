@@ -12,11 +12,12 @@ GELU is the exact (erf) one. Three implementations share this contract: ``gated_
 depthwise conv, autograd by PyTorch) and a Triton path registered as the custom op
 ``m2restore_kernels::gated_fusion`` with its backward ``m2restore_kernels::gated_fusion_backward``.
 
-Triton forward: one program per tile of BLOCK_P pixels (a run of the row-major H*W index, so
-tiles may span rows and are cut by the image end). It computes the gate's C x C product with
-``tl.dot`` in channel blocks, then, per channel block, the depthwise conv from the tile and its
-one-pixel halo (nine shifted, border-masked loads that hit cache), the blend and the residual,
-and stores ``out`` once. Only y (plus halo), mamba, residual and out touch memory.
+Triton forward: one program per 2-D tile of BLOCK_P pixels (BLOCK_P // BLOCK_W rows of BLOCK_W
+columns, masked where the image border cuts it) and one image. It computes the gate's C x C
+product with ``tl.dot`` in channel blocks of BLOCK_N, then, per channel block of BLOCK_C, the
+depthwise conv from the tile and its one-pixel halo (nine shifted, border-masked loads that hit
+cache), the blend and the residual, and stores ``out`` once. Only y (plus halo), mamba, residual
+and out touch DRAM. Configs are fixed per shape (``_launch_config``), not autotuned.
 
 Triton backward (all in Triton except the C x C weight gradient): kernel 1 recomputes the gate
 and the conv per tile and writes dmamba, dz = dL/d(conv pre-activation) and dh = dL/dh to
@@ -126,7 +127,8 @@ def _dwconv(y_ptr, dw_ptr, dwb_ptr, rows, cols, mask_p, H, W, offs_c, mask_c, s_
     z = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for t in tl.static_range(9):
         w = tl.load(dw_ptr + offs_c * 9 + t, mask=mask_c, other=0.0).to(tl.float32)
-        z += _load_tap(y_ptr, rows, cols, mask_p, t // 3 - 1, t % 3 - 1, H, W, offs_c, mask_c, s_c, s_h, s_w) * w[None, :]
+        tap = _load_tap(y_ptr, rows, cols, mask_p, t // 3 - 1, t % 3 - 1, H, W, offs_c, mask_c, s_c, s_h, s_w)
+        z += tap * w[None, :]
     if HAS_DWB:
         z += tl.load(dwb_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     return z
@@ -174,7 +176,8 @@ def _fwd_kernel(
     C, H, W,
     s_yb, s_yc, s_yh, s_yw, s_mb, s_mc, s_mh, s_mw, s_rb, s_rc, s_rh, s_rw, s_ob, s_oc, s_oh, s_ow,
     HAS_RES: tl.constexpr, HAS_DWB: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)  # batch offsets can pass 2**31 elements
     y_ptr += b * s_yb
@@ -195,7 +198,8 @@ def _fwd_kernel(
         m = tl.load(m_ptr + _tile_offsets(rows, cols, offs_c, s_mc, s_mh, s_mw), mask=mask, other=0.0).to(tl.float32)
         out = m + g * (cnn - m)
         if HAS_RES:
-            out += tl.load(r_ptr + _tile_offsets(rows, cols, offs_c, s_rc, s_rh, s_rw), mask=mask, other=0.0).to(tl.float32)
+            res = tl.load(r_ptr + _tile_offsets(rows, cols, offs_c, s_rc, s_rh, s_rw), mask=mask, other=0.0)
+            out += res.to(tl.float32)
         tl.store(o_ptr + _tile_offsets(rows, cols, offs_c, s_oc, s_oh, s_ow), out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
@@ -207,7 +211,8 @@ def _bwd_gate_kernel(
     s_gb, s_gc, s_gh, s_gw, s_yb, s_yc, s_yh, s_yw, s_mb, s_mc, s_mh, s_mw, s_dmb, s_dmc, s_dmh, s_dmw,
     s_db, s_dc, s_dh, s_dw,
     HAS_DWB: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Writes dmamba, dz (conv pre-activation grad) and dh (gate hidden grad), the latter two into
     workspaces with y's strides (s_d*), and this tile's partial sums:
@@ -243,7 +248,8 @@ def _bwd_gate_kernel(
         tl.store(dm_ptr + _tile_offsets(rows, cols, offs_c, s_dmc, s_dmh, s_dmw),
                  ((1.0 - g[:, None]) * go).to(dm_ptr.dtype.element_ty), mask=mask)
         dz = g[:, None] * go * _gelu_grad(z)
-        tl.store(dz_ptr + _tile_offsets(rows, cols, offs_c, s_dc, s_dh, s_dw), dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + _tile_offsets(rows, cols, offs_c, s_dc, s_dh, s_dw), dz.to(dz_ptr.dtype.element_ty),
+                 mask=mask)
         tl.store(part_c_ptr + 2 * part_c_stride + offs_c, tl.sum(dz, axis=0), mask=mask_c)
         for t in tl.static_range(9):
             tap = _load_tap(y_ptr, rows, cols, mask_p, t // 3 - 1, t % 3 - 1, H, W, offs_c, mask_c, s_yc, s_yh, s_yw)
@@ -267,7 +273,8 @@ def _bwd_input_kernel(
     dz_ptr, dh_ptr, dy_ptr, dw_ptr, w1_ptr,
     C, H, W,
     s_db, s_dc, s_dh, s_dw, s_yb, s_yc, s_yh, s_yw,
-    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dy = dh W1 + conv_transpose3x3(dz): the gate path as a tl.dot, the conv from dz's halo."""
     b = tl.program_id(1).to(tl.int64)
@@ -284,7 +291,8 @@ def _bwd_input_kernel(
             mask_n = offs_n < C
             dh = tl.load(dh_ptr + _tile_offsets(rows, cols, offs_n, s_dc, s_dh, s_dw),
                          mask=mask_p[:, None] & mask_n[None, :], other=0.0)
-            w1 = tl.load(w1_ptr + offs_n[:, None] * C + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            w1 = tl.load(w1_ptr + offs_n[:, None] * C + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                         other=0.0)
             dy = tl.dot(dh, w1, dy, input_precision=DOT_PRECISION)
         for t in tl.static_range(9):
             w = tl.load(dw_ptr + offs_k * 9 + t, mask=mask_k, other=0.0).to(tl.float32)
@@ -311,6 +319,10 @@ class LaunchConfig:
 
     def n_tiles(self, H: int, W: int) -> int:
         return triton.cdiv(H, self.block_p // self.block_w) * triton.cdiv(W, self.block_w)
+
+    def launch_args(self) -> dict:
+        return dict(BLOCK_P=self.block_p, BLOCK_W=self.block_w, BLOCK_C=self.block_c, BLOCK_N=self.block_n,
+                    num_warps=self.num_warps)
 
 
 def _launch_config(C: int, H: int, W: int, device: torch.device, dtype: torch.dtype) -> LaunchConfig:
@@ -361,7 +373,7 @@ def _gated_fusion_op(y: torch.Tensor, mamba: torch.Tensor, prompt_bias: torch.Te
         g2_weight, g2_bias, C, H, W,
         *y.stride(), *mamba.stride(), *_strides(residual), *out.stride(),
         HAS_RES=residual is not None, **_flag_args(dw_bias, g1_bias, g2_bias),
-        BLOCK_P=cfg.block_p, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(g1_weight.dtype), num_warps=cfg.num_warps,
+        DOT_PRECISION=_dot_precision(g1_weight.dtype), **cfg.launch_args(),
     )
     return out
 
@@ -398,11 +410,11 @@ def _gated_fusion_backward_op(
             part_c, part_dw, part_b2, C, H, W, n_tiles,
             *grad_out.stride(), *y.stride(), *mamba.stride(), *dmamba.stride(), *dz.stride(),
             **_flag_args(dw_bias, g1_bias, g2_bias),
-            BLOCK_P=cfg.block_p, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, DOT_PRECISION=precision, num_warps=cfg.num_warps,
+            DOT_PRECISION=precision, **cfg.launch_args(),
         )
         _bwd_input_kernel[grid](
             dz, dh, dy, dw_weight, g1_weight, C, H, W, *dz.stride(), *dy.stride(),
-            BLOCK_P=cfg.block_p, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, DOT_PRECISION=precision, num_warps=cfg.num_warps,
+            DOT_PRECISION=precision, **cfg.launch_args(),
         )
     d_prompt_bias = part_c[0].sum(1)
     return (

@@ -96,6 +96,10 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _pow2_at_least_2(n: int) -> int:  # N = 1 or K = 1 would otherwise give a one-wide tile
+    return max(2, triton.next_power_of_2(n))
+
+
 def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.device) -> MoeTileConfig:
     block_c = _pow2_at_least_16(C)
     if device.type != "cuda":
@@ -423,7 +427,7 @@ def _topk_softmax_triton(logits: Tensor, k: int):
     block_p = 1024 if logits.device.type != "cuda" else 128
     _topk_softmax_fwd_kernel[(triton.cdiv(P, block_p),)](
         logits, weights, indices, P, N, K=k, BLOCK_P=block_p,
-        BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(k))
+        BLOCK_N=_pow2_at_least_2(N), BLOCK_K=_pow2_at_least_2(k))
     return weights, indices
 
 
@@ -448,7 +452,7 @@ def _topk_softmax_bwd_op(grad_weights: Tensor, weights: Tensor, indices: Tensor,
         block_p = 1024 if weights.device.type != "cuda" else 256
         _topk_softmax_bwd_kernel[(triton.cdiv(P, block_p),)](
             grad_weights.contiguous(), weights, indices, dlogits, P, n,
-            K=K, BLOCK_P=block_p, BLOCK_K=triton.next_power_of_2(K))
+            K=K, BLOCK_P=block_p, BLOCK_K=_pow2_at_least_2(K))
         return dlogits
     g, w = grad_weights.float(), weights.float()
     d = w * (g - (w * g).sum(1, keepdim=True))
@@ -511,8 +515,8 @@ def _combine_torch(out: Tensor, weights: Tensor, combine: str) -> Tensor:
 
 
 def _pad_hidden(w1, b1, w2, multiple: int = 16):
-    """Zero-pad the hidden width to a multiple of 16: CPU BLAS (MKL on this AMD host) runs GEMMs
-    with an odd output width (127, 255, 510) up to 5x slower. Padded units see zero weights and
+    """Zero-pad the hidden width to a multiple of 16: CPU BLAS (MKL, measured on an AMD EPYC) runs
+    GEMMs with an odd output width (127, 255, 510) up to 5x slower. Padded units see zero weights and
     bias, so they are GELU(0) = 0 and meet zero rows of w2."""
     pad = -w1.shape[2] % multiple
     if pad == 0:
@@ -551,11 +555,13 @@ def _moe_fwd_torch(x, weights, indices, w1, b1, w2, b2, combine):
 
 def _combine_bwd_torch(dy, out, weights, combine):
     """out (K, P, C) -> (dout (K, P, C) float32, dweights (P, K) float32)."""
-    dy, w = dy.float(), weights.float().t().contiguous().unsqueeze(-1)  # contiguous: (K, P, C) results
+    dy, w = dy.float(), weights.float().t().unsqueeze(-1)
     if combine == "sum":
-        return dy * w, (out * dy).sum(-1).t()
-    share = torch.exp(out - _combine_torch(out, weights, combine))  # d y / d (w o-term), without the w
-    return dy * w * share, (dy * share).sum(-1).t()
+        return (dy * w).contiguous(), (out * dy).sum(-1).t()
+    # d y / d o_k = w_k exp(o_k - y): one buffer, updated in place (these passes dominate on CPU).
+    grad = (out - _combine_torch(out, weights, combine)).exp_().mul_(dy)
+    dweights = grad.sum(-1).t()
+    return grad.mul_(w), dweights
 
 
 def _moe_bwd_torch(dy, x, weights, indices, w1, b1, w2, out, combine):
@@ -583,7 +589,9 @@ def _moe_bwd_torch(dy, x, weights, indices, w1, b1, w2, out, combine):
     dx = dx_slots[0].to(torch.float32, copy=True)
     for k in range(1, K):
         dx += dx_slots[k]
-    return (dx.to(x.dtype), dweights.to(weights.dtype), dw1[:, :, :Hd], db1[:, :Hd], dw2[:, :Hd], db2)
+    # Custom-op outputs must have the fake's (contiguous) strides; the hidden padding comes off here.
+    return tuple(t.contiguous() for t in (dx.to(x.dtype), dweights.to(weights.dtype), dw1[:, :, :Hd],
+                                          db1[:, :Hd], dw2[:, :Hd], db2))
 
 
 def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine):
