@@ -28,13 +28,14 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from m2restore.config import MODEL_BACKENDS
+
 #: Paper, Table III: seconds per 224×224 image on an NVIDIA RTX 3090.
 PAPER_SECONDS = {"M2Restore": 0.17, "AdaIR": 0.13}
 PAPER_SETUP = "RTX 3090, 224×224, paper Table III"
 
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("eager", "compile", "graph")
-MODEL_BACKENDS = ("reference", "torch", "triton", "auto")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class Case:
 
 @dataclass
 class Result:
+    """The timings (ms per call) of one case, or the error that stopped it."""
+
     case: Case
     times_ms: list[float] = field(default_factory=list)
     peak_mem_mb: float | None = None
@@ -372,7 +375,7 @@ def format_table(results: Sequence[Result], machine: str) -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -433,16 +436,21 @@ def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case
     backends = args.backends or ["reference", "triton" if cuda else "torch"]
     dtypes = args.dtypes or (["fp32", "bf16", "fp16"] if cuda else ["fp32"])
     modes = ["eager"] + ["compile"] * args.compile + ["graph"] * args.graph
+    # Modes outermost: a graph capture that fails can leave CUDA unusable, so captures come last.
     return [Case(b, m, d, not args.no_prior, s)
-            for s in args.size for d in dtypes for b in backends for m in modes]
+            for m in modes for s in args.size for d in dtypes for b in backends]
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"m2restore bench: --threads must be at least 1, got {args.threads}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("m2restore bench: --device cuda, but torch sees no CUDA device")
+        return 2
+    for flag, value, least in (("--threads", args.threads, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
+        if value is not None and value < least:
+            print(f"m2restore bench: {flag} must be at least {least}, got {value}")
             return 2
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
     args.rounds = args.rounds or (30 if cuda else 5)

@@ -72,10 +72,15 @@ def test_bench_cli_reports_a_failing_case_and_goes_on(tmp_path, capsys):
     assert [(r["dtype"], r["error"] is None, r["prior"]) for r in results] == [("fp32", True, False), ("bf16", False, False)]
 
 
-def test_bench_cli_rejects_unknown_backend(capsys):
-    rc = main(["bench", "--config", "tiny", "--backends", "cuda-magic", "--device", "cpu"])
+@pytest.mark.parametrize("flags, message", [
+    (["--backends", "cuda-magic"], "backend must be one of"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_bench_cli_rejects_bad_options(flags, message, capsys):
+    rc = main(["bench", "--config", "tiny", "--device", "cpu", *flags])
     assert rc == 2
-    assert "backend must be one of" in capsys.readouterr().out
+    assert message in capsys.readouterr().out
 
 
 def test_time_fn_warms_up_then_times_each_round_rotating_inputs():
