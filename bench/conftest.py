@@ -37,7 +37,8 @@ def bench(benchmark, quick, device):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         n = 1 if quick else (rounds or (20 if device.type == "cuda" else 5))
-        out = benchmark.pedantic(call, rounds=n, iterations=1, warmup_rounds=0 if quick else 2)
+        # A single round is for cases too slow to repeat (sequential references): no warm-up either.
+        out = benchmark.pedantic(call, rounds=n, iterations=1, warmup_rounds=0 if n == 1 else 2)
         benchmark.extra_info["device"] = (
             torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
         )
