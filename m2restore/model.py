@@ -14,6 +14,7 @@ Channel widths and block counts come from ``M2RestoreConfig`` (``paper()`` is th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -205,16 +206,20 @@ class M2Restore(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, prior: DegradationPrior | None = None,
-                        prior_checkpoint: str | Path | None = None, map_location="cpu") -> "M2Restore":
+                        prior_checkpoint: str | Path | None = None, map_location="cpu",
+                        backend: str | None = None) -> "M2Restore":
         """Build the model of ``directory/config.json`` and load ``directory/model.safetensors``.
 
         ``prior_checkpoint``: a DA-CLIP checkpoint, loaded with ``DAClipPrior.from_checkpoint``
-        (needs open_clip). A checkpoint that does not fit the config raises ``ValueError``.
+        (needs open_clip). ``backend`` overrides the saved config's. A checkpoint that does not fit
+        the config raises ``ValueError``.
         """
         from safetensors.torch import load_file
 
         directory = Path(directory)
         config = M2RestoreConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        if backend is not None:
+            config = dataclasses.replace(config, backend=backend)
         if prior_checkpoint is not None:
             if prior is not None:
                 raise ValueError("pass either prior or prior_checkpoint, not both")

@@ -9,7 +9,7 @@ whole image so every tile is routed alike. Also home of the helpers the other co
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -43,10 +43,6 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu", backend:
     Without ``prior_checkpoint`` the model runs with the null prior (the model warns unless
     these are the shipped demo weights, which were trained without DA-CLIP).
     """
-    import json
-
-    from safetensors.torch import load_file
-
     from .model import CONFIG_NAME, WEIGHTS_NAME, M2Restore, M2RestoreConfig
     from .prior import NullPrior
 
@@ -54,18 +50,11 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu", backend:
     if not (weights / WEIGHTS_NAME).is_file() or not (weights / CONFIG_NAME).is_file():
         hint = "; train them with `m2restore demo --train` or pass --weights" if weights.resolve() == DEMO_WEIGHTS else ""
         raise FileNotFoundError(f"{weights} must hold {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
-    config = M2RestoreConfig.from_dict(json.loads((weights / CONFIG_NAME).read_text()))
-    if backend:
-        config = dataclasses.replace(config, backend=backend)
     prior = None
-    if prior_checkpoint is not None:
-        from .prior import DAClipPrior
-
-        prior = DAClipPrior.from_checkpoint(prior_checkpoint, names=config.degradation_names)
-    elif weights.resolve() == DEMO_WEIGHTS:
+    if prior_checkpoint is None and weights.resolve() == DEMO_WEIGHTS:
+        config = M2RestoreConfig.from_dict(json.loads((weights / CONFIG_NAME).read_text()))
         prior = NullPrior(config.num_degradations, config.prior_dim)
-    model = M2Restore(config, prior=prior)
-    model.load_weights(load_file(str(weights / WEIGHTS_NAME)))
+    model = M2Restore.from_pretrained(weights, prior=prior, prior_checkpoint=prior_checkpoint, backend=backend)
     return model.to(device).eval()
 
 
