@@ -11,12 +11,14 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
 #
-# then run, with `.whl` in the call's carry list:   bash bench/gpu_check.sh
+# then run `bash bench/gpu_check.sh` with `.whl` in the call's carry list and a limit of ~540 s
+# (the script stops itself after GPU_CHECK_BUDGET_S=480 s).
 #
 # Steps, each under `timeout` and all inside an 8-minute budget (GPU_CHECK_BUDGET_S), most
 # valuable first so a slow step only costs the ones after it:
-#   1. machine facts; `import m2restore, m2restore_kernels` before open_clip is installed;
-#   2. install the project (--no-deps) and the carried wheels;
+#   1. machine facts (GPU, driver, versions, commit);
+#   2. install the project (--no-deps), check `import m2restore, m2restore_kernels` before open_clip
+#      is there, then install the carried wheels;
 #   3. CUDA parity tests: `pytest -m cuda` over tests/, plus every kernel's whole test file;
 #   4. `m2restore bench` on the paper config: reference vs triton, fp32/bf16/fp16, eager and
 #      CUDA graph, with DA-CLIP -> $OUT/model.json;

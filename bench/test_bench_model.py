@@ -35,7 +35,8 @@ def _param(case: Case, group: str):
 def _model_cases(quick: bool) -> list:
     if quick:
         return [_param(Case(b, prior=True, size=64), "quick") for b in ("reference", OURS)]
-    variants = [("reference", "eager"), ("reference", "compile"), (OURS, "eager"), (OURS, "compile"), (OURS, "graph")]
+    variants = [("reference", "eager"), ("reference", "compile"),
+                (OURS, "eager"), (OURS, "compile"), (OURS, "graph")]
     return [
         _param(Case(backend, mode, dtype, prior, 224), "paper")
         for dtype in ("fp32", "bf16", "fp16")

@@ -158,7 +158,8 @@ def time_fn(
         fn(inputs[i % len(inputs)])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(rounds)]
         for i, (start, end) in enumerate(events):
             start.record()
             fn(inputs[(warmup + i) % len(inputs)])
@@ -446,7 +447,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("m2restore bench: --device cuda, but torch sees no CUDA device")
         return 2
-    for flag, value, least in (("--threads", args.threads, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
+    limits = (("--threads", args.threads, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0))
+    for flag, value, least in limits:
         if value is not None and value < least:
             print(f"m2restore bench: {flag} must be at least {least}, got {value}")
             return 2

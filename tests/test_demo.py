@@ -9,12 +9,9 @@ from m2restore.cli import main
 from m2restore.restore import DEMO_WEIGHTS, load_model
 
 # What the shipped demo weights must gain on the held-out set (mean PSNR over all kinds), set
-# below the measured gain: the interim 3-minute weights measured +0.25 dB (21.86 -> 22.11);
-# raise this with the weights of the full demo training.
-MIN_PSNR_GAIN_DB = 0.15
-
-needs_weights = pytest.mark.skipif(not (DEMO_WEIGHTS / "model.safetensors").is_file(),
-                                   reason="demo weights not shipped yet (m2restore demo --train)")
+# below the measured gain: the shipped weights (2202 steps, 18.5 min on a 2-core CPU) measured
+# +1.09 dB (21.86 -> 22.95).
+MIN_PSNR_GAIN_DB = 0.8
 
 
 def test_held_out_photos_are_not_trained_on_and_set_is_deterministic():
@@ -35,14 +32,12 @@ def test_bundled_samples_are_held_out_degradations():
     assert sum(p.stat().st_size for p in demo.SAMPLES.parent.rglob("*") if p.is_file()) < 10 * 2 ** 20
 
 
-@needs_weights
 def test_shipped_weights_improve_held_out_psnr():
     result = demo.measure(load_model(DEMO_WEIGHTS, "cpu", "torch"))
     gain = result["all"]["psnr_out"] - result["all"]["psnr_in"]
     assert gain >= MIN_PSNR_GAIN_DB, demo.format_measure(result)
 
 
-@needs_weights
 def test_demo_cli_writes_the_before_after_grid(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     from PIL import Image
