@@ -2,8 +2,8 @@
 
 Group ``model``: the ``paper()`` network, batch 1, 224×224, eval and inference mode, for each of
 reference eager, ``torch.compile`` of the reference, our kernels (``torch`` on CPU, ``triton`` on
-CUDA) and our kernels compiled (and, on CUDA, as a captured CUDA graph); fp32 and, on CUDA, bf16
-and fp16 autocast; with the DA-CLIP pass (a random-weight ViT-B/32 DA-CLIP) and without it.
+CUDA) and our kernels compiled (and, on CUDA, as a captured CUDA graph); fp32, bf16 autocast (on
+CPU too: AMX) and, on CUDA, fp16 autocast; with the DA-CLIP pass (a random-weight ViT-B/32 DA-CLIP) and without it.
 
 Group ``model-scaling``: our kernels without the prior (a fixed per-image cost) at 224², 512² and,
 on CUDA, 1024², so the cost per pixel can be compared (``extra_info["us_per_kpx"]``).
@@ -27,7 +27,7 @@ cuda_only = pytest.mark.cuda  # the root conftest skips these, with a reason, on
 
 def _param(case: Case, group: str):
     # Autocast dtypes, CUDA graphs and 1024² (minutes per call on a CPU) are GPU cases.
-    marks = [cuda_only] if case.dtype != "fp32" or case.mode == "graph" or case.size > 512 else []
+    marks = [cuda_only] if case.dtype == "fp16" or case.mode == "graph" or case.size > 512 else []
     label = f"{case.label}-{case.dtype}-prior_{'on' if case.prior else 'off'}-{case.size}"
     return pytest.param(case, id=f"{group}-{label}", marks=marks)
 

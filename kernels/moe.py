@@ -69,7 +69,8 @@ def moe_mlp_ref(x, weights, indices, w1, b1, w2, b2, combine: str = "sum"):
             o = F.gelu(h) @ w2[e]
             if b2 is not None:
                 o = o + b2[e]
-            outs = outs.index_put((rows, torch.full_like(rows, k)), o)
+            # .to: under autocast the expert GEMMs come out in the autocast dtype.
+            outs = outs.index_put((rows, torch.full_like(rows, k)), o.to(outs.dtype))
     if combine == "sum":
         return (weights.unsqueeze(-1) * outs).sum(1)
     return torch.logsumexp(outs + torch.log(weights).unsqueeze(-1), dim=1)
