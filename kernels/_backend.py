@@ -6,7 +6,6 @@ otherwise the PyTorch path. ``"triton"`` and ``"torch"`` force one path.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -15,9 +14,12 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import: a module constant is also what torch.compile traces through cleanly.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_on() -> bool:
