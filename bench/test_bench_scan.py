@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from m2restore_kernels import selective_scan, selective_scan_ref
+from m2restore_kernels._backend import optional_op
 
 ss = importlib.import_module("m2restore_kernels.selective_scan")
 
@@ -42,7 +43,7 @@ def _runner(impl: str):
     if impl == "reference":
         return selective_scan_ref
     if impl == "mamba_ssm":
-        return ss._mamba_selective_scan_fn()
+        return optional_op(*ss.MAMBA_SELECTIVE_SCAN_FN)
     return lambda *a, **k: selective_scan(*a, **k, backend=impl)
 
 
@@ -53,7 +54,7 @@ def _runner(impl: str):
 def test_bench_selective_scan(bench, benchmark, quick, device, size, impl, mode):
     if impl == "triton" and not CUDA:
         pytest.skip("the Triton kernel is timed on CUDA only (on CPU it runs in the interpreter)")
-    if impl == "mamba_ssm" and not (CUDA and ss._mamba_selective_scan_fn() is not None):
+    if impl == "mamba_ssm" and not (CUDA and optional_op(*ss.MAMBA_SELECTIVE_SCAN_FN) is not None):
         pytest.skip("mamba_ssm's kernel needs CUDA and the mamba-ssm package")
     b, d, l, n = (QUICK_SIZES if quick else SIZES)[size]
     backward = mode == "fwd_bwd"

@@ -6,6 +6,8 @@ otherwise the PyTorch path. ``"triton"`` and ``"torch"`` force one path.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import os
 
@@ -39,3 +41,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"got tensors on {device}, triton installed: {triton_available()}"
         )
     return "triton" if runnable else "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def optional_op(module: str, name: str):
+    """``module.name`` from an optional CUDA extension package (mamba-ssm, causal-conv1d), or None
+    when it does not import (not installed, or built for another torch/CUDA)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+def extension_op(backend: str, device: torch.device, module: str, name: str):
+    """The extension's op where ``backend="auto"`` should run it (CUDA tensors, package importable),
+    else None and the caller runs its own path. Never imports the package for CPU tensors."""
+    if backend != "auto" or device.type != "cuda":
+        return None
+    return optional_op(module, name)

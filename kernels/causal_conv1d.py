@@ -7,12 +7,11 @@ is already a single fused library call, so there is no Triton version.
 """
 from __future__ import annotations
 
-import functools
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import resolve_backend
+from ._backend import extension_op, resolve_backend
 
 ACTIVATIONS = (None, "silu", "swish")
 
@@ -39,14 +38,7 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None):
     return F.silu(out) if activation in ("silu", "swish") else out
 
 
-@functools.lru_cache(maxsize=None)
-def _package_causal_conv1d_fn():
-    """causal_conv1d's CUDA ``causal_conv1d_fn`` if that package imports, else None (only asked on CUDA)."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except (ImportError, OSError):  # not installed, or its extension was built for another torch/CUDA
-        return None
-    return causal_conv1d_fn
+CAUSAL_CONV1D_FN = ("causal_conv1d", "causal_conv1d_fn")
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, backend: str = "auto"):
@@ -57,6 +49,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend: str = "auto"):
     """
     _check_inputs(x, weight, bias, activation)
     resolve_backend(backend, x.device)  # validates the backend name
-    if backend == "auto" and x.device.type == "cuda" and _package_causal_conv1d_fn() is not None:
-        return _package_causal_conv1d_fn()(x, weight, bias, activation)
+    package_fn = extension_op(backend, x.device, *CAUSAL_CONV1D_FN)
+    if package_fn is not None:
+        return package_fn(x, weight, bias, activation)
     return causal_conv1d_ref(x, weight, bias, activation)

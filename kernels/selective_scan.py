@@ -34,7 +34,6 @@ lazily, never on CPU), else the Triton path.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import resolve_backend
+from ._backend import extension_op, resolve_backend
 
 try:
     import triton
@@ -588,14 +587,7 @@ _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 # --------------------------------------------------------------------------------------------
 # Public entry
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _mamba_selective_scan_fn():
-    """mamba_ssm's CUDA ``selective_scan_fn`` if that package imports, else None (only asked on CUDA)."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except (ImportError, OSError):  # not installed, or its extension was built for another torch/CUDA
-        return None
-    return selective_scan_fn
+MAMBA_SELECTIVE_SCAN_FN = ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -611,9 +603,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     path = resolve_backend(backend, u.device)
-    if backend == "auto" and u.device.type == "cuda" and _mamba_selective_scan_fn() is not None:
+    package_fn = extension_op(backend, u.device, *MAMBA_SELECTIVE_SCAN_FN)
+    if package_fn is not None:
         # mamba_ssm wants A, D and delta_bias in float32 (casts are differentiable)
-        return _mamba_selective_scan_fn()(
+        return package_fn(
             u, delta, A.float(), B, C, None if D is None else D.float(), z,
             None if delta_bias is None else delta_bias.float(), delta_softplus, return_last_state)
     if path == "triton":

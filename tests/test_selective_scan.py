@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from m2restore_kernels import causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref
+from m2restore_kernels._backend import optional_op
 
 ss = importlib.import_module("m2restore_kernels.selective_scan")  # the package re-exports a function of that name
 
@@ -334,6 +335,6 @@ def test_cuda_triton(dtype):
 
 @pytest.mark.cuda
 def test_cuda_auto_matches_mamba_ssm_when_installed():
-    if ss._mamba_selective_scan_fn() is None:
+    if optional_op(*ss.MAMBA_SELECTIVE_SCAN_FN) is None:
         pytest.skip("mamba_ssm is not installed")
     check_against_float64(make_inputs(2, 64, 300, 16), "auto")
