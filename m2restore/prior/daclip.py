@@ -84,20 +84,23 @@ def _zero_linear(width: int) -> nn.Linear:
     return layer
 
 
-def _to_public(name: str) -> str:
-    if name.startswith(_OURS_ZERO):
-        return _PUBLIC_ZERO + name[len(_OURS_ZERO):]
-    if name.startswith(_OURS_CONTROL_BLOCKS):
-        return _PUBLIC_CONTROL_BLOCKS + name[len(_OURS_CONTROL_BLOCKS):]
+# (ours, public) key prefixes of the controller's zero layers and of its transformer blocks.
+_PREFIXES = ((_OURS_ZERO, _PUBLIC_ZERO), (_OURS_CONTROL_BLOCKS, _PUBLIC_CONTROL_BLOCKS))
+
+
+def _swap_prefix(name: str, pairs) -> str:
+    for old, new in pairs:
+        if name.startswith(old):
+            return new + name[len(old):]
     return name
+
+
+def _to_public(name: str) -> str:
+    return _swap_prefix(name, _PREFIXES)
 
 
 def _from_public(name: str) -> str:
-    if name.startswith(_PUBLIC_ZERO):
-        return _OURS_ZERO + name[len(_PUBLIC_ZERO):]
-    if name.startswith(_PUBLIC_CONTROL_BLOCKS):
-        return _OURS_CONTROL_BLOCKS + name[len(_PUBLIC_CONTROL_BLOCKS):]
-    return name
+    return _swap_prefix(name, [(public, ours) for ours, public in _PREFIXES])
 
 
 def _listing(what: str, items: Sequence[str]) -> str:
