@@ -133,7 +133,7 @@ def train_demo(out: Path, minutes: float, steps: int | None = None, crop: int = 
     from .data.datasets import SyntheticPairs
     from .model import M2Restore, M2RestoreConfig
     from .prior import NullPrior
-    from .train import CHECKPOINT, TrainOptions, fit, seed_everything
+    from .train import CHECKPOINT, TrainOptions, fit, load_checkpoint, seed_everything
 
     seed_everything(seed)
     config = M2RestoreConfig.tiny(backend="torch")
@@ -143,7 +143,7 @@ def train_demo(out: Path, minutes: float, steps: int | None = None, crop: int = 
     opts = TrainOptions(epochs=1, batch_size=batch_size, accum=1, lr=lr, min_lr=lr / 100, seed=seed,
                         max_seconds=minutes * 60.0, ckpt_every=100)
     if resume:
-        steps = torch.load(out / "run" / CHECKPOINT, weights_only=False)["options"]["total_steps"]
+        steps = load_checkpoint(out / "run" / CHECKPOINT)["options"]["total_steps"]
     elif steps is None:
         steps = max(1, int(minutes * 60.0 / _seconds_per_step(model, train_set, opts)))
     seed_everything(seed)

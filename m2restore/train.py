@@ -96,7 +96,7 @@ def fit(model, train_set, out_dir: str | Path, opts: TrainOptions, device: str |
     state = {"epoch": 0, "micro": 0, "step": 0, "seconds": 0.0, "best_psnr": -math.inf}
 
     if resume:
-        ckpt = _load_checkpoint(out_dir / CHECKPOINT)
+        ckpt = load_checkpoint(out_dir / CHECKPOINT)
         saved = TrainOptions(**ckpt["options"])
         changed = [k for k in _TRAJECTORY if getattr(saved, k) != getattr(opts, k)]
         if changed:
@@ -233,13 +233,17 @@ def _schedule(opts: TrainOptions, total_steps: int):
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    # Only tensors, numbers, strings and tuples, so that checkpoints load with weights_only=True.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -253,11 +257,11 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint (model, optimizer, schedule, RNG states, options), loaded safely."""
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from: {path}")
-    # Our own file: it holds Python and numpy RNG states, which weights_only loading refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class _CsvLog:
@@ -360,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
                         amp=args.amp)
     config = args.config
     if args.resume:
-        ckpt = _load_checkpoint(args.out / CHECKPOINT)
+        ckpt = load_checkpoint(args.out / CHECKPOINT)
         config, seed = ckpt["config"], ckpt["options"]["seed"]
         del ckpt
     else:

@@ -40,7 +40,7 @@ def _losses(run: Path) -> dict[int, str]:
 
 def test_two_steps_write_checkpoint_log_and_weights(allweather, tmp_path):
     assert _train(allweather, tmp_path, "--max-steps", "2", "--val-data", str(allweather)) == 0
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["state"]["step"] == 2 and ckpt["state"]["micro"] == 4 and ckpt["state"]["epoch"] == 0
     assert ckpt["options"]["lr"] == 2e-4 and ckpt["options"]["accum"] == 2
     assert not list(tmp_path.glob("*.tmp"))
@@ -68,7 +68,7 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(allweather, tmp_path, 
     monkeypatch.setattr(train_mod._CsvLog, "write", write_then_die)
     with pytest.raises(Killed):
         _train(allweather, killed, "--max-steps", "5", "--ckpt-every", "2", *val)
-    assert torch.load(killed / "checkpoint.pt", weights_only=False)["state"]["step"] == 2
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["step"] == 2
     monkeypatch.setattr(train_mod._CsvLog, "write", write)
     _train(allweather, killed, "--max-steps", "5", "--ckpt-every", "2", "--resume", *val)
     want, got = _losses(straight), _losses(killed)
