@@ -44,13 +44,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-
 from ._backend import resolve_backend
-
-_SQRT1_2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+from ._triton import gelu, gelu_grad, jit, tl, triton
 
 
 def gated_fusion_ref(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual=None):
@@ -83,17 +78,7 @@ def _gated_fusion_torch(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1
 # ----------------------------------------------------------------------------- Triton kernels
 
 
-@triton.jit
-def _gelu(x):
-    return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
-
-
-@triton.jit
-def _gelu_grad(x):
-    return 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
-
-
-@triton.jit
+@jit
 def _pixel_tile(H, W, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr):
     """Rows, columns and validity of this program's (BLOCK_P // BLOCK_W) x BLOCK_W block of pixels.
     Dividing by the constexpr BLOCK_W (not by W) keeps columns provably contiguous, so loads along a
@@ -105,12 +90,12 @@ def _pixel_tile(H, W, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr):
     return rows, cols, (rows < H) & (cols < W)
 
 
-@triton.jit
+@jit
 def _tile_offsets(rows, cols, offs_c, s_c, s_h, s_w):
     return rows[:, None] * s_h + cols[:, None] * s_w + offs_c[None, :] * s_c
 
 
-@triton.jit
+@jit
 def _load_tap(ptr, rows, cols, mask_p, dr: tl.constexpr, dc: tl.constexpr, H, W, offs_c, mask_c, s_c, s_h, s_w):
     """The [BLOCK_P, BLOCK_C] tile shifted by (dr, dc) pixels, zero outside the image (float32)."""
     r = rows + dr
@@ -120,7 +105,7 @@ def _load_tap(ptr, rows, cols, mask_p, dr: tl.constexpr, dc: tl.constexpr, H, W,
                    mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
 
 
-@triton.jit
+@jit
 def _dwconv(y_ptr, dw_ptr, dwb_ptr, rows, cols, mask_p, H, W, offs_c, mask_c, s_c, s_h, s_w,
             HAS_DWB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Depthwise 3x3 conv pre-activation (+ dw_bias) for one channel block; dw is (C, 9) contiguous."""
@@ -134,7 +119,7 @@ def _dwconv(y_ptr, dw_ptr, dwb_ptr, rows, cols, mask_p, H, W, offs_c, mask_c, s_
     return z
 
 
-@triton.jit
+@jit
 def _gate_hidden(y_ptr, w1_ptr, b1_ptr, pb_ptr, pix, mask_p, n0, C, s_c,
                  HAS_B1: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """h[:, n0:n0+BLOCK_N] = y W1^T + g1_bias + prompt_bias (float32) and the channel mask.
@@ -154,7 +139,7 @@ def _gate_hidden(y_ptr, w1_ptr, b1_ptr, pb_ptr, pix, mask_p, n0, C, s_c,
     return h + bias[None, :], offs_n, mask_n
 
 
-@triton.jit
+@jit
 def _gate(y_ptr, w1_ptr, b1_ptr, pb_ptr, w2_ptr, b2_ptr, pix, mask_p, C, s_c,
           HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
           BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -164,13 +149,13 @@ def _gate(y_ptr, w1_ptr, b1_ptr, pb_ptr, w2_ptr, b2_ptr, pix, mask_p, C, s_c,
         h, offs_n, mask_n = _gate_hidden(y_ptr, w1_ptr, b1_ptr, pb_ptr, pix, mask_p, n0, C, s_c,
                                          HAS_B1, BLOCK_P, BLOCK_N, DOT_PRECISION)
         w2 = tl.load(w2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        logit += tl.sum(_gelu(h) * w2[None, :], axis=1)
+        logit += tl.sum(gelu(h) * w2[None, :], axis=1)
     if HAS_B2:
         logit += tl.load(b2_ptr).to(tl.float32)
     return tl.sigmoid(logit)
 
 
-@triton.jit
+@jit
 def _fwd_kernel(
     y_ptr, m_ptr, r_ptr, o_ptr, pb_ptr, dw_ptr, dwb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     C, H, W,
@@ -193,7 +178,7 @@ def _fwd_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         mask = mask_p[:, None] & mask_c[None, :]
-        cnn = _gelu(_dwconv(y_ptr, dw_ptr, dwb_ptr, rows, cols, mask_p, H, W, offs_c, mask_c, s_yc, s_yh, s_yw,
+        cnn = gelu(_dwconv(y_ptr, dw_ptr, dwb_ptr, rows, cols, mask_p, H, W, offs_c, mask_c, s_yc, s_yh, s_yw,
                             HAS_DWB, BLOCK_P, BLOCK_C))
         m = tl.load(m_ptr + _tile_offsets(rows, cols, offs_c, s_mc, s_mh, s_mw), mask=mask, other=0.0).to(tl.float32)
         out = m + g * (cnn - m)
@@ -203,7 +188,7 @@ def _fwd_kernel(
         tl.store(o_ptr + _tile_offsets(rows, cols, offs_c, s_oc, s_oh, s_ow), out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _bwd_gate_kernel(
     go_ptr, y_ptr, m_ptr, dm_ptr, dz_ptr, dh_ptr, pb_ptr, dw_ptr, dwb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     part_c_ptr, part_dw_ptr, part_b2_ptr,
@@ -244,10 +229,10 @@ def _bwd_gate_kernel(
                     HAS_DWB, BLOCK_P, BLOCK_C)
         go = tl.load(go_ptr + _tile_offsets(rows, cols, offs_c, s_gc, s_gh, s_gw), mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + _tile_offsets(rows, cols, offs_c, s_mc, s_mh, s_mw), mask=mask, other=0.0).to(tl.float32)
-        dg += tl.sum(go * (_gelu(z) - m), axis=1)
+        dg += tl.sum(go * (gelu(z) - m), axis=1)
         tl.store(dm_ptr + _tile_offsets(rows, cols, offs_c, s_dmc, s_dmh, s_dmw),
                  ((1.0 - g[:, None]) * go).to(dm_ptr.dtype.element_ty), mask=mask)
-        dz = g[:, None] * go * _gelu_grad(z)
+        dz = g[:, None] * go * gelu_grad(z)
         tl.store(dz_ptr + _tile_offsets(rows, cols, offs_c, s_dc, s_dh, s_dw), dz.to(dz_ptr.dtype.element_ty),
                  mask=mask)
         tl.store(part_c_ptr + 2 * part_c_stride + offs_c, tl.sum(dz, axis=0), mask=mask_c)
@@ -261,14 +246,14 @@ def _bwd_gate_kernel(
         h, offs_n, mask_n = _gate_hidden(y_ptr, w1_ptr, b1_ptr, pb_ptr, pix, mask_p, n0, C, s_yc,
                                          HAS_B1, BLOCK_P, BLOCK_N, DOT_PRECISION)
         w2 = tl.load(w2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(part_c_ptr + part_c_stride + offs_n, tl.sum(dlogit[:, None] * _gelu(h), axis=0), mask=mask_n)
-        dh = dlogit[:, None] * w2[None, :] * _gelu_grad(h)
+        tl.store(part_c_ptr + part_c_stride + offs_n, tl.sum(dlogit[:, None] * gelu(h), axis=0), mask=mask_n)
+        dh = dlogit[:, None] * w2[None, :] * gelu_grad(h)
         tl.store(dh_ptr + _tile_offsets(rows, cols, offs_n, s_dc, s_dh, s_dw), dh.to(dh_ptr.dtype.element_ty),
                  mask=mask_p[:, None] & mask_n[None, :])
         tl.store(part_c_ptr + offs_n, tl.sum(dh, axis=0), mask=mask_n)
 
 
-@triton.jit
+@jit
 def _bwd_input_kernel(
     dz_ptr, dh_ptr, dy_ptr, dw_ptr, w1_ptr,
     C, H, W,

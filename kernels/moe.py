@@ -31,13 +31,7 @@ from torch import Tensor
 
 from ._backend import interpreter_on, resolve_backend
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is Linux-only; the torch path works without it
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from ._triton import gelu, gelu_grad, jit, tl, triton
 
 COMBINES = ("sum", "logsumexp")
 
@@ -129,7 +123,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
-@_jit
+@jit
 def _topk_softmax_fwd_kernel(logits_ptr, w_ptr, idx_ptr, P, N,
                              K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr):
@@ -160,7 +154,7 @@ def _topk_softmax_fwd_kernel(logits_ptr, w_ptr, idx_ptr, P, N,
     tl.store(idx_ptr + offs, top_i.to(tl.int64), mask=out_mask)
 
 
-@_jit
+@jit
 def _topk_softmax_bwd_kernel(dw_ptr, w_ptr, idx_ptr, dlogits_ptr, P, N,
                              K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -174,18 +168,7 @@ def _topk_softmax_bwd_kernel(dw_ptr, w_ptr, idx_ptr, dlogits_ptr, P, N,
     tl.store(dlogits_ptr + rows[:, None] * N + idx, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
-def _gelu(h):
-    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-
-
-@_jit
-def _gelu_grad(h):
-    cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
-
-
-@_jit
+@jit
 def _segment_rows(order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, pid, P, BLOCK_M: tl.constexpr):
     """Rows of program ``pid``: (expert, assignment ids, their x rows, row mask)."""
     e = tl.load(block_expert_ptr + pid)
@@ -195,7 +178,7 @@ def _segment_rows(order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, pid
     return e, a, a % P, rmask
 
 
-@_jit
+@jit
 def _moe_expert_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
                            order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, P, C, HD, N,
                            HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
@@ -220,13 +203,13 @@ def _moe_expert_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
             hpre += tl.load(b1_ptr + e * HD + hh, mask=hmask, other=0.0).to(tl.float32)[None, :]
         w2t = tl.load(w2_e + hh[:, None] * C + c[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0)
         # Padded hidden columns are GELU(0) = 0 and meet zero rows of w2: no extra masking needed.
-        acc = tl.dot(_gelu(hpre).to(w2t.dtype), w2t, acc, input_precision=PRECISION)
+        acc = tl.dot(gelu(hpre).to(w2t.dtype), w2t, acc, input_precision=PRECISION)
     if HAS_B2:
         acc += tl.load(b2_ptr + e * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + a[:, None] * C + c[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
-@_jit
+@jit
 def _moe_expert_bwd_dx_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, dxa_ptr,
                               order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, P, C, HD, N,
                               HAS_B1: tl.constexpr,
@@ -252,12 +235,12 @@ def _moe_expert_bwd_dx_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, dxa_ptr,
         hpre = tl.dot(xt, w1t, input_precision=PRECISION)
         if HAS_B1:
             hpre += tl.load(b1_ptr + e * HD + hh, mask=hh < HD, other=0.0).to(tl.float32)[None, :]
-        dh = tl.dot(dout, w2t_t, input_precision=PRECISION) * _gelu_grad(hpre)
+        dh = tl.dot(dout, w2t_t, input_precision=PRECISION) * gelu_grad(hpre)
         acc = tl.dot(dh.to(xt.dtype), tl.trans(w1t), acc, input_precision=PRECISION)
     tl.store(dxa_ptr + a[:, None] * C + c[None, :], acc, mask=io_mask)
 
 
-@_jit
+@jit
 def _moe_expert_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr, offsets_ptr,
                               dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, P, C, HD, N,
                               SPLIT: tl.constexpr, HAS_B1: tl.constexpr,
@@ -294,9 +277,9 @@ def _moe_expert_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr
         dout = dout32.to(xt.dtype)
         hpre = tl.dot(xt, w1t, input_precision=PRECISION) + b1[None, :]
         # Masked rows have GELU(b1) != 0 here, but their dout rows are zero, so they add nothing.
-        dh = tl.dot(dout, w2t_t, input_precision=PRECISION) * _gelu_grad(hpre)
+        dh = tl.dot(dout, w2t_t, input_precision=PRECISION) * gelu_grad(hpre)
         dw1 = tl.dot(tl.trans(xt), dh.to(xt.dtype), dw1, input_precision=PRECISION)
-        dw2 = tl.dot(tl.trans(_gelu(hpre).to(xt.dtype)), dout, dw2, input_precision=PRECISION)
+        dw2 = tl.dot(tl.trans(gelu(hpre).to(xt.dtype)), dout, dw2, input_precision=PRECISION)
         db1 += tl.sum(dh, axis=0)
         db2 += tl.sum(dout32, axis=0)
     part = s * N + e
@@ -308,7 +291,7 @@ def _moe_expert_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr
         tl.store(db2_ptr + part * C + c, db2, mask=cmask)
 
 
-@_jit
+@jit
 def _combine_rows(out_ptr, w_ptr, rows, c, rmask, mask, P, C, K: tl.constexpr, LSE: tl.constexpr):
     """float32 y of ``rows``: sum_k w_k o_k, or an online log-sum-exp of o_k + log w_k."""
     for k in tl.static_range(K):
@@ -333,7 +316,7 @@ def _combine_rows(out_ptr, w_ptr, rows, c, rmask, mask, P, C, K: tl.constexpr, L
     return acc
 
 
-@_jit
+@jit
 def _moe_combine_fwd_kernel(out_ptr, w_ptr, y_ptr, P, C,
                             K: tl.constexpr, LSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -344,7 +327,7 @@ def _moe_combine_fwd_kernel(out_ptr, w_ptr, y_ptr, P, C,
     tl.store(y_ptr + rows[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _moe_combine_bwd_kernel(dy_ptr, out_ptr, w_ptr, dout_ptr, dw_ptr, P, C,
                             K: tl.constexpr, LSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dout[k,p] = d y[p] / d o[k,p] (float32 (K*P, C)); dw[p,k] = d y[p] / d w[p,k]."""

@@ -44,13 +44,7 @@ from torch import Tensor
 
 from ._backend import extension_op, resolve_backend
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is Linux-only; the torch path works without it
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from ._triton import jit, tl, triton
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +304,7 @@ def _kernel_config(u: Tensor, B: Tensor, C: Tensor, n: int) -> ScanKernelConfig:
                             num_warps=1 if block_n <= 16 else 2)
 
 
-@_jit
+@jit
 def _softplus(x):
     # softplus(x) = max(x, 0) + log1p(exp(-|x|)), log1p by Goldberg's trick so tiny arguments keep
     # their relative precision; above 20 softplus(x) == x in float32 (torch's threshold).
@@ -320,7 +314,7 @@ def _softplus(x):
     return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p)
 
 
-@_jit
+@jit
 def _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """u_t and delta'_t for the program's channels, plus d(delta')/d(delta) (float32)."""
     uu = tl.load(u_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
@@ -336,7 +330,7 @@ def _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t, HAS_BIAS: tl.constexpr, SOF
     return uu, dt, ddt_draw
 
 
-@_jit
+@jit
 def _scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
                      d, L, n, gB, gC, per_gB, per_gC, n_chunks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -374,7 +368,7 @@ def _scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     tl.store(last_ptr + pid_b * d * n + state_off, h, mask=smask)
 
 
-@_jit
+@jit
 def _scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
                      du_ptr, ddlt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, scratch_ptr,
                      d, L, n, gB, gC, per_gB, per_gC, n_chunks, n_blocks,
