@@ -4,6 +4,7 @@ On a machine without CUDA, Triton kernels run through Triton's interpreter on CP
 The variable must be set before triton is first imported, hence here, at the root.
 """
 import os
+import signal
 
 import pytest
 import torch
@@ -22,6 +23,17 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def quick(request) -> bool:
     return bool(request.config.getoption("--quick"))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # A run stopped by `timeout` (SIGTERM) ends like Ctrl-C: pytest still finishes the session, so
+    # the benchmark JSON and JUnit XML of what did run are written (bench/gpu_check.sh relies on it).
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_collection_modifyitems(config, items):

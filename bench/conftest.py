@@ -38,7 +38,14 @@ def bench(benchmark, quick, device):
             torch.cuda.reset_peak_memory_stats(device)
         n = 1 if quick else (rounds or (20 if device.type == "cuda" else 5))
         # A single round is for cases too slow to repeat (sequential references): no warm-up either.
-        out = benchmark.pedantic(call, rounds=n, iterations=1, warmup_rounds=0 if n == 1 else 2)
+        try:
+            out = benchmark.pedantic(call, rounds=n, iterations=1, warmup_rounds=0 if n == 1 else 2)
+        except KeyboardInterrupt:
+            # Stopped mid-case (Ctrl-C, or `timeout` via the root conftest): pytest-benchmark only
+            # marks failures of type Exception, and an unmarked case without rounds stops it from
+            # writing the JSON of every case that did finish.
+            benchmark.has_error = True
+            raise
         benchmark.extra_info["device"] = (
             torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
         )

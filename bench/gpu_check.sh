@@ -11,21 +11,23 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
 #
-# then run `bash bench/gpu_check.sh` with `.whl` in the call's carry list and a limit of ~540 s
-# (the script stops itself after GPU_CHECK_BUDGET_S=480 s).
+# then run `bash bench/gpu_check.sh` with `.whl` in the call's carry list and a limit of ~590 s
+# (the script stops itself after GPU_CHECK_BUDGET_S=540 s).
 #
-# Steps, each under `timeout` and all inside an 8-minute budget (GPU_CHECK_BUDGET_S), most
-# valuable first so a slow step only costs the ones after it:
+# Steps, each under `timeout` (SIGTERM first: pytest then still writes its JSON and XML) and all inside
+# the budget, most valuable first so a slow step only costs the ones after it:
 #   1. machine facts (GPU, driver, versions, commit);
 #   2. install the project (--no-deps), check `import m2restore, m2restore_kernels` before open_clip
 #      is there, then install the carried wheels;
-#   3. CUDA parity tests: `pytest -m cuda` over tests/, plus every kernel's whole test file;
-#   4. `m2restore bench` on the paper config: reference vs triton, fp32/bf16/fp16, eager and
-#      CUDA graph, with DA-CLIP -> $OUT/model.json;
-#   5. `pytest bench --benchmark-only` without the torch.compile and CUDA-graph cases (step 4 times
-#      the graphs, in a process of its own since a failed capture can leave CUDA unusable)
-#      -> $OUT/bench.json;
-#   6. the torch.compile cases of the full-model group (bf16, with DA-CLIP) -> $OUT/bench_compile.json.
+#   3. CUDA parity tests: every kernel's whole test file (its sweeps run on CUDA there), then the
+#      tests marked cuda elsewhere -> $OUT/tests_kernels.xml, $OUT/tests_cuda.xml;
+#   4. the kernel benchmarks (yardstick, moe, scan, gated fusion) -> $OUT/bench_kernels.json;
+#   5. the model and prior benchmarks without torch.compile and CUDA graphs -> $OUT/bench_model.json;
+#   6. `m2restore bench` on the paper config: reference vs triton, fp32/bf16/fp16, eager and CUDA
+#      graph, with DA-CLIP -> $OUT/model.json (a process of its own: a failed capture can leave
+#      CUDA unusable);
+#   7. the torch.compile cases of the full-model group (bf16, with DA-CLIP) -> $OUT/bench_compile.json.
+# `python bench/report.py $OUT` turns the JSON into the tables of bench/RESULTS.md.
 # The exit status is the number of steps that failed (0: all passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +35,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-480}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-540}"
 DEADLINE=$(( $(date +%s) + BUDGET_S ))
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
@@ -55,7 +57,7 @@ step() {
   fi
   local t0=$SECONDS rc=0
   # bash -c so that the shell functions below can run under timeout, which kills the whole group.
-  timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" || rc=$?
+  timeout --kill-after=15 "$limit" bash -c '"$@"' "$name" "$@" || rc=$?
   local took=$(( SECONDS - t0 ))
   if (( rc == 0 )); then
     echo "=== $name: ok in ${took}s"
@@ -105,7 +107,10 @@ parity() {
   done
   echo "kernel test files: ${files[*]:-none}"
   if (( ${#files[@]} )); then
-    "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests_kernels.xml" "${files[@]}" || rc=1
+    # Compiling the many specialisations is CPU-bound: spread it over workers where xdist is there.
+    local workers=()
+    "$PY" -c "import xdist" 2>/dev/null && workers=(-n 6)
+    "$PY" -m pytest -q -p no:cacheprovider "${workers[@]}" --junitxml="$OUT/tests_kernels.xml" "${files[@]}" || rc=1
   fi
   local marked=0
   "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests_cuda.xml" -m cuda tests "${ignore[@]}" || marked=$?
@@ -116,16 +121,18 @@ parity() {
 
 export PY OUT
 export -f facts install parity
+BENCH=("$PY" -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-columns=median,min,max,rounds)
 step "machine" 30 facts
 step "install" 60 install
 step "cuda parity tests" 150 parity
-step "m2restore bench" 120 "$PY" -m m2restore bench --config paper --size 224 --backends reference,triton \
+step "kernel benchmarks" 150 "${BENCH[@]}" bench/test_bench_yardstick.py bench/test_bench_moe.py \
+  bench/test_bench_scan.py bench/test_bench_gated_fusion.py -k "not compile" --benchmark-json "$OUT/bench_kernels.json"
+step "model benchmarks" 100 "${BENCH[@]}" bench/test_bench_model.py bench/test_bench_prior.py \
+  -k "not compile and not graph" --benchmark-json "$OUT/bench_model.json"
+step "m2restore bench" 90 "$PY" -m m2restore bench --config paper --size 224 --backends reference,triton \
   --dtypes fp32,bf16,fp16 --graph --json "$OUT/model.json"
-step "pytest bench (no compile)" 150 "$PY" -m pytest bench -q -p no:cacheprovider --benchmark-only \
-  -k "not compile and not graph" --benchmark-json "$OUT/bench.json" --benchmark-columns=median,min,max,rounds
-step "pytest bench (compile)" 180 "$PY" -m pytest bench/test_bench_model.py -q -p no:cacheprovider \
-  --benchmark-only -k "compile and bf16 and prior_on" --benchmark-json "$OUT/bench_compile.json" \
-  --benchmark-columns=median,min,max,rounds
+step "model benchmarks (compile)" 120 "${BENCH[@]}" bench/test_bench_model.py -k "compile and bf16 and prior_on" \
+  --benchmark-json "$OUT/bench_compile.json"
 
 echo
 echo "=== gpu_check done: $FAILED step(s) failed; files in $OUT:"

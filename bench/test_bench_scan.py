@@ -74,5 +74,9 @@ def test_bench_selective_scan(bench, benchmark, quick, device, size, impl, mode)
     rounds = 1 if impl == "reference" and l > 1000 else None
     out = bench(step, rounds=rounds)
     ref = selective_scan_ref(**{k: v.detach() for k, v in inputs.items()}, delta_softplus=True)
+    # Bytes that must move once in float32: the forward reads u, delta, z, B, C and writes y; the
+    # backward also reads dy and those inputs again and writes du, ddelta, dz, dB, dC.
+    per_token = 4 * d + 2 * n if not backward else (4 * d + 2 * n) + (4 * d + 2 * n) + (3 * d + 2 * n)
+    benchmark.extra_info.update(min_mb=4 * b * l * per_token / 2**20)
     benchmark.extra_info.update(shape=f"b{b} d{d} l{l} n{n}", impl=impl, mode=mode,
                                 rel_err_vs_ref=float((out.detach() - ref).norm() / ref.norm()))

@@ -210,7 +210,7 @@ def test_torch_compile_matches_eager():
 
 def test_autocast_cpu_torch_path():
     """Under autocast the op computes in the autocast dtype; gradients reach the float32 parameters."""
-    args = make_inputs(2, 16, 5, 5)
+    args = [t.detach().cpu().requires_grad_() for t in make_inputs(2, 16, 5, 5)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = gated_fusion(*args[:9], residual=args[9], backend="torch")
     assert out.dtype == torch.bfloat16

@@ -11,6 +11,8 @@ from hypothesis import given, settings, strategies as st
 from m2restore_kernels.moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
 
 BACKENDS = ("torch", "triton")
+# With CUDA the sweep runs there (Triton compiled for the GPU); else on CPU, Triton interpreted.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
@@ -39,7 +41,9 @@ def make_experts(N: int, C: int, Hd: int, bias: bool = True, seed: int = 0):
 
 def check_moe(backend, dtype, x, weights, indices, experts, combine):
     """Forward and every gradient of moe_mlp in ``dtype`` against moe_mlp_ref in float64 on the
-    same (rounded) inputs."""
+    same (rounded) inputs, all on DEVICE."""
+    x, weights, indices = x.to(DEVICE), weights.to(DEVICE), indices.to(DEVICE)
+    experts = [t.to(DEVICE) if t is not None else None for t in experts]
     inputs = [t.to(dtype) if t is not None else None for t in (x, weights, *experts)]
     ref_in = [t.double().requires_grad_() if t is not None else None for t in inputs]
     got_in = [t.clone().requires_grad_() if t is not None else None for t in inputs]
@@ -48,7 +52,7 @@ def check_moe(backend, dtype, x, weights, indices, experts, combine):
     assert got.dtype == dtype and got.shape == ref.shape
     tol = TOL[dtype]
     assert rel_err(got, ref) <= tol
-    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
     wrt = [i for i, t in enumerate(ref_in) if t is not None]
     ref_g = torch.autograd.grad(ref, [ref_in[i] for i in wrt], dy)
     got_g = torch.autograd.grad(got, [got_in[i] for i in wrt], dy.to(dtype))
@@ -69,14 +73,14 @@ def route(logits: torch.Tensor, k: int):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N,k", [(1, 1), (4, 2), (6, 2), (6, 6), (8, 1), (8, 8)])
 def test_topk_softmax_matches_reference(backend, N, k):
-    logits = torch.randn(203, N, generator=torch.Generator().manual_seed(N * 10 + k), dtype=torch.float64)
+    logits = torch.randn(203, N, generator=torch.Generator().manual_seed(N * 10 + k), dtype=torch.float64).to(DEVICE)
     ref_in = logits.clone().requires_grad_()
     got_in = logits.float().requires_grad_()
     w_ref, i_ref = topk_softmax_ref(ref_in, k)
     w, i = topk_softmax(got_in, k, backend=backend)
     assert i.dtype == torch.int64 and torch.equal(i, i_ref)
     assert w.dtype == torch.float32 and rel_err(w, w_ref) <= 1e-5
-    dw = torch.randn(w.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    dw = torch.randn(w.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
     (g_ref,) = torch.autograd.grad(w_ref, ref_in, dw)
     (g,) = torch.autograd.grad(w, got_in, dw.float())
     assert rel_err(g, g_ref) <= 1e-5
@@ -90,17 +94,17 @@ def test_topk_softmax_ties_go_to_lower_index(backend):
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0],
                            [2.0, 2.0, 2.0, 2.0, 2.0],
                            [-1.0, 5.0, -1.0, 5.0, -1.0],
-                           [-inf, 0.0, -inf, -inf, -inf]])
+                           [-inf, 0.0, -inf, -inf, -inf]], device=DEVICE)
     w, i = topk_softmax(logits, 3, backend=backend)
     assert i.tolist() == [[1, 2, 4], [0, 1, 2], [1, 3, 0], [1, 0, 2]]
     e = math.exp(-6.0)
-    expected = torch.tensor([[1 / 3] * 3, [1 / 3] * 3, [1 / (2 + e), 1 / (2 + e), e / (2 + e)], [1.0, 0.0, 0.0]])
+    expected = torch.tensor([[1 / 3] * 3, [1 / 3] * 3, [1 / (2 + e), 1 / (2 + e), e / (2 + e)], [1.0, 0.0, 0.0]], device=DEVICE)
     torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_softmax_float16(backend):
-    logits = torch.randn(150, 6, generator=torch.Generator().manual_seed(5)).half()
+    logits = torch.randn(150, 6, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)
     w_ref, i_ref = topk_softmax_ref(logits.double(), 2)
     w, i = topk_softmax(logits, 2, backend=backend)
     assert w.dtype == torch.float16 and torch.equal(i, i_ref)
@@ -209,9 +213,9 @@ def test_moe_mlp_random_shapes(P, C, Hd, N, data):
 # ---------------------------------------------------------------------------------------------
 def _valid_args():
     P, C, Hd, N, K = 10, 16, 20, 4, 2
-    x = torch.randn(P, C)
-    weights, indices = topk_softmax_ref(torch.randn(P, N), K)
-    w1, b1, w2, b2 = (t.float() for t in make_experts(N, C, Hd))
+    x = torch.randn(P, C, device=DEVICE)
+    weights, indices = topk_softmax_ref(torch.randn(P, N, device=DEVICE), K)
+    w1, b1, w2, b2 = (t.float().to(DEVICE) for t in make_experts(N, C, Hd))
     return dict(x=x, weights=weights, indices=indices, w1=w1, b1=b1, w2=w2, b2=b2)
 
 
@@ -221,8 +225,8 @@ def _valid_args():
     ("weights", lambda a: a["weights"][:, :1], "weights"),
     ("indices", lambda a: a["indices"][:5], "indices"),
     ("indices", lambda a: a["indices"].float(), "indices"),
-    ("indices", lambda a: a["indices"].index_fill(0, torch.tensor([3]), 4), "indices"),
-    ("indices", lambda a: a["indices"].index_fill(0, torch.tensor([3]), -1), "indices"),
+    ("indices", lambda a: a["indices"].index_fill(0, torch.tensor([3], device=DEVICE), 4), "indices"),
+    ("indices", lambda a: a["indices"].index_fill(0, torch.tensor([3], device=DEVICE), -1), "indices"),
     ("w2", lambda a: a["w2"].transpose(1, 2), "w2"),
     ("b1", lambda a: a["b1"][:, :-1], "b1"),
     ("b2", lambda a: a["b2"].double(), "b2"),

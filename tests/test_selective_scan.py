@@ -318,7 +318,7 @@ def test_mixer_from_mamba_state_dict(backend):
     mixer = mcdb.MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend)
     mixer.load_state_dict(sd, strict=True)
     hidden = torch.randn(2, 21, d_model, generator=gen)
-    out = mixer(hidden)
+    out = mixer.to(DEVICE)(hidden.to(DEVICE)).cpu()
     ref = mamba_forward_float64(sd, hidden, d_state, d_conv)
     assert rel_err(out, ref) <= 1e-5
 
