@@ -4,6 +4,10 @@ Triton is Linux-only: without it the package still imports and runs its PyTorch 
 (``resolve_backend`` never picks Triton then), so kernels are decorated with ``jit``, which is a
 no-op when triton is missing.
 """
+import torch
+
+from ._backend import interpreter_on
+
 try:
     import triton
     import triton.language as tl
@@ -23,3 +27,17 @@ def gelu(x):
 def gelu_grad(x):
     """d GELU(x) / dx = Phi(x) + x phi(x)."""
     return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``.
+
+    float32 follows torch's matmul switch: by default ("highest") three TF32 products per dot
+    ("tf32x3"), float32-level error on the tensor cores, where an "ieee" dot falls back to FMA loops
+    that ran the MoE experts 10-60x slower than bf16 on an H100; plain "tf32" once
+    ``torch.set_float32_matmul_precision("high")`` allows TF32, as cuBLAS then does. The interpreter
+    computes every dot in IEEE float32. Other dtypes ignore the setting.
+    """
+    if dtype != torch.float32 or interpreter_on():
+        return "ieee"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"

@@ -34,8 +34,8 @@ Dtypes: float32, float16, bfloat16. The compute dtype is y's, or the autocast dt
 is on for y's device; the parameters are cast to it (they are small), the Triton kernels read
 y, mamba and residual in whatever dtype they have and convert in registers (no cast pass over the
 maps; the PyTorch path casts them). ``out`` is in the compute dtype; every gradient in its input's
-dtype. Accumulation is float32 everywhere. float32 gate products use IEEE dots unless
-``torch.set_float32_matmul_precision("high")`` allows TF32 (then ``tl.dot``'s TF32, as cuBLAS would).
+dtype. Accumulation is float32 everywhere. float32 gate products run as ``_triton.dot_precision``
+says: float32-accurate 3xTF32 by default, TF32 once torch's float32 matmul precision allows it.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from ._backend import resolve_backend
-from ._triton import gelu, gelu_grad, jit, tl, triton
+from ._triton import dot_precision, gelu, gelu_grad, jit, tl, triton
 
 
 def gated_fusion_ref(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual=None):
@@ -318,18 +318,12 @@ def _launch_config(C: int, H: int, W: int, device: torch.device, dtype: torch.dt
         block_c = min(max(triton.next_power_of_2(C), 16), 128)
         return LaunchConfig(block_p=block_p, block_w=block_w, block_c=block_c, block_n=block_c)
     # Wide gate blocks for the tensor cores, dividing C where C is a multiple of 16 (no masked lanes);
-    # float32 IEEE dots accumulate in registers, so half as wide. The conv keeps nine shifted tiles in
+    # float32 dots (3xTF32) hold more registers, so half as wide. The conv keeps nine shifted tiles in
     # flight: 16 channels keep it clear of register spills (checked with ptxas for sm_90, 8 warps).
     widest = 32 if dtype == torch.float32 else 64
     block_n = next((bn for bn in (64, 32, 16) if bn <= widest and C % bn == 0),
                    min(max(triton.next_power_of_2(C), 16), widest))
     return LaunchConfig(block_p=128, block_w=min(block_w, 128), block_c=16, block_n=block_n)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # Triton's default; it only affects float32 operands
 
 
 def _strides(t: Optional[torch.Tensor]):
@@ -358,7 +352,7 @@ def _gated_fusion_op(y: torch.Tensor, mamba: torch.Tensor, prompt_bias: torch.Te
         g2_weight, g2_bias, C, H, W,
         *y.stride(), *mamba.stride(), *_strides(residual), *out.stride(),
         HAS_RES=residual is not None, **_flag_args(dw_bias, g1_bias, g2_bias),
-        DOT_PRECISION=_dot_precision(g1_weight.dtype), **cfg.launch_args(),
+        DOT_PRECISION=dot_precision(g1_weight.dtype), **cfg.launch_args(),
     )
     return out
 
@@ -389,7 +383,7 @@ def _gated_fusion_backward_op(
     part_b2 = y.new_empty(B, n_tiles, dtype=torch.float32)
     if y.numel() > 0:
         grid = (n_tiles, B)
-        precision = _dot_precision(dtype)
+        precision = dot_precision(dtype)
         _bwd_gate_kernel[grid](
             grad_out, y, mamba, dmamba, dz, dh, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias,
             part_c, part_dw, part_b2, C, H, W, n_tiles,
@@ -404,7 +398,7 @@ def _gated_fusion_backward_op(
     d_prompt_bias = part_c[0].sum(1)
     return (
         dy, dmamba, d_prompt_bias.to(dtype),
-        part_dw.sum((0, 1)).t().reshape(C, 1, 3, 3).to(dtype), part_c[2].sum((0, 1)).to(dtype),
+        part_dw.sum((0, 1)).t().contiguous().view(C, 1, 3, 3).to(dtype), part_c[2].sum((0, 1)).to(dtype),
         torch.einsum("bnhw,bkhw->nk", dh, y.to(dtype)).contiguous(), d_prompt_bias.sum(0).to(dtype),
         part_c[1].sum((0, 1)).view(1, C).to(dtype), part_b2.sum().view(1).to(dtype),
     )

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import interpreter_on, resolve_backend
+from ._backend import resolve_backend
 
-from ._triton import gelu, gelu_grad, jit, tl, triton
+from ._triton import dot_precision, gelu, gelu_grad, jit, tl, triton
 
 COMBINES = ("sum", "logsumexp")
 
@@ -111,13 +111,6 @@ def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.d
     dw_split = max(1, min(64, rows_per_expert // (8 * block_m)))
     return MoeTileConfig(block_m=block_m, block_h=block_h, block_c=block_c,
                          num_warps=8 if wide else 4, dw_split=dw_split)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 dots follow torch's own TF32 switch so parity tests (and default users) get IEEE.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreter_on():
-        return "tf32"
-    return "ieee"
 
 
 # --------------------------------------------------------------------------------------------
@@ -590,7 +583,7 @@ def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine):
         order, block_expert, block_start, offsets, P, C, Hd, N,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None,
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_H=cfg.block_h,
-        PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps)
+        PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps)
     y = torch.empty(P, C, dtype=x.dtype, device=x.device)
     block_p = _combine_block_p(cfg.block_c, x.device)
     _moe_combine_fwd_kernel[(triton.cdiv(P, block_p),)](
@@ -607,7 +600,7 @@ def _moe_bwd_triton(dy, x, weights, indices, w1, b1, w2, out, combine):
     P, K = indices.shape
     N, C, Hd = w1.shape
     cfg = _tile_config(K * P, N, C, Hd, x.device)
-    precision = _dot_precision(x.dtype)
+    precision = dot_precision(x.dtype)
     dout = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
     dweights = torch.empty(P, K, dtype=weights.dtype, device=x.device)
     block_p = _combine_block_p(cfg.block_c, x.device)

@@ -145,3 +145,17 @@ def test_imports_subcommands_and_model_construction_need_no_open_clip():
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == "DAClipPrior needs open_clip imports ok".split()
+
+
+def test_graph_mode_is_only_asked_of_the_capturable_backend():
+    """A failed capture can leave CUDA unusable, so ``--graph`` adds triton cases only (after eager)."""
+    import argparse
+
+    from m2restore.benchmark import add_arguments, cases_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--backends", "reference,torch,triton", "--dtypes", "fp32", "--graph"])
+    cases = cases_from_args(args, torch.device("cuda"))
+    assert [(c.backend, c.mode) for c in cases] == [
+        ("reference", "eager"), ("torch", "eager"), ("triton", "eager"), ("triton", "graph")]

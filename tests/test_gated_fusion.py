@@ -16,7 +16,8 @@ from m2restore_kernels import gated_fusion, gated_fusion_ref
 gf = importlib.import_module("m2restore_kernels.gated_fusion")  # the package re-exports a function of that name
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# About 20 units of roundoff for float16 (2**-11); bfloat16's unit is 8x larger (2**-8), so ~8 units.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 NAMES = ("y", "mamba", "prompt_bias", "dw_weight", "dw_bias", "g1_weight", "g1_bias", "g2_weight", "g2_bias",
          "residual")
 

@@ -13,7 +13,8 @@ from m2restore_kernels.moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softm
 BACKENDS = ("torch", "triton")
 # With CUDA the sweep runs there (Triton compiled for the GPU); else on CPU, Triton interpreted.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# About 20 units of roundoff for float16 (2**-11); bfloat16's unit is 8x larger (2**-8), so ~8 units.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(autouse=True, scope="module")
