@@ -5,5 +5,8 @@ from setuptools import find_packages, setup
 setup(
     packages=["m2restore_kernels"] + find_packages(include=["m2restore", "m2restore.*"]),
     package_dir={"m2restore_kernels": "kernels"},
-    package_data={"m2restore": ["assets/demo_tiny/*.json", "assets/demo_tiny/*.safetensors", "assets/samples/*.png"]},
+    package_data={
+        "m2restore_kernels": ["csrc/*.c"],  # C loops built on first use (kernels/_native.py)
+        "m2restore": ["assets/demo_tiny/*.json", "assets/demo_tiny/*.safetensors", "assets/samples/*.png"],
+    },
 )

@@ -2,9 +2,10 @@
 
 The Mamba branch scans the latent of the image: batch 1, d_inner 768 (2 x 384 channels), d_state
 16, over L = 784 tokens for a 224x224 input (28x28 latent) and L = 4096 for 512x512 (64x64).
-Implementations: the sequential reference, our chunked PyTorch path, our Triton kernel (CUDA only:
-on CPU it would time the interpreter) and mamba_ssm's CUDA kernel where it is installed; each for
-the forward pass and forward + backward. Inputs follow the mixer's call: softplus(delta + bias)
+Implementations: the sequential reference; ``torch``, what ``backend="torch"`` runs (on CPU the
+fused C loop of ``csrc/selective_scan_cpu.c``, elsewhere the chunked scan); ``chunked``, the chunked
+PyTorch scan itself; our Triton kernel (CUDA only: on CPU it would time the interpreter) and
+mamba_ssm's CUDA kernel where it is installed; each for the forward pass and forward + backward. Inputs follow the mixer's call: softplus(delta + bias)
 with mamba_ssm's dt initialisation, the S4D-real A = -[1..16], D and z gating.
 
 ``--quick`` shrinks the channels and lengths so the whole group runs in seconds.
@@ -25,7 +26,7 @@ ss = importlib.import_module("m2restore_kernels.selective_scan")
 CUDA = torch.cuda.is_available()
 SIZES = {"latent224": (1, 768, 784, 16), "latent512": (1, 768, 4096, 16)}
 QUICK_SIZES = {"latent224": (1, 32, 49, 16), "latent512": (1, 32, 256, 16)}
-IMPLS = ("reference", "torch", "triton", "mamba_ssm")
+IMPLS = ("reference", "torch", "chunked", "triton", "mamba_ssm")
 
 
 def scan_inputs(b, d, l, n, device, requires_grad):
@@ -44,6 +45,10 @@ def _runner(impl: str):
         return selective_scan_ref
     if impl == "mamba_ssm":
         return optional_op(*ss.MAMBA_SELECTIVE_SCAN_FN)
+    if impl == "chunked":
+        def chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+            return ss._selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
+        return chunked
     return lambda *a, **k: selective_scan(*a, **k, backend=impl)
 
 

@@ -78,13 +78,19 @@ class MoeTileConfig:
     """Tile sizes of the expert kernels (powers of two, every ``tl.dot`` dimension >= 16).
 
     ``block_c`` covers the whole channel width (the GEMM2 accumulator is (block_m, block_c));
-    ``dw_split`` splits each expert's rows over that many weight-gradient programs.
+    ``dw_split`` splits each expert's rows over that many weight-gradient programs;
+    ``num_stages`` is the software-pipelining depth of the loops over hidden chunks or rows.
     """
     block_m: int
     block_h: int
     block_c: int
     num_warps: int
     dw_split: int
+    num_stages: int = 3  # Triton's default on NVIDIA
+
+    def launch_args(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_C=self.block_c, BLOCK_H=self.block_h,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -95,7 +101,8 @@ def _pow2_at_least_2(n: int) -> int:  # N = 1 or K = 1 would otherwise give a on
     return max(2, triton.next_power_of_2(n))
 
 
-def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.device) -> MoeTileConfig:
+def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.device,
+                 dtype: torch.dtype) -> MoeTileConfig:
     block_c = _pow2_at_least_16(C)
     if device.type != "cuda":
         # The interpreter runs programs one after another at a fixed cost each: few, big programs.
@@ -109,8 +116,12 @@ def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.d
     # Aim for ~8 row blocks per weight-gradient program so the GPU still sees hundreds of programs.
     rows_per_expert = max(1, n_assign // max(1, n_experts))
     dw_split = max(1, min(64, rows_per_expert // (8 * block_m)))
+    # float32 tiles take twice the shared memory of 16-bit ones: at three stages the streamed weight
+    # chunks alone outgrew an H100's 227 KiB once block_c reached 128 (Triton's OutOfResources, seen
+    # with 3xTF32 dots); fewer stages keep one (block_c >= 128) or two in flight.
+    num_stages = 3 if dtype != torch.float32 else (2 if block_c <= 64 else 1)
     return MoeTileConfig(block_m=block_m, block_h=block_h, block_c=block_c,
-                         num_warps=8 if wide else 4, dw_split=dw_split)
+                         num_warps=8 if wide else 4, dw_split=dw_split, num_stages=num_stages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,7 +585,7 @@ def _moe_bwd_torch(dy, x, weights, indices, w1, b1, w2, out, combine):
 def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine):
     P, K = indices.shape
     N, C, Hd = w1.shape
-    cfg = _tile_config(K * P, N, C, Hd, x.device)
+    cfg = _tile_config(K * P, N, C, Hd, x.device, x.dtype)
     order, offsets = _sort_assignments(indices, N)
     block_expert, block_start, grid = _row_blocks(offsets, K * P, cfg.block_m)
     out = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
@@ -582,8 +593,7 @@ def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine):
         x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out,
         order, block_expert, block_start, offsets, P, C, Hd, N,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_H=cfg.block_h,
-        PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps)
+        PRECISION=dot_precision(x.dtype), **cfg.launch_args())
     y = torch.empty(P, C, dtype=x.dtype, device=x.device)
     block_p = _combine_block_p(cfg.block_c, x.device)
     _moe_combine_fwd_kernel[(triton.cdiv(P, block_p),)](
@@ -599,7 +609,7 @@ def _combine_block_p(block_c: int, device: torch.device) -> int:
 def _moe_bwd_triton(dy, x, weights, indices, w1, b1, w2, out, combine):
     P, K = indices.shape
     N, C, Hd = w1.shape
-    cfg = _tile_config(K * P, N, C, Hd, x.device)
+    cfg = _tile_config(K * P, N, C, Hd, x.device, x.dtype)
     precision = dot_precision(x.dtype)
     dout = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
     dweights = torch.empty(P, K, dtype=weights.dtype, device=x.device)
@@ -613,16 +623,14 @@ def _moe_bwd_triton(dy, x, weights, indices, w1, b1, w2, out, combine):
     dxa = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
     _moe_expert_bwd_dx_kernel[(grid,)](
         x, w1, b1_arg, w2, dout, dxa, order, block_expert, block_start, offsets, P, C, Hd, N,
-        HAS_B1=b1 is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_H=cfg.block_h,
-        PRECISION=precision, num_warps=cfg.num_warps)
+        HAS_B1=b1 is not None, PRECISION=precision, **cfg.launch_args())
     split = cfg.dw_split
     f32 = dict(dtype=torch.float32, device=x.device)
     dw1, db1 = torch.empty(split, N, C, Hd, **f32), torch.empty(split, N, Hd, **f32)
     dw2, db2 = torch.empty(split, N, Hd, C, **f32), torch.empty(split, N, C, **f32)
     _moe_expert_bwd_dw_kernel[(N, triton.cdiv(Hd, cfg.block_h), split)](
         x, w1, b1_arg, w2, dout, order, offsets, dw1, db1, dw2, db2, P, C, Hd, N,
-        SPLIT=split, HAS_B1=b1 is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
-        BLOCK_H=cfg.block_h, PRECISION=precision, num_warps=cfg.num_warps)
+        SPLIT=split, HAS_B1=b1 is not None, PRECISION=precision, **cfg.launch_args())
     dx = dxa.view(K, P, C).sum(0).to(x.dtype)
     return (dx, dweights, dw1.sum(0).to(w1.dtype), db1.sum(0).to(w1.dtype),
             dw2.sum(0).to(w2.dtype), db2.sum(0).to(w2.dtype))

@@ -21,6 +21,11 @@ Three implementations:
   ~600); where even single steps decay beyond the bound, a log-space scan (float64
   ``logcumsumexp`` of the positive and negative parts) is exact at any decay. Channels go in blocks
   small enough to stay in cache. Gradients: autograd through these ops.
+* Native CPU path (``backend="torch"`` on CPU, float32/16/bf16): the recurrence as one fused C loop
+  (``csrc/selective_scan_cpu.c``, built on first use by ``_native``), channels in parallel, each
+  channel's states in registers; the backward recomputes each chunk of states from checkpoints and
+  runs the adjoint recurrence backwards, like the Triton kernels. Without a C compiler (or with
+  ``M2RESTORE_NATIVE=0``), and for float64, the chunked scan above runs instead.
 * Triton path: one program per (batch, group, block of channels) keeps its (BLOCK_D, d_state)
   states in registers and walks the sequence in order (the recurrence is strictly sequential; the
   parallelism is batch x channels). The forward stores the states every ``CHUNK`` steps; the
@@ -34,6 +39,7 @@ lazily, never on CPU), else the Triton path.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -42,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _native
 from ._backend import extension_op, resolve_backend
-
 from ._triton import jit, tl, triton
 
 
@@ -524,20 +530,100 @@ def _scan_bwd_triton(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, del
 
 
 # --------------------------------------------------------------------------------------------
+# Native CPU path (csrc/selective_scan_cpu.c through ctypes)
+# --------------------------------------------------------------------------------------------
+NATIVE_CHUNK = 64  # steps per checkpoint: the backward's per-thread buffer is (NATIVE_CHUNK + 1, n)
+
+
+class _ScanShape(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_int64) for f in ("b", "d", "l", "n", "gB", "gC", "chunk", "nck")] + \
+               [(f, ctypes.c_int) for f in ("has_D", "has_z", "has_bias", "softplus")]
+
+
+@torch.compiler.assume_constant_result
+def native_scan_ready() -> bool:
+    """Whether the C scan is built (or builds now) on this machine; constant for torch.compile."""
+    return _native.load("selective_scan_cpu") is not None
+
+
+def _native_shape(u, A, B, C, D, z, delta_bias, delta_softplus) -> _ScanShape:
+    b, d, l = u.shape
+    return _ScanShape(b, d, l, A.shape[1], _group_sizes(B, d)[0], _group_sizes(C, d)[0], NATIVE_CHUNK,
+                      -(-l // NATIVE_CHUNK), D is not None, z is not None, delta_bias is not None,
+                      delta_softplus)
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _state_minor(X: Tensor, l: int) -> Tensor:
+    """B or C, (b, n, l) or (b, g, n, l) -> (b, g, l, n) float32: one step's states adjacent."""
+    b, n = X.shape[0], X.shape[-2]
+    return X.reshape(b, -1, n, l).transpose(-1, -2).to(torch.float32).contiguous()
+
+
+def _ptr(t: Optional[Tensor]):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _scan_fwd_native(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    shape = _native_shape(u, A, B, C, D, z, delta_bias, delta_softplus)
+    b, d, l, n = shape.b, shape.d, shape.l, shape.n
+    ins = [_f32(t) for t in (u, delta, A)] + [_state_minor(B, l), _state_minor(C, l)] + \
+          [_f32(t) for t in (D, z, delta_bias)]
+    out = torch.empty(b, d, l)
+    last, ckpt = torch.empty(b, d, n), torch.empty(b, shape.nck, d, n)
+    _native.load("selective_scan_cpu").scan_fwd(
+        ctypes.byref(shape), ctypes.c_int(torch.get_num_threads()), *map(_ptr, ins + [out, last, ckpt]))
+    return out.to(u.dtype), last, ckpt
+
+
+def _scan_bwd_native(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus):
+    shape = _native_shape(u, A, B, C, D, z, delta_bias, delta_softplus)
+    b, d, l, n = shape.b, shape.d, shape.l, shape.n
+    threads = torch.get_num_threads()
+    ins = [_f32(t) for t in (u, delta, A)] + [_state_minor(B, l), _state_minor(C, l)] + \
+          [_f32(t) for t in (D, z, delta_bias, ckpt, dout, dlast)]
+    du, ddelta = torch.empty(b, d, l), torch.empty(b, d, l)
+    dz = torch.empty(b, d, l) if z is not None else None
+    dA_part, dD_part, dbias_part = torch.empty(b, d, n), torch.empty(b, d), torch.empty(b, d)
+    # Per-thread partial sums of the gradients every channel of a group adds to.
+    dB_part, dC_part = torch.zeros(threads, b, shape.gB, l, n), torch.zeros(threads, b, shape.gC, l, n)
+    _native.load("selective_scan_cpu").scan_bwd(
+        ctypes.byref(shape), ctypes.c_int(threads),
+        *map(_ptr, ins + [du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part]))
+
+    def per_group(part: Tensor, X: Tensor) -> Tensor:
+        return part.sum(0).transpose(-1, -2).reshape(X.shape).to(X.dtype).contiguous()
+
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA_part.sum(0).to(A.dtype), per_group(dB_part, B),
+            per_group(dC_part, C), dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0),
+            dz.to(z.dtype) if z is not None else u.new_empty(0),
+            dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0))
+
+
+# --------------------------------------------------------------------------------------------
 # Custom ops (torch.compile / torch.export see them as single nodes)
 # --------------------------------------------------------------------------------------------
+def _checkpoint_chunk(impl: str, u: Tensor, B: Tensor, C: Tensor, n: int) -> int:
+    return NATIVE_CHUNK if impl == "native" else _kernel_config(u, B, C, n).chunk
+
+
 @torch.library.custom_op("m2restore_kernels::selective_scan", mutates_args=())
 def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton forward -> (out (b, d, l), last state (b, d, n) f32, checkpoints (b, chunks, d, n) f32)."""
-    return _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+             delta_bias: Optional[Tensor], delta_softplus: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward of the fused kernels (``impl`` "triton" or "native") -> (out (b, d, l), last state
+    (b, d, n) f32, checkpoints (b, chunks, d, n) f32)."""
+    fwd = _scan_fwd_native if impl == "native" else _scan_fwd_triton
+    return fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 @_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
     b, d, l = u.shape
     n = A.shape[1]
-    n_chunks = triton.cdiv(l, _kernel_config(u, B, C, n).chunk)
+    n_chunks = -(-l // _checkpoint_chunk(impl, u, B, C, n))
     return (torch.empty_like(u), u.new_empty(b, d, n, dtype=torch.float32),
             u.new_empty(b, n_chunks, d, n, dtype=torch.float32))
 
@@ -545,14 +631,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 @torch.library.custom_op("m2restore_kernels::selective_scan_bwd", mutates_args=())
 def _scan_bwd_op(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                  D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], ckpt: Tensor,
-                 delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 delta_softplus: bool, impl: str
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (empty where the input is None)."""
-    return _scan_bwd_triton(dout.contiguous(), None if dlast is None else dlast.contiguous(), u, delta, A, B, C, D,
-                            z, delta_bias, ckpt, delta_softplus)
+    bwd = _scan_bwd_native if impl == "native" else _scan_bwd_triton
+    return bwd(dout.contiguous(), None if dlast is None else dlast.contiguous(), u, delta, A, B, C, D,
+               z, delta_bias, ckpt, delta_softplus)
 
 
 @_scan_bwd_op.register_fake
-def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus):
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus, impl):
     def like(x):
         return torch.empty_like(x) if x is not None else u.new_empty(0)
 
@@ -561,8 +649,8 @@ def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus):
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
-    ctx.delta_softplus = delta_softplus
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl = inputs
+    ctx.delta_softplus, ctx.impl = delta_softplus, impl
     ctx.present = (D is not None, z is not None, delta_bias is not None)
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
 
@@ -570,9 +658,10 @@ def _scan_setup_context(ctx, inputs, output):
 def _scan_backward(ctx, dout, dlast, _dckpt):
     u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd_op(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt,
-                                                         ctx.delta_softplus)
+                                                         ctx.delta_softplus, ctx.impl)
     has_D, has_z, has_bias = ctx.present
-    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None, None)
+    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
+            None, None)
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
@@ -582,6 +671,14 @@ _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 # Public entry
 # --------------------------------------------------------------------------------------------
 MAMBA_SELECTIVE_SCAN_FN = ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+
+
+def _torch_path_impl(u: Tensor, delta: Tensor) -> str:
+    """The implementation behind ``backend="torch"``: the fused C loop for CPU tensors computed in
+    float32 where it builds, else the chunked PyTorch scan (float64, other devices, no compiler)."""
+    if u.device.type == "cpu" and delta.dtype != torch.float64 and native_scan_ready():
+        return "native"
+    return "chunked"
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -603,9 +700,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return package_fn(
             u, delta, A.float(), B, C, None if D is None else D.float(), z,
             None if delta_bias is None else delta_bias.float(), delta_softplus, return_last_state)
-    if path == "triton":
+    impl = "triton" if path == "triton" else _torch_path_impl(u, delta)
+    if impl != "chunked":
         args = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
-        out, last, _ = _scan_op(*args, delta_softplus)
+        out, last, _ = _scan_op(*args, delta_softplus, impl)
     else:
         out, last = _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (out, last) if return_last_state else out

@@ -118,17 +118,36 @@ def test_reference_grouped_b_c_reads_channel_group():
 
 
 # --------------------------------------------------------------------------------------------
-# PyTorch path (chunked scan): the full grid
+# backend="torch": the C loop (CPU tensors) and the chunked PyTorch scan, the full grid for each
 # --------------------------------------------------------------------------------------------
+@pytest.fixture(params=["native", "chunked"])
+def torch_impl(request, monkeypatch):
+    """Runs the test with one implementation behind backend="torch", and checks it was the one used."""
+    calls = []
+    if request.param == "native":
+        if DEVICE.type != "cpu":
+            pytest.skip("the C scan serves CPU tensors")
+        if not ss.native_scan_ready():
+            pytest.skip("no working C compiler here: backend='torch' runs the chunked scan")
+        native_fwd = ss._scan_fwd_native
+        monkeypatch.setattr(ss, "_scan_fwd_native", lambda *a: calls.append(1) or native_fwd(*a))
+    else:
+        monkeypatch.setattr(ss, "native_scan_ready", lambda: False)
+        chunked = ss._selective_scan_torch
+        monkeypatch.setattr(ss, "_selective_scan_torch", lambda *a, **k: calls.append(1) or chunked(*a, **k))
+    yield request.param
+    assert calls, f"the {request.param} implementation never ran"
+
+
 @pytest.mark.parametrize("l", [1, 7, 64, 300])
 @pytest.mark.parametrize("n", [1, 4, 16])
-def test_torch_all_options(l, n):
+def test_torch_all_options(l, n, torch_impl):
     check_against_float64(make_inputs(2, 6, l, n), "torch")
 
 
 @pytest.mark.parametrize("regime", ["memory", "forget"])
 @pytest.mark.parametrize("l", [64, 300])
-def test_torch_decay_regimes(regime, l):
+def test_torch_decay_regimes(regime, l, torch_impl):
     """Long memory (carries across all chunks) and near-total forgetting (chunks of one step)."""
     check_against_float64(make_inputs(2, 4, l, 16, regime=regime), "torch")
 
@@ -136,17 +155,17 @@ def test_torch_decay_regimes(regime, l):
 @pytest.mark.parametrize("D,z,bias,softplus", [
     (False, False, False, False), (True, False, False, True), (False, True, False, True),
     (False, False, True, True), (True, True, True, False), (False, True, True, False)])
-def test_torch_option_subsets(D, z, bias, softplus):
+def test_torch_option_subsets(D, z, bias, softplus, torch_impl):
     args = make_inputs(2, 4, 64, 4, D=D, z=z, bias=bias, regime="mamba" if softplus or bias else "memory")
     check_against_float64(positive_steps(args) if not softplus else args, "torch", softplus=softplus)
 
 
 @pytest.mark.parametrize("groups,l", [(2, 64), (3, 300), (6, 7)])
-def test_torch_grouped(groups, l):
+def test_torch_grouped(groups, l, torch_impl):
     check_against_float64(make_inputs(2, 6, l, 4, groups=groups), "torch")
 
 
-def test_torch_without_last_state_grad_and_float16():
+def test_torch_without_last_state_grad_and_float16(torch_impl):
     check_against_float64(make_inputs(2, 4, 300, 16, dtype=torch.float16), "torch", last_state=False)
 
 
@@ -188,10 +207,13 @@ def test_triton_grouped_and_float16():
     check_against_float64(make_inputs(1, 4, 64, 16, dtype=torch.float16), "triton")
 
 
-def test_triton_custom_op_registration():
-    """Fake (meta) kernels, autograd registration and schema agree with the real op."""
-    args = [None if t is None else t.detach() for t in make_inputs(1, 2, 3, 2)]
-    torch.library.opcheck(ss._scan_op, (*args, True), test_utils=("test_schema", "test_faketensor"))
+@pytest.mark.parametrize("impl", ["triton", "native"])
+def test_custom_op_registration(impl):
+    """Fake (meta) kernels, autograd registration and schema agree with the real op (both fused paths)."""
+    if impl == "native" and (DEVICE.type != "cpu" or not ss.native_scan_ready()):
+        pytest.skip("the C scan needs CPU tensors and a working C compiler")
+    args = [None if t is None else t.detach() for t in make_inputs(1, 2, 70, 2)]
+    torch.library.opcheck(ss._scan_op, (*args, True, impl), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_triton_compiles_without_graph_break():

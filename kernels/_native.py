@@ -1,0 +1,77 @@
+"""C kernels for the CPU, compiled on first use and loaded with ctypes.
+
+Triton has no CPU backend, so the few loops that PyTorch cannot fuse (the selective scan's
+recurrence) are plain C files under ``csrc/``. The first call compiles one with the system C
+compiler (``$CC``, else ``cc``; the same compiler Triton itself needs on a GPU machine) into a
+cache folder (``$M2RESTORE_KERNELS_CACHE``, else ``~/.cache/m2restore_kernels``), keyed by the
+source, the flags and this processor, so later processes load it at once. Where no compiler works,
+or ``M2RESTORE_NATIVE=0``, :func:`load` returns None and the callers run their PyTorch paths.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+CSRC = Path(__file__).with_name("csrc")
+# -march=native: built where it runs. -ffast-math lets the compiler vectorise expf/logf (glibc's
+# libmvec); -fno-associative-math keeps it from "simplifying" compensated expressions such as
+# ((1 + e) - 1) - e, while `omp simd reduction` still vectorises the sums it is asked to.
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fopenmp", "-fPIC", "-shared")
+
+
+def native_enabled() -> bool:
+    return os.environ.get("M2RESTORE_NATIVE", "1") != "0"
+
+
+def _cpu_signature() -> str:
+    """The processor's model and feature flags: a library built with -march=native runs only there."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("M2RESTORE_KERNELS_CACHE") or Path.home() / ".cache" / "m2restore_kernels"
+    return Path(root)
+
+
+@functools.lru_cache(maxsize=None)
+def load(name: str) -> Optional[ctypes.CDLL]:
+    """``csrc/<name>.c`` as a loaded shared library, or None (disabled, no compiler, build failed)."""
+    if not native_enabled():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = CSRC / f"{name}.c"
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"{name}-{key}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Build beside the target, then rename: concurrent first calls never load half a file.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], check=True, capture_output=True,
+                           text=True, timeout=120)
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", None) or exc
+            warnings.warn(f"m2restore_kernels: could not build {source.name} ({detail}); "
+                          f"using the PyTorch path instead", RuntimeWarning, stacklevel=2)
+            if "tmp" in locals() and os.path.exists(tmp):
+                os.unlink(tmp)
+            return None
+    return ctypes.CDLL(str(target))

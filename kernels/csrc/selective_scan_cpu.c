@@ -1,0 +1,185 @@
+/* Selective scan on the CPU: the recurrence of kernels/selective_scan.py as one fused loop.
+ *
+ * Compiled on first use by kernels/_native.py (cc -O3 -march=native -ffast-math -fopenmp) and
+ * called through ctypes; no Python or torch headers. Every tensor is float32 and contiguous:
+ *   u, delta, z, out, du, ddelta, dz, dout : (b, d, l)
+ *   A : (d, n);  D, bias : (d)
+ *   Bt, Ct : (b, g, l, n), time-major so the n states of one step are adjacent (one vector)
+ *   last, dlast : (b, d, n);  ckpt : (b, nck, d, n), the state before each chunk's first step
+ * Channels run in parallel (OpenMP); each keeps its n states in registers and walks the sequence.
+ * The backward recomputes a chunk's states from its checkpoint into a small buffer, then runs the
+ * adjoint recurrence backwards over them. Gradients shared by channels (B, C) go to per-thread
+ * partial buffers (threads, b, g, l, n) that the caller sums, so results do not depend on timing.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+typedef struct {
+    int64_t b, d, l, n, gB, gC, chunk, nck;
+    int has_D, has_z, has_bias, softplus;
+} scan_shape;
+
+/* delta'_t = softplus(delta_t + bias) (or the sum as is) for a whole row, and, when slope is not
+ * NULL, d delta'/d delta. A loop of its own so the compiler vectorises expf/logf over steps;
+ * softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|), with log1p from logf by the classic
+ * correction log(w) - ((w - 1) - e) / w, w = 1 + e (exact to float rounding for tiny e). */
+static void row_delta(const float *delta, float bias, int64_t l, int softplus, float *dl, float *slope) {
+    if (!softplus) {
+#pragma omp simd
+        for (int64_t t = 0; t < l; t++)
+            dl[t] = delta[t] + bias;
+        if (slope)
+            for (int64_t t = 0; t < l; t++)
+                slope[t] = 1.0f;
+        return;
+    }
+#pragma omp simd
+    for (int64_t t = 0; t < l; t++) {
+        const float x = delta[t] + bias, e = expf(-fabsf(x)), w = 1.0f + e;
+        dl[t] = fmaxf(x, 0.0f) + (logf(w) - ((w - 1.0f) - e) / w);
+        if (slope)
+            slope[t] = x >= 0.0f ? 1.0f / w : e / w; /* sigmoid(x) */
+    }
+}
+
+static inline const float *group_rows(const float *X, const scan_shape *s, int64_t g, int64_t bi, int64_t ch) {
+    int64_t gi = ch / (s->d / g);
+    return X + (bi * g + gi) * s->l * s->n;
+}
+
+void scan_fwd(const scan_shape *s, int threads, const float *u, const float *delta, const float *A,
+              const float *Bt, const float *Ct, const float *D, const float *z, const float *bias,
+              float *out, float *last, float *ckpt) {
+    const int64_t d = s->d, l = s->l, n = s->n;
+#pragma omp parallel num_threads(threads)
+    {
+        float *dl = malloc((size_t)(l > 0 ? l : 1) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t bd = 0; bd < s->b * d; bd++) {
+            const int64_t bi = bd / d, ch = bd % d;
+            const float *a_row = A + ch * n;
+            const float *Bg = group_rows(Bt, s, s->gB, bi, ch), *Cg = group_rows(Ct, s, s->gC, bi, ch);
+            const float *ur = u + bd * l;
+            const float Dc = s->has_D ? D[ch] : 0.0f;
+            float *restrict yr = out + bd * l;
+            float h[n]; /* a local array the compiler can keep in registers: nothing else aliases it */
+            row_delta(delta + bd * l, s->has_bias ? bias[ch] : 0.0f, l, s->softplus, dl, NULL);
+            memset(h, 0, n * sizeof(float));
+            for (int64_t t = 0; t < l; t++) {
+                if (t % s->chunk == 0)
+                    memcpy(ckpt + ((bi * s->nck + t / s->chunk) * d + ch) * n, h, n * sizeof(float));
+                const float dt = dl[t], du = dt * ur[t];
+                const float *Bs = Bg + t * n, *Cs = Cg + t * n;
+                float y = 0.0f;
+#pragma omp simd reduction(+ : y)
+                for (int64_t k = 0; k < n; k++) {
+                    h[k] = expf(dt * a_row[k]) * h[k] + du * Bs[k];
+                    y += h[k] * Cs[k];
+                }
+                yr[t] = y;
+            }
+            memcpy(last + bd * n, h, n * sizeof(float));
+            if (s->has_z) {
+                const float *zr = z + bd * l;
+#pragma omp simd
+                for (int64_t t = 0; t < l; t++)
+                    yr[t] = (yr[t] + Dc * ur[t]) * (zr[t] / (1.0f + expf(-zr[t])));
+            } else {
+#pragma omp simd
+                for (int64_t t = 0; t < l; t++)
+                    yr[t] += Dc * ur[t];
+            }
+        }
+        free(dl);
+    }
+}
+
+void scan_bwd(const scan_shape *s, int threads, const float *u, const float *delta, const float *A,
+              const float *Bt, const float *Ct, const float *D, const float *z, const float *bias,
+              const float *ckpt, const float *dout, const float *dlast,
+              float *du, float *ddelta, float *dz, float *dA_part, float *dD_part, float *dbias_part,
+              float *dB_part, float *dC_part) {
+    const int64_t d = s->d, l = s->l, n = s->n;
+    const int64_t part_B = s->b * s->gB * l * n, part_C = s->b * s->gC * l * n;
+#pragma omp parallel num_threads(threads)
+    {
+        const int tid = omp_get_thread_num();
+        float *H = malloc((size_t)(s->chunk + 1) * n * sizeof(float)); /* row 0: the chunk's entry state */
+        float *dh = malloc((size_t)n * sizeof(float)), *dA = malloc((size_t)n * sizeof(float));
+        float *dl = malloc((size_t)(l > 0 ? l : 1) * sizeof(float)), *slope = malloc((size_t)(l > 0 ? l : 1) * sizeof(float));
+        float *dBt = dB_part + tid * part_B, *dCt = dC_part + tid * part_C;
+#pragma omp for schedule(static)
+        for (int64_t bd = 0; bd < s->b * d; bd++) {
+            const int64_t bi = bd / d, ch = bd % d;
+            const float *a_row = A + ch * n;
+            const int64_t off_B = group_rows(Bt, s, s->gB, bi, ch) - Bt, off_C = group_rows(Ct, s, s->gC, bi, ch) - Ct;
+            const float *Bg = Bt + off_B, *Cg = Ct + off_C;
+            float *dBg = dBt + off_B, *dCg = dCt + off_C;
+            const float *ur = u + bd * l;
+            const float Dc = s->has_D ? D[ch] : 0.0f;
+            double dD_acc = 0.0, dbias_acc = 0.0;
+            row_delta(delta + bd * l, s->has_bias ? bias[ch] : 0.0f, l, s->softplus, dl, slope);
+            for (int64_t k = 0; k < n; k++) {
+                dh[k] = dlast ? dlast[bd * n + k] : 0.0f;
+                dA[k] = 0.0f;
+            }
+            for (int64_t c = s->nck - 1; c >= 0; c--) {
+                const int64_t t0 = c * s->chunk, t1 = t0 + s->chunk < l ? t0 + s->chunk : l;
+                memcpy(H, ckpt + ((bi * s->nck + c) * d + ch) * n, n * sizeof(float));
+                for (int64_t t = t0; t < t1; t++) { /* recompute the chunk's states */
+                    const float dt = dl[t], dus = dt * ur[t];
+                    const float *Bs = Bg + t * n, *hp = H + (t - t0) * n;
+                    float *hn = H + (t - t0 + 1) * n;
+#pragma omp simd
+                    for (int64_t k = 0; k < n; k++)
+                        hn[k] = expf(dt * a_row[k]) * hp[k] + dus * Bs[k];
+                }
+                for (int64_t t = t1 - 1; t >= t0; t--) { /* adjoint, backwards in time */
+                    const float dt = dl[t], ut = ur[t];
+                    const float *Bs = Bg + t * n, *Cs = Cg + t * n;
+                    const float *ht = H + (t - t0 + 1) * n, *hp = H + (t - t0) * n;
+                    float *dBs = dBg + t * n, *dCs = dCg + t * n;
+                    float gy = dout[bd * l + t];
+                    if (s->has_z) {
+                        float y = Dc * ut;
+#pragma omp simd reduction(+ : y)
+                        for (int64_t k = 0; k < n; k++)
+                            y += ht[k] * Cs[k];
+                        const float zt = z[bd * l + t], sz = 1.0f / (1.0f + expf(-zt));
+                        dz[bd * l + t] = gy * y * sz * (1.0f + zt * (1.0f - sz));
+                        gy *= zt * sz;
+                    }
+                    dD_acc += (double)gy * ut;
+                    float ddl = 0.0f, dus = 0.0f;
+#pragma omp simd reduction(+ : ddl, dus)
+                    for (int64_t k = 0; k < n; k++) {
+                        const float ak = expf(dt * a_row[k]);
+                        dCs[k] += gy * ht[k];
+                        const float g = dh[k] + gy * Cs[k]; /* d loss / d h_t */
+                        const float decay = g * hp[k] * ak; /* d loss / d (dl A_k) */
+                        dBs[k] += g * dt * ut;
+                        dA[k] += decay * dt;
+                        ddl += decay * a_row[k] + g * ut * Bs[k];
+                        dus += g * Bs[k];
+                        dh[k] = g * ak;
+                    }
+                    du[bd * l + t] = gy * Dc + dt * dus;
+                    const float draw = ddl * slope[t];
+                    ddelta[bd * l + t] = draw;
+                    dbias_acc += draw;
+                }
+            }
+            memcpy(dA_part + bd * n, dA, n * sizeof(float));
+            dD_part[bd] = (float)dD_acc;
+            dbias_part[bd] = (float)dbias_acc;
+        }
+        free(H);
+        free(dh);
+        free(dA);
+        free(dl);
+        free(slope);
+    }
+}
