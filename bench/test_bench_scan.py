@@ -1,4 +1,4 @@
-"""Selective-scan benchmarks at the MCDB latent sizes (group ``scan``).
+"""Selective-scan benchmarks at the MCDB latent sizes (groups ``scan <size> <pass>``).
 
 The Mamba branch scans the latent of the image: batch 1, d_inner 768 (2 x 384 channels), d_state
 16, over L = 784 tokens for a 224x224 input (28x28 latent) and L = 4096 for 512x512 (64x64).
@@ -52,7 +52,6 @@ def _runner(impl: str):
     return lambda *a, **k: selective_scan(*a, **k, backend=impl)
 
 
-@pytest.mark.benchmark(group="scan")
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("size", list(SIZES))
@@ -62,6 +61,7 @@ def test_bench_selective_scan(bench, benchmark, quick, device, size, impl, mode)
     if impl == "mamba_ssm" and not (CUDA and optional_op(*ss.MAMBA_SELECTIVE_SCAN_FN) is not None):
         pytest.skip("mamba_ssm's kernel needs CUDA and the mamba-ssm package")
     b, d, l, n = (QUICK_SIZES if quick else SIZES)[size]
+    benchmark.group = f"scan {size} (b{b} d{d} l{l} n{n}) {mode}"
     backward = mode == "fwd_bwd"
     inputs = scan_inputs(b, d, l, n, device, backward)
     run = _runner(impl)
