@@ -2,6 +2,7 @@
 torch.compile / torch.export. On CPU the Triton path runs in the interpreter (TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from m2restore_kernels.moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
+
+moe = importlib.import_module("m2restore_kernels.moe")  # the package re-exports functions of the same names
 
 BACKENDS = ("torch", "triton")
 # With CUDA the sweep runs there (Triton compiled for the GPU); else on CPU, Triton interpreted.
@@ -178,6 +181,21 @@ def test_moe_mlp_without_biases_and_repeated_experts(backend):
     weights = torch.rand(P, K, generator=g, dtype=torch.float64) + 0.1
     assert (indices[:, 0] == indices[:, 1]).any()
     check_moe(backend, torch.float32, x, weights, indices, make_experts(N, C, Hd, bias=False), "sum")
+
+
+@pytest.mark.parametrize("combine", ["sum", "logsumexp"])
+@pytest.mark.parametrize("native", [True, False], ids=["native-combine", "torch-combine"])
+def test_torch_path_both_combine_implementations(combine, native, monkeypatch):
+    """On CPU the torch path combines the K outputs in C (csrc/moe_combine_cpu.c) where it builds,
+    else with PyTorch ops: both give the reference's forward and gradients, zero weights included."""
+    if native and (DEVICE.type != "cpu" or moe._native_combine(torch.empty(0)) is None):
+        pytest.skip("the C combination serves CPU tensors and needs a working C compiler")
+    if not native:
+        monkeypatch.setattr(moe, "_native_combine", lambda out: None)
+    x, weights, indices, experts = _routing_case("dder_like")
+    weights = weights.clone()
+    weights[:5, 1] = 0.0  # a softmax that underflowed: log w = -inf on the logsumexp path
+    check_moe("torch", torch.float32, x, weights, indices, experts, combine)
 
 
 def test_moe_mlp_by_hand():

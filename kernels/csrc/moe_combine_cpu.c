@@ -1,0 +1,103 @@
+/* The K-way combination of moe_mlp's expert outputs on the CPU, as one pass over the rows.
+ *
+ * Built and loaded like selective_scan_cpu.c (kernels/_native.py). float32, contiguous:
+ *   out : (K, P, C) expert outputs, row k*P + p;  w : (P, K) gate weights
+ *   y, dy : (P, C);  dout : (K, P, C);  dw : (P, K)
+ * lse = 0: y = sum_k w_k o_k.   lse = 1: y = log sum_k w_k exp(o_k), as a log-sum-exp of
+ * o_k + log w_k (stable for any o). The same formulas as _combine_rows in kernels/moe.py; here the
+ * point is that expf/logf vectorise (libmvec), where PyTorch's CPU log/logaddexp run scalar.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+
+/* log w, with a zero weight (a softmax that underflowed) as the most negative finite float: the
+ * library is built with -ffast-math, which assumes no infinities. */
+static inline float log_weight(float w) { return w > 0.0f ? logf(w) : -FLT_MAX; }
+
+static void combine_row(int64_t P, int64_t C, int64_t K, int lse, const float *out, const float *w, int64_t p,
+                        float *y) {
+    const float *o0 = out + p * C;
+    if (!lse) {
+        const float w0 = w[p * K];
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++)
+            y[c] = w0 * o0[c];
+        for (int64_t k = 1; k < K; k++) {
+            const float *ok = out + (k * P + p) * C, wk = w[p * K + k];
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++)
+                y[c] += wk * ok[c];
+        }
+        return;
+    }
+    /* y holds the running max m of t_k = o_k + log w_k, then m + log sum_k w_k exp(o_k - m).
+     * Whole-row passes, each a plain loop over c that the compiler vectorises (expf/logf too). */
+    float s[C];
+    for (int64_t k = 0; k < K; k++) {
+        const float *ok = out + (k * P + p) * C, lw = log_weight(w[p * K + k]);
+        if (k == 0) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++)
+                y[c] = ok[c] + lw;
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++)
+                y[c] = fmaxf(y[c], ok[c] + lw);
+        }
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++)
+        s[c] = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        const float *ok = out + (k * P + p) * C, wk = w[p * K + k];
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++)
+            s[c] += wk * expf(ok[c] - y[c]);
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++)
+        y[c] += logf(s[c]);
+}
+
+void combine_fwd(int64_t P, int64_t C, int64_t K, int lse, int threads, const float *out, const float *w,
+                 float *y) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < P; p++)
+        combine_row(P, C, K, lse, out, w, p, y + p * C);
+}
+
+/* dout[k, p] = dy * w_k * (lse ? exp(o_k - y) : 1);  dw[p, k] = sum_c dy * (lse ? exp(o_k - y) : o_k). */
+void combine_bwd(int64_t P, int64_t C, int64_t K, int lse, int threads, const float *dy, const float *out,
+                 const float *w, float *dout, float *dw) {
+#pragma omp parallel num_threads(threads)
+    {
+        float y[C > 0 ? C : 1];
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < P; p++) {
+            const float *g = dy + p * C;
+            if (lse)
+                combine_row(P, C, K, lse, out, w, p, y);
+            for (int64_t k = 0; k < K; k++) {
+                const float *ok = out + (k * P + p) * C, wk = w[p * K + k];
+                float *dk = dout + (k * P + p) * C;
+                float acc = 0.0f;
+                if (lse) {
+#pragma omp simd reduction(+ : acc)
+                    for (int64_t c = 0; c < C; c++) {
+                        const float share = g[c] * expf(ok[c] - y[c]);
+                        dk[c] = wk * share;
+                        acc += share;
+                    }
+                } else {
+#pragma omp simd reduction(+ : acc)
+                    for (int64_t c = 0; c < C; c++) {
+                        dk[c] = wk * g[c];
+                        acc += g[c] * ok[c];
+                    }
+                }
+                dw[p * K + k] = acc;
+            }
+        }
+    }
+}
