@@ -193,9 +193,23 @@ def test_torch_path_both_combine_implementations(combine, native, monkeypatch):
     if not native:
         monkeypatch.setattr(moe, "_native_combine", lambda out: None)
     x, weights, indices, experts = _routing_case("dder_like")
-    weights = weights.clone()
-    weights[:5, 1] = 0.0  # a softmax that underflowed: log w = -inf on the logsumexp path
     check_moe("torch", torch.float32, x, weights, indices, experts, combine)
+    # A softmax that underflowed: weight 0, log w = -inf on the logsumexp path. The float64
+    # reference's own gradient there is nan (log's 1/w times 0), so it gets 1e-300 instead: the same
+    # function and derivative to far below float32 resolution.
+    weights = weights.clone()
+    weights[:5, 1] = 0.0
+    got_in = [t.float().requires_grad_() for t in (x, weights)]
+    ref_in = [got_in[0].detach().double().requires_grad_(),
+              got_in[1].detach().double().clamp_min(1e-300).requires_grad_()]
+    experts32 = [t.float() for t in experts]
+    got = moe_mlp(got_in[0], got_in[1], indices, *experts32, combine=combine, backend="torch")
+    ref = moe_mlp_ref(ref_in[0], ref_in[1], indices, *(t.double() for t in experts32), combine=combine)
+    assert rel_err(got, ref) <= 1e-5
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for name, gg, rg in zip(("x", "weights"), torch.autograd.grad(got, got_in, dy.float()),
+                            torch.autograd.grad(ref, ref_in, dy)):
+        assert torch.isfinite(gg).all() and rel_err(gg, rg) <= 1e-5, name
 
 
 def test_moe_mlp_by_hand():
