@@ -6,10 +6,42 @@ Peak memory (CUDA allocator, else process RSS high-water mark) goes into ``extra
 """
 from __future__ import annotations
 
+import os
+import platform
 import resource
+from pathlib import Path
 
 import pytest
 import torch
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_benchmark_generate_machine_info(config):
+    """The JSON's machine facts, without py-cpuinfo: its subprocess took seconds on a 16-core GPU
+    machine, at the very end of the run, where a time limit then cost the whole JSON. Adds what
+    these numbers depend on: the GPU, torch, triton."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "node": platform.node(), "machine": platform.machine(), "system": platform.system(),
+        "release": platform.release(), "python_implementation": platform.python_implementation(),
+        "python_version": platform.python_version(),
+        "cpu": {"brand_raw": _cpu_model(), "count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "triton": triton_version,
+    }
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -379,6 +380,10 @@ def format_table(results: Sequence[Result], machine: str) -> str:
 
 
 def _git_commit() -> str | None:
+    """``$M2RESTORE_COMMIT`` if set (a copy of the tree whose .git is stale, as on a lent GPU
+    machine), else ``git describe`` of this checkout."""
+    if os.environ.get("M2RESTORE_COMMIT"):
+        return os.environ["M2RESTORE_COMMIT"]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5)
