@@ -33,7 +33,7 @@ static void combine_row(int64_t P, int64_t C, int64_t K, int lse, const float *o
     }
     /* y holds the running max m of t_k = o_k + log w_k, then m + log sum_k w_k exp(o_k - m).
      * Whole-row passes, each a plain loop over c that the compiler vectorises (expf/logf too). */
-    float s[C];
+    float s[C > 0 ? C : 1];
     for (int64_t k = 0; k < K; k++) {
         const float *ok = out + (k * P + p) * C, lw = log_weight(w[p * K + k]);
         if (k == 0) {

@@ -65,7 +65,7 @@ void scan_fwd(const scan_shape *s, int threads, const float *u, const float *del
             const float *ur = u + bd * l;
             const float Dc = s->has_D ? D[ch] : 0.0f;
             float *restrict yr = out + bd * l;
-            float h[n]; /* a local array the compiler can keep in registers: nothing else aliases it */
+            float h[n > 0 ? n : 1]; /* local, so nothing aliases it and it can live in registers */
             row_delta(delta + bd * l, s->has_bias ? bias[ch] : 0.0f, l, s->softplus, dl, NULL);
             memset(h, 0, n * sizeof(float));
             for (int64_t t = 0; t < l; t++) {
