@@ -559,7 +559,7 @@ def _moe_fwd_torch(x, weights, indices, w1, b1, w2, b2, combine):
         h = F.gelu(_linear(x.index_select(0, tokens[lo:hi]), w1[e], None if b1 is None else b1[e]))
         _linear(h, w2[e], None if b2 is None else b2[e], out=sorted_out[lo:hi])
     out = sorted_out.index_select(0, _inverse(order)).float()
-    return _combine_torch(out.view(K, P, -1), weights, combine).to(x.dtype), out
+    return _combine_torch(out.view(K, P, x.shape[1]), weights, combine).to(x.dtype), out
 
 
 def _combine_bwd_torch(dy, out, weights, combine):
@@ -585,11 +585,11 @@ def _combine_bwd_torch(dy, out, weights, combine):
 def _moe_bwd_torch(dy, x, weights, indices, w1, b1, w2, out, combine):
     P, K = indices.shape
     Hd = w1.shape[2]
-    dout, dweights = _combine_bwd_torch(dy, out.view(K, P, -1), weights, combine)
+    dout, dweights = _combine_bwd_torch(dy, out.view(K, P, x.shape[1]), weights, combine)
     w1, b1, w2 = _pad_hidden(w1, b1, w2)
     order, offsets = _sort_assignments(indices, w1.shape[0])
     tokens = order % P
-    dout = dout.view(K * P, -1).index_select(0, order).to(x.dtype)
+    dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(x.dtype)
     dx_sorted = torch.empty_like(dout)
     dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
     db1 = w1.new_zeros(w1.shape[0], w1.shape[2])
@@ -603,7 +603,7 @@ def _moe_bwd_torch(dy, x, weights, indices, w1, b1, w2, out, combine):
         torch.mm(xe.t(), dh, out=dw1[e])
         torch.sum(dh, 0, out=db1[e])
         torch.mm(dh, w1[e].t(), out=dx_sorted[lo:hi])
-    dx_slots = dx_sorted.index_select(0, _inverse(order)).view(K, P, -1)
+    dx_slots = dx_sorted.index_select(0, _inverse(order)).view(K, P, x.shape[1])
     dx = dx_slots[0].to(torch.float32, copy=True)
     for k in range(1, K):
         dx += dx_slots[k]

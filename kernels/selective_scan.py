@@ -559,8 +559,8 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def _state_minor(X: Tensor, l: int) -> Tensor:
     """B or C, (b, n, l) or (b, g, n, l) -> (b, g, l, n) float32: one step's states adjacent."""
-    b, n = X.shape[0], X.shape[-2]
-    return X.reshape(b, -1, n, l).transpose(-1, -2).to(torch.float32).contiguous()
+    b, g, n = X.shape[0], X.shape[1] if X.dim() == 4 else 1, X.shape[-2]
+    return X.reshape(b, g, n, l).transpose(-1, -2).to(torch.float32).contiguous()
 
 
 def _ptr(t: Optional[Tensor]):

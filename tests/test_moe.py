@@ -400,3 +400,16 @@ def test_moe_mlp_cuda_autocast_bf16():
         y = moe_mlp(x, weights, indices, w1, b1, w2, b2)
     assert y.dtype == torch.bfloat16
     assert rel_err(y.cpu(), ref) <= 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("combine", ["sum", "logsumexp"])
+def test_no_pixels(backend, combine):
+    """An empty batch (P = 0) routes and combines nothing, forward and backward."""
+    x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    w1, b1, w2, b2 = (t.float().to(DEVICE) for t in make_experts(4, 16, 20))
+    weights, indices = topk_softmax(torch.randn(0, 4, device=DEVICE), 2, backend=backend)
+    y = moe_mlp(x, weights, indices, w1, b1, w2, b2, combine=combine, backend=backend)
+    assert y.shape == (0, 16)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert grad.shape == (0, 16)

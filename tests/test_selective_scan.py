@@ -261,6 +261,16 @@ def test_bad_input_raises(bad, match, backend):
         selective_scan(u, delta, A, B, C, D, z, bias, True, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_sequence(backend):
+    """l = 0: no output steps, the zero initial state as the last state, empty gradients."""
+    args = make_inputs(1, 4, 0, 3)
+    out, last = selective_scan(*args, delta_softplus=True, return_last_state=True, backend=backend)
+    assert out.shape == (1, 4, 0) and last.shape == (1, 4, 3) and not last.any()
+    (du,) = torch.autograd.grad(out.sum(), args[0])
+    assert du.shape == (1, 4, 0)
+
+
 def test_bad_backend_raises():
     args = [t.detach() for t in make_inputs(1, 2, 3, 2)]
     with pytest.raises(ValueError, match="backend"):
