@@ -1,4 +1,4 @@
-"""bench/report.py: speed-ups and roofline ratios from pytest-benchmark JSON, on hand-made numbers."""
+"""bench/report.py on hand-made numbers (speed-ups, roofline ratios), and bench/profile_model.py runs."""
 from __future__ import annotations
 
 import importlib.util
@@ -31,3 +31,14 @@ def test_speedups_and_roofline_ratios(tmp_path):
     assert "| 224px-dder1-authors-fwd-bf16 | 8.000 | 20 | 1.00x | 7.6 |" in text
     # fastest first within the group
     assert text.index("triton-fwd-bf16") < text.index("authors-fwd-bf16")
+
+
+def test_profile_script_names_the_heaviest_operators(capsys):
+    spec = importlib.util.spec_from_file_location("profile_model", Path(__file__).parents[1] / "bench" / "profile_model.py")
+    profile_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_model)
+    assert profile_model.main(["--config", "tiny", "--size", "32", "--dtype", "fp32", "--no-prior",
+                               "--steps", "1", "--rows", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny() torch fp32 32px, prior off, 1 forwards on CPU")
+    assert "aten::" in out  # an operator table follows
