@@ -13,7 +13,7 @@
 #
 # then run `M2RESTORE_COMMIT=<hash> bash bench/gpu_check.sh` (the hash of the tree you send: the
 # copy there may carry a stale .git) with `.whl` in the call's carry list and a limit of ~600 s
-# (the script stops itself after GPU_CHECK_BUDGET_S=560 s). A fresh machine has no Triton cache:
+# (the script stops itself after GPU_CHECK_BUDGET_S=570 s). A fresh machine has no Triton cache:
 # compiling the kernels' specialisations is most of the parity step and of each first benchmark.
 #
 # Steps, each under `timeout` (SIGTERM first: pytest then still writes its JSON and XML) and all inside
@@ -28,7 +28,8 @@
 #   5. `m2restore bench` on the paper config: reference vs triton, fp32/bf16, eager and CUDA graph
 #      (triton only), with DA-CLIP -> $OUT/model.json (a process of its own: a failed capture can
 #      leave CUDA unusable);
-#   6. the model group's cost per pixel in bf16 (224/512/1024) -> $OUT/bench_model.json. The
+#   6. bench/profile_model.py: the top CUDA kernels of one bf16 forward (into the log);
+#   7. the model group's cost per pixel in bf16 (224/512/1024) -> $OUT/bench_model.json. The
 #      torch.compile cases (`pytest bench/test_bench_model.py -k compile`) need a call of their own:
 #      inductor compiles the whole network first.
 # `python bench/report.py $OUT/bench_*.json` turns the JSON into the tables of bench/RESULTS.md.
@@ -39,7 +40,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-560}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-570}"
 DEADLINE=$(( $(date +%s) + BUDGET_S ))
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
@@ -137,6 +138,7 @@ step "gated fusion benchmarks" 60 "${BENCH[@]}" bench/test_bench_gated_fusion.py
   --benchmark-json "$OUT/bench_gated_fusion.json"
 step "m2restore bench" 80 "$PY" -m m2restore bench --config paper --size 224 --backends reference,triton \
   --dtypes fp32,bf16 --graph --rounds 10 --warmup 2 --json "$OUT/model.json"
+step "profile" 40 "$PY" bench/profile_model.py --backend triton --dtype bf16 --size 224
 step "model scaling benchmarks" 60 "${BENCH[@]}" bench/test_bench_model.py -k "scaling and bf16" \
   --benchmark-json "$OUT/bench_model.json"
 
