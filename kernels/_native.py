@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 CSRC = Path(__file__).with_name("csrc")
 # -march=native: built where it runs. -ffast-math lets the compiler vectorise expf/logf (glibc's
 # libmvec); -fno-associative-math keeps it from "simplifying" compensated expressions such as
@@ -75,3 +77,9 @@ def load(name: str) -> Optional[ctypes.CDLL]:
                 os.unlink(tmp)
             return None
     return ctypes.CDLL(str(target))
+
+
+def ptr(t: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
+    """A tensor's data as a C pointer argument (None: NULL). The caller keeps ``t`` alive (bound to
+    a name) until the call returns: a temporary copy would be freed before C reads it."""
+    return None if t is None else ctypes.c_void_p(t.data_ptr())

@@ -502,7 +502,7 @@ def _combine_torch(out: Tensor, weights: Tensor, combine: str) -> Tensor:
         # Named, so the contiguous float32 copies (if any) outlive the call that reads them.
         out, w, y = out.contiguous(), weights.float().contiguous(), out.new_empty(P, C)
         lib.combine_fwd(ctypes.c_int64(P), ctypes.c_int64(C), ctypes.c_int64(K), ctypes.c_int(combine != "sum"),
-                        ctypes.c_int(torch.get_num_threads()), _ptr(out), _ptr(w), _ptr(y))
+                        ctypes.c_int(torch.get_num_threads()), *map(_native.ptr, (out, w, y)))
         return y
     # Fused two-operand ops over whole (P, C) slabs: on CPU this is several times faster than a
     # reduction over the K axis (torch.logsumexp adds extra passes for its inf handling).
@@ -517,10 +517,6 @@ def _combine_torch(out: Tensor, weights: Tensor, combine: str) -> Tensor:
     for k in range(1, out.shape[0]):
         y = torch.logaddexp(y, out[k] + log_w[k])
     return y
-
-
-def _ptr(t: Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
 
 
 def _pad_hidden(w1, b1, w2, multiple: int = 16):
@@ -570,8 +566,7 @@ def _combine_bwd_torch(dy, out, weights, combine):
         dy, out, w = dy.float().contiguous(), out.contiguous(), weights.float().contiguous()
         dout, dweights = out.new_empty(K, P, C), out.new_empty(P, K)
         lib.combine_bwd(ctypes.c_int64(P), ctypes.c_int64(C), ctypes.c_int64(K), ctypes.c_int(combine != "sum"),
-                        ctypes.c_int(torch.get_num_threads()), _ptr(dy), _ptr(out), _ptr(w), _ptr(dout),
-                        _ptr(dweights))
+                        ctypes.c_int(torch.get_num_threads()), *map(_native.ptr, (dy, out, w, dout, dweights)))
         return dout, dweights
     dy, w = dy.float(), weights.float().t().unsqueeze(-1)
     if combine == "sum":

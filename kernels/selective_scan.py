@@ -563,10 +563,6 @@ def _state_minor(X: Tensor, l: int) -> Tensor:
     return X.reshape(b, g, n, l).transpose(-1, -2).to(torch.float32).contiguous()
 
 
-def _ptr(t: Optional[Tensor]):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
-
-
 def _scan_fwd_native(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     shape = _native_shape(u, A, B, C, D, z, delta_bias, delta_softplus)
     b, d, l, n = shape.b, shape.d, shape.l, shape.n
@@ -575,7 +571,7 @@ def _scan_fwd_native(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     out = torch.empty(b, d, l)
     last, ckpt = torch.empty(b, d, n), torch.empty(b, shape.nck, d, n)
     _native.load("selective_scan_cpu").scan_fwd(
-        ctypes.byref(shape), ctypes.c_int(torch.get_num_threads()), *map(_ptr, ins + [out, last, ckpt]))
+        ctypes.byref(shape), ctypes.c_int(torch.get_num_threads()), *map(_native.ptr, ins + [out, last, ckpt]))
     return out.to(u.dtype), last, ckpt
 
 
@@ -592,7 +588,7 @@ def _scan_bwd_native(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, del
     dB_part, dC_part = torch.zeros(threads, b, shape.gB, l, n), torch.zeros(threads, b, shape.gC, l, n)
     _native.load("selective_scan_cpu").scan_bwd(
         ctypes.byref(shape), ctypes.c_int(threads),
-        *map(_ptr, ins + [du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part]))
+        *map(_native.ptr, ins + [du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part]))
 
     def per_group(part: Tensor, X: Tensor) -> Tensor:
         return part.sum(0).transpose(-1, -2).reshape(X.shape).to(X.dtype).contiguous()
