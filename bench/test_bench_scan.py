@@ -5,8 +5,9 @@ The Mamba branch scans the latent of the image: batch 1, d_inner 768 (2 x 384 ch
 Implementations: the sequential reference; ``torch``, what ``backend="torch"`` runs (on CPU the
 fused C loop of ``csrc/selective_scan_cpu.c``, elsewhere the chunked scan); ``chunked``, the chunked
 PyTorch scan itself; our Triton kernel (CUDA only: on CPU it would time the interpreter) and
-mamba_ssm's CUDA kernel where it is installed; each for the forward pass and forward + backward. Inputs follow the mixer's call: softplus(delta + bias)
-with mamba_ssm's dt initialisation, the S4D-real A = -[1..16], D and z gating.
+mamba_ssm's CUDA kernel where it is installed; each for the forward pass and forward + backward.
+Inputs follow the mixer's call: softplus(delta + bias) with mamba_ssm's dt initialisation, the
+S4D-real A = -[1..16], D and z gating.
 
 ``--quick`` shrinks the channels and lengths so the whole group runs in seconds.
 """

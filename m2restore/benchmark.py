@@ -437,7 +437,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "threads spinning while they wait for each other")
     parser.add_argument("--no-prior", action="store_true", help="skip the DA-CLIP pass (a null prior instead)")
     parser.add_argument("--compile", action="store_true", help="also time each backend under torch.compile")
-    parser.add_argument("--graph", action="store_true", help="also time the triton backend as a captured CUDA graph (the only capturable one)")
+    parser.add_argument("--graph", action="store_true",
+                        help="also time the triton backend as a captured CUDA graph (the only capturable one)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results here as JSON")
 
 

@@ -34,7 +34,8 @@ def test_speedups_and_roofline_ratios(tmp_path):
 
 
 def test_profile_script_names_the_heaviest_operators(capsys):
-    spec = importlib.util.spec_from_file_location("profile_model", Path(__file__).parents[1] / "bench" / "profile_model.py")
+    path = Path(__file__).parents[1] / "bench" / "profile_model.py"
+    spec = importlib.util.spec_from_file_location("profile_model", path)
     profile_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile_model)
     assert profile_model.main(["--config", "tiny", "--size", "32", "--dtype", "fp32", "--no-prior",

@@ -102,7 +102,8 @@ def test_topk_softmax_ties_go_to_lower_index(backend):
     w, i = topk_softmax(logits, 3, backend=backend)
     assert i.tolist() == [[1, 2, 4], [0, 1, 2], [1, 3, 0], [1, 0, 2]]
     e = math.exp(-6.0)
-    expected = torch.tensor([[1 / 3] * 3, [1 / 3] * 3, [1 / (2 + e), 1 / (2 + e), e / (2 + e)], [1.0, 0.0, 0.0]], device=DEVICE)
+    expected = torch.tensor([[1 / 3] * 3, [1 / 3] * 3, [1 / (2 + e), 1 / (2 + e), e / (2 + e)], [1.0, 0.0, 0.0]],
+                            device=DEVICE)
     torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7)
 
 
