@@ -70,7 +70,7 @@ def load(name: str) -> Optional[ctypes.CDLL]:
                            text=True, timeout=120)
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", None) or exc
+            detail = str(getattr(exc, "stderr", None) or exc).strip()[-500:]  # the compiler's last words
             warnings.warn(f"m2restore_kernels: could not build {source.name} ({detail}); "
                           f"using the PyTorch path instead", RuntimeWarning, stacklevel=2)
             if "tmp" in locals() and os.path.exists(tmp):
