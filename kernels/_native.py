@@ -1,7 +1,7 @@
 """C kernels for the CPU, compiled on first use and loaded with ctypes.
 
-Triton has no CPU backend, so the few loops that PyTorch cannot fuse (the selective scan's
-recurrence) are plain C files under ``csrc/``. The first call compiles one with the system C
+Triton has no CPU backend, so the few loops that PyTorch runs poorly on a CPU (the selective
+scan's recurrence, the MoE's log-sum-exp combination) are plain C files under ``csrc/``. The first call compiles one with the system C
 compiler (``$CC``, else ``cc``; the same compiler Triton itself needs on a GPU machine) into a
 cache folder (``$M2RESTORE_KERNELS_CACHE``, else ``~/.cache/m2restore_kernels``), keyed by the
 source, the flags and this processor, so later processes load it at once. Where no compiler works,
@@ -61,6 +61,7 @@ def load(name: str) -> Optional[ctypes.CDLL]:
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     if not target.exists():
+        tmp = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             # Build beside the target, then rename: concurrent first calls never load half a file.
@@ -73,7 +74,7 @@ def load(name: str) -> Optional[ctypes.CDLL]:
             detail = str(getattr(exc, "stderr", None) or exc).strip()[-500:]  # the compiler's last words
             warnings.warn(f"m2restore_kernels: could not build {source.name} ({detail}); "
                           f"using the PyTorch path instead", RuntimeWarning, stacklevel=2)
-            if "tmp" in locals() and os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
             return None
     return ctypes.CDLL(str(target))
