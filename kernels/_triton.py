@@ -4,9 +4,13 @@ Triton is Linux-only: without it the package still imports and runs its PyTorch 
 (``resolve_backend`` never picks Triton then), so kernels are decorated with ``jit``, which is a
 no-op when triton is missing.
 """
+import os
+
 import torch
 
 from ._backend import interpreter_on
+
+FP32_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 try:
     import triton
@@ -35,9 +39,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     float32 follows torch's matmul switch: by default ("highest") three TF32 products per dot
     ("tf32x3"), float32-level error on the tensor cores, where an "ieee" dot falls back to FMA loops
     that ran the MoE experts 10-60x slower than bf16 on an H100; plain "tf32" once
-    ``torch.set_float32_matmul_precision("high")`` allows TF32, as cuBLAS then does. The interpreter
-    computes every dot in IEEE float32. Other dtypes ignore the setting.
+    ``torch.set_float32_matmul_precision("high")`` allows TF32, as cuBLAS then does.
+    ``M2RESTORE_FP32_DOT=ieee|tf32x3|tf32`` overrides that (the parity tests run "ieee", as SPEC.md
+    asks). The interpreter computes every dot in IEEE float32. Other dtypes ignore all of this.
     """
     if dtype != torch.float32 or interpreter_on():
         return "ieee"
+    forced = os.environ.get("M2RESTORE_FP32_DOT")
+    if forced:
+        if forced not in FP32_DOT_PRECISIONS:
+            raise ValueError(f"M2RESTORE_FP32_DOT must be one of {FP32_DOT_PRECISIONS}, got {forced!r}")
+        return forced
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"

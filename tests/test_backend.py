@@ -1,4 +1,5 @@
 """The one place that decides the backend: kernels/_backend.py."""
+import importlib
 import math
 import os
 import subprocess
@@ -62,3 +63,28 @@ assert torch.allclose(K.selective_scan(*scan), K.selective_scan_ref(*scan), atol
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr
+
+
+def test_float32_dot_precision_follows_torch_and_the_override(monkeypatch):
+    """float32 tl.dot: 3xTF32 by default, TF32 when torch allows it, the override above both; the
+    interpreter and 16-bit operands always IEEE / their own."""
+    triton_helpers = importlib.import_module("m2restore_kernels._triton")
+    monkeypatch.setattr(triton_helpers, "interpreter_on", lambda: False)
+    monkeypatch.delenv("M2RESTORE_FP32_DOT", raising=False)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_helpers.dot_precision(torch.float32) == "tf32x3"
+        torch.set_float32_matmul_precision("high")
+        assert triton_helpers.dot_precision(torch.float32) == "tf32"
+        monkeypatch.setenv("M2RESTORE_FP32_DOT", "ieee")
+        assert triton_helpers.dot_precision(torch.float32) == "ieee"
+        assert triton_helpers.dot_precision(torch.bfloat16) == "ieee"  # ignored by 16-bit dots
+        monkeypatch.setenv("M2RESTORE_FP32_DOT", "fast")
+        with pytest.raises(ValueError, match="M2RESTORE_FP32_DOT"):
+            triton_helpers.dot_precision(torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    monkeypatch.setattr(triton_helpers, "interpreter_on", lambda: True)
+    monkeypatch.delenv("M2RESTORE_FP32_DOT")
+    assert triton_helpers.dot_precision(torch.float32) == "ieee"

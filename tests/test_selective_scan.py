@@ -19,8 +19,7 @@ from m2restore_kernels._backend import optional_op
 ss = importlib.import_module("m2restore_kernels.selective_scan")  # the package re-exports a function of that name
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# About 20 units of roundoff for float16 (2**-11); bfloat16's unit is 8x larger (2**-8), so ~8 units.
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # SPEC.md section 2
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # delta regimes (raw delta before bias/softplus) x |A| range:
 #   mamba: softplus(delta + bias) ~ 0.01..0.2, |A| in [0.5, 16] (a trained-block scale)
