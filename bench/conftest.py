@@ -9,20 +9,11 @@ from __future__ import annotations
 import os
 import platform
 import resource
-from pathlib import Path
 
 import pytest
 import torch
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from m2restore.benchmark import cpu_model
 
 
 def pytest_benchmark_generate_machine_info(config):
@@ -38,7 +29,7 @@ def pytest_benchmark_generate_machine_info(config):
         "node": platform.node(), "machine": platform.machine(), "system": platform.system(),
         "release": platform.release(), "python_implementation": platform.python_implementation(),
         "python_version": platform.python_version(),
-        "cpu": {"brand_raw": _cpu_model(), "count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "cpu": {"brand_raw": cpu_model(), "count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__, "triton": triton_version,
     }

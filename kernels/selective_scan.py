@@ -563,11 +563,18 @@ def _state_minor(X: Tensor, l: int) -> Tensor:
     return X.reshape(b, g, n, l).transpose(-1, -2).to(torch.float32).contiguous()
 
 
+def _native_inputs(u, delta, A, B, C, D, z, delta_bias, *extra) -> list:
+    """The arguments both C entry points read, in their order: float32, contiguous, B and C state-minor;
+    ``extra`` tensors (or None) follow. Kept in a list so every copy outlives the call."""
+    l = u.shape[2]
+    return [_f32(t) for t in (u, delta, A)] + [_state_minor(B, l), _state_minor(C, l)] + \
+           [_f32(t) for t in (D, z, delta_bias, *extra)]
+
+
 def _scan_fwd_native(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     shape = _native_shape(u, A, B, C, D, z, delta_bias, delta_softplus)
     b, d, l, n = shape.b, shape.d, shape.l, shape.n
-    ins = [_f32(t) for t in (u, delta, A)] + [_state_minor(B, l), _state_minor(C, l)] + \
-          [_f32(t) for t in (D, z, delta_bias)]
+    ins = _native_inputs(u, delta, A, B, C, D, z, delta_bias)
     out = torch.empty(b, d, l)
     last, ckpt = torch.empty(b, d, n), torch.empty(b, shape.nck, d, n)
     _native.load("selective_scan_cpu").scan_fwd(
@@ -579,8 +586,7 @@ def _scan_bwd_native(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, del
     shape = _native_shape(u, A, B, C, D, z, delta_bias, delta_softplus)
     b, d, l, n = shape.b, shape.d, shape.l, shape.n
     threads = torch.get_num_threads()
-    ins = [_f32(t) for t in (u, delta, A)] + [_state_minor(B, l), _state_minor(C, l)] + \
-          [_f32(t) for t in (D, z, delta_bias, ckpt, dout, dlast)]
+    ins = _native_inputs(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast)
     du, ddelta = torch.empty(b, d, l), torch.empty(b, d, l)
     dz = torch.empty(b, d, l) if z is not None else None
     dA_part, dD_part, dbias_part = torch.empty(b, d, n), torch.empty(b, d), torch.empty(b, d)

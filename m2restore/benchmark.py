@@ -106,15 +106,20 @@ class Result:
 
 # ----------------------------------------------------------------------------------- machine
 
-def machine_name(device: torch.device) -> str:
-    """GPU name, or CPU model and the number of threads torch uses."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+def cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return cpu
+
+
+def machine_name(device: torch.device) -> str:
+    """GPU name, or CPU model and the number of threads torch uses."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def reset_peak_memory(device: torch.device) -> None:
