@@ -13,7 +13,14 @@ import resource
 import pytest
 import torch
 
+from m2restore.allocator import retain_freed_memory
 from m2restore.benchmark import cpu_model
+
+
+def pytest_configure(config):
+    # As the m2restore command runs: every variant of a group then sees the same allocator, instead
+    # of one that page-faults large tensors in depending on which variant freed memory before it.
+    retain_freed_memory()
 
 
 def pytest_benchmark_generate_machine_info(config):

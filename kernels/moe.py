@@ -395,6 +395,16 @@ def _row_blocks(offsets: Tensor, n_assign: int, block_m: int):
 # topk_softmax: both paths and the custom op
 # --------------------------------------------------------------------------------------------
 def _topk_softmax_torch(logits: Tensor, k: int):
+    lib = _native_moe(logits)
+    if lib is not None and logits.shape[1] <= _NATIVE_TOPK_MAX_N:
+        # float32 selection picks what the input dtype would (the conversion is exact); the
+        # softmax runs in float32 and is rounded to the logits' dtype.
+        P, N = logits.shape
+        s = logits.float().contiguous()
+        weights, indices = s.new_empty(P, k), torch.empty(P, k, dtype=torch.int64)
+        lib.topk_softmax_fwd(ctypes.c_int64(P), ctypes.c_int64(N), ctypes.c_int64(k),
+                             ctypes.c_int(torch.get_num_threads()), *map(_native.ptr, (s, weights, indices)))
+        return weights.to(logits.dtype), indices
     # K rounds of "take the max" (as the Triton kernel): among equal values the lowest free column
     # wins (argmax returns the first maximum), which settles ties and repeated -inf alike.
     free = torch.ones_like(logits, dtype=torch.bool)
@@ -487,17 +497,20 @@ def topk_softmax(logits: Tensor, k: int, backend: str = "auto"):
 # --------------------------------------------------------------------------------------------
 # moe_mlp: both sparse paths
 # --------------------------------------------------------------------------------------------
-def _native_combine(out: Tensor):
-    """The C combination (csrc/moe_combine_cpu.c) for CPU tensors where it builds, else None.
-    PyTorch's CPU log and logaddexp run scalar (9-14 ms per 2.4 M elements on the project's EPYC),
-    which made the combination as costly as the expert GEMMs at the first DDER."""
-    return _native.load("moe_combine_cpu") if out.device.type == "cpu" else None
+_NATIVE_TOPK_MAX_N = 64  # TOPK_MAX_N in csrc/moe_cpu.c
+
+
+def _native_moe(t: Tensor):
+    """The C loops (csrc/moe_cpu.c) for CPU tensors where they build, else None. PyTorch's CPU
+    log and logaddexp run scalar (9-14 ms per 2.4 M elements on the project's EPYC), which made the
+    combination as costly as the expert GEMMs at the first DDER; its (P, 6) top-2 took ~4 ms."""
+    return _native.load("moe_cpu") if t.device.type == "cpu" else None
 
 
 def _combine_torch(out: Tensor, weights: Tensor, combine: str) -> Tensor:
     """out (K, P, C) float32, weights (P, K) -> float32 y (P, C)."""
     K, P, C = out.shape
-    lib = _native_combine(out)
+    lib = _native_moe(out)
     if lib is not None:
         # Named, so the contiguous float32 copies (if any) outlive the call that reads them.
         out, w, y = out.contiguous(), weights.float().contiguous(), out.new_empty(P, C)
@@ -543,6 +556,16 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = N
     return torch.mm(x, w, out=out) if b is None else torch.addmm(b, x, w, out=out)
 
 
+def _row_chunks(lo: int, hi: int, hidden: int):
+    """[lo, hi) cut into chunks whose (rows, hidden) float32 activation stays near 1 MiB, so it is
+    still in cache between the GEMMs that write and read it. One GEMM over an expert's whole
+    segment sent a 50 MB hidden activation through memory three times: at the first DDER's widths
+    (100k rows, hidden 128) the expert MLP took 50 ms that way and 19 ms in 2048-row chunks on the
+    project's EPYC (2 threads)."""
+    rows = max(256, (1 << 18) // hidden)
+    return ((s, min(s + rows, hi)) for s in range(lo, hi, rows))
+
+
 def _moe_fwd_torch(x, weights, indices, w1, b1, w2, b2, combine):
     P, K = indices.shape
     w1, b1, w2 = _pad_hidden(w1, b1, w2)
@@ -552,8 +575,10 @@ def _moe_fwd_torch(x, weights, indices, w1, b1, w2, b2, combine):
     # restores (K, P) order. Per-expert row scatters (index_copy_, index_add_) are far slower on CPU.
     sorted_out = x.new_empty(K * P, w2.shape[2])
     for e, lo, hi in _segments(offsets):
-        h = F.gelu(_linear(x.index_select(0, tokens[lo:hi]), w1[e], None if b1 is None else b1[e]))
-        _linear(h, w2[e], None if b2 is None else b2[e], out=sorted_out[lo:hi])
+        b1e, b2e = (None if b is None else b[e] for b in (b1, b2))
+        for s, t in _row_chunks(lo, hi, w1.shape[2]):
+            h = F.gelu(_linear(x.index_select(0, tokens[s:t]), w1[e], b1e))
+            _linear(h, w2[e], b2e, out=sorted_out[s:t])
     out = sorted_out.index_select(0, _inverse(order)).float()
     return _combine_torch(out.view(K, P, x.shape[1]), weights, combine).to(x.dtype), out
 
@@ -561,7 +586,7 @@ def _moe_fwd_torch(x, weights, indices, w1, b1, w2, b2, combine):
 def _combine_bwd_torch(dy, out, weights, combine):
     """out (K, P, C) -> (dout (K, P, C) float32, dweights (P, K) float32)."""
     K, P, C = out.shape
-    lib = _native_combine(out)
+    lib = _native_moe(out)
     if lib is not None:
         dy, out, w = dy.float().contiguous(), out.contiguous(), weights.float().contiguous()
         dout, dweights = out.new_empty(K, P, C), out.new_empty(P, K)
@@ -590,14 +615,15 @@ def _moe_bwd_torch(dy, x, weights, indices, w1, b1, w2, out, combine):
     db1 = w1.new_zeros(w1.shape[0], w1.shape[2])
     db2 = w2.new_zeros(w2.shape[0], w2.shape[2])
     for e, lo, hi in _segments(offsets):
-        xe, de = x.index_select(0, tokens[lo:hi]), dout[lo:hi]
-        hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
-        torch.mm(F.gelu(hpre).t(), de, out=dw2[e])
-        torch.sum(de, 0, out=db2[e])
-        dh = torch.ops.aten.gelu_backward(de @ w2[e].t(), hpre)
-        torch.mm(xe.t(), dh, out=dw1[e])
-        torch.sum(dh, 0, out=db1[e])
-        torch.mm(dh, w1[e].t(), out=dx_sorted[lo:hi])
+        for s, t in _row_chunks(lo, hi, w1.shape[2]):
+            xe, de = x.index_select(0, tokens[s:t]), dout[s:t]
+            hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
+            dw2[e].addmm_(F.gelu(hpre).t(), de)
+            db2[e] += de.sum(0)
+            dh = torch.ops.aten.gelu_backward(de @ w2[e].t(), hpre)
+            dw1[e].addmm_(xe.t(), dh)
+            db1[e] += dh.sum(0)
+            torch.mm(dh, w1[e].t(), out=dx_sorted[s:t])
     dx_slots = dx_sorted.index_select(0, _inverse(order)).view(K, P, x.shape[1])
     dx = dx_slots[0].to(torch.float32, copy=True)
     for k in range(1, K):

@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from .allocator import retain_freed_memory
+
 COMMANDS = {
     "train": ("m2restore.train", "train M2Restore on a paired data set"),
     "eval": ("m2restore.evaluate", "PSNR/SSIM of trained weights on test sets (paper Table I)"),
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             mod.add_arguments(p)
             p.set_defaults(_run=mod.run)
     args = parser.parse_args(argv)
+    retain_freed_memory()  # every command moves large CPU tensors (see m2restore.allocator)
     return int(args._run(args) or 0)
 
 

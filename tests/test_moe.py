@@ -74,9 +74,21 @@ def route(logits: torch.Tensor, k: int):
 # ---------------------------------------------------------------------------------------------
 # topk_softmax
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("N,k", [(1, 1), (4, 2), (6, 2), (6, 6), (8, 1), (8, 8)])
-def test_topk_softmax_matches_reference(backend, N, k):
+@pytest.fixture(params=["torch", "torch-pytorch-ops", "triton"])
+def topk_backend(request, monkeypatch):
+    """Backends of topk_softmax; on CPU the torch path runs a C loop (csrc/moe_cpu.c) where it
+    builds, so "torch-pytorch-ops" also covers the PyTorch ops it falls back to."""
+    if request.param == "torch-pytorch-ops":
+        monkeypatch.setattr(moe, "_native_moe", lambda t: None)
+        return "torch"
+    if request.param == "torch" and DEVICE.type == "cpu" and moe._native_moe(torch.empty(0)) is None:
+        pytest.skip("the C top-K needs a working C compiler")
+    return request.param
+
+
+@pytest.mark.parametrize("N,k", [(1, 1), (4, 2), (6, 2), (6, 6), (8, 1), (8, 8), (64, 5)])
+def test_topk_softmax_matches_reference(topk_backend, N, k):
+    backend = topk_backend
     logits = torch.randn(203, N, generator=torch.Generator().manual_seed(N * 10 + k), dtype=torch.float64).to(DEVICE)
     ref_in = logits.clone().requires_grad_()
     got_in = logits.float().requires_grad_()
@@ -92,8 +104,8 @@ def test_topk_softmax_matches_reference(backend, N, k):
     assert (g[dropped] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_softmax_ties_go_to_lower_index(backend):
+def test_topk_softmax_ties_go_to_lower_index(topk_backend):
+    backend = topk_backend
     inf = float("inf")
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0],
                            [2.0, 2.0, 2.0, 2.0, 2.0],
@@ -107,8 +119,8 @@ def test_topk_softmax_ties_go_to_lower_index(backend):
     torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_softmax_float16(backend):
+def test_topk_softmax_float16(topk_backend):
+    backend = topk_backend
     logits = torch.randn(150, 6, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)
     w_ref, i_ref = topk_softmax_ref(logits.double(), 2)
     w, i = topk_softmax(logits, 2, backend=backend)
@@ -187,12 +199,12 @@ def test_moe_mlp_without_biases_and_repeated_experts(backend):
 @pytest.mark.parametrize("combine", ["sum", "logsumexp"])
 @pytest.mark.parametrize("native", [True, False], ids=["native-combine", "torch-combine"])
 def test_torch_path_both_combine_implementations(combine, native, monkeypatch):
-    """On CPU the torch path combines the K outputs in C (csrc/moe_combine_cpu.c) where it builds,
+    """On CPU the torch path combines the K outputs in C (csrc/moe_cpu.c) where it builds,
     else with PyTorch ops: both give the reference's forward and gradients, zero weights included."""
-    if native and (DEVICE.type != "cpu" or moe._native_combine(torch.empty(0)) is None):
+    if native and (DEVICE.type != "cpu" or moe._native_moe(torch.empty(0)) is None):
         pytest.skip("the C combination serves CPU tensors and needs a working C compiler")
     if not native:
-        monkeypatch.setattr(moe, "_native_combine", lambda out: None)
+        monkeypatch.setattr(moe, "_native_moe", lambda t: None)
     x, weights, indices, experts = _routing_case("dder_like")
     check_moe("torch", torch.float32, x, weights, indices, experts, combine)
     # A softmax that underflowed: weight 0, log w = -inf on the logsumexp path. The float64
