@@ -175,25 +175,35 @@ def _topk_softmax_bwd_kernel(dw_ptr, w_ptr, idx_ptr, dlogits_ptr, P, N,
 
 
 @jit
-def _segment_rows(order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, pid, P, BLOCK_M: tl.constexpr):
-    """Rows of program ``pid``: (expert, assignment ids, their x rows, row mask)."""
-    e = tl.load(block_expert_ptr + pid)
-    r = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK_M)
-    rmask = r < tl.load(offsets_ptr + e + 1)
+def _segment_rows(order_ptr, offsets_ptr, pid, P, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows of program ``pid`` of the row-block grid: (expert, assignment ids, their x rows, row mask).
+
+    Expert e's segment of the sorted order is cut into ceil(count_e / BLOCK_M) blocks, experts one
+    after another; the program finds its block from the N + 1 offsets alone (no block table to
+    build on the host side). Programs past the last block get expert N and no rows.
+    """
+    n = tl.arange(0, BLOCK_N)
+    lo = tl.load(offsets_ptr + n, mask=n < N, other=0)
+    hi = tl.load(offsets_ptr + n + 1, mask=n < N, other=0)
+    blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(blocks, 0)
+    e = tl.sum((ends <= pid).to(tl.int32), 0)
+    mine = n == e
+    start = tl.sum(tl.where(mine, lo + (pid - ends + blocks) * BLOCK_M, 0), 0)
+    r = start + tl.arange(0, BLOCK_M)
+    rmask = r < tl.sum(tl.where(mine, hi, 0), 0)
     a = tl.load(order_ptr + r, mask=rmask, other=0)
-    return e, a, a % P, rmask
+    return e, a, a % tl.maximum(P, 1), rmask  # P = 0 (no rows at all) must not divide by zero
 
 
 @jit
-def _moe_expert_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
-                           order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, P, C, HD, N,
+def _moe_expert_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, order_ptr, offsets_ptr, P, C, HD, N,
                            HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                           PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    if tl.load(block_expert_ptr + pid) >= N:  # the grid is an upper bound on the block count
+                           BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    e, a, tok, rmask = _segment_rows(order_ptr, offsets_ptr, tl.program_id(0), P, N, BLOCK_M, BLOCK_N)
+    if e >= N:  # the grid is an upper bound on the block count
         return
-    e, a, tok, rmask = _segment_rows(order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, pid, P, BLOCK_M)
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
     xt = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
@@ -216,15 +226,13 @@ def _moe_expert_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
 
 
 @jit
-def _moe_expert_bwd_dx_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, dxa_ptr,
-                              order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, P, C, HD, N,
+def _moe_expert_bwd_dx_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, dxa_ptr, order_ptr, offsets_ptr, P, C, HD, N,
                               HAS_B1: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                              PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    if tl.load(block_expert_ptr + pid) >= N:
+                              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    e, a, tok, rmask = _segment_rows(order_ptr, offsets_ptr, tl.program_id(0), P, N, BLOCK_M, BLOCK_N)
+    if e >= N:
         return
-    e, a, tok, rmask = _segment_rows(order_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, pid, P, BLOCK_M)
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
     io_mask = rmask[:, None] & cmask[None, :]
@@ -374,21 +382,78 @@ def _sort_assignments(indices: Tensor, n_experts: int):
     return order, offsets
 
 
-def _row_blocks(offsets: Tensor, n_assign: int, block_m: int):
-    """Per program of the row-block grid: its expert (N marks a spare program) and first sorted row.
+@jit
+def _assignment_experts(idx_ptr, a, P, KP, K: tl.constexpr):
+    """Expert of each assignment a = k*P + p (indices is (P, K)); -1 past the end."""
+    return tl.load(idx_ptr + (a % P) * K + a // P, mask=a < KP, other=-1)
 
-    Each expert's segment is cut into ceil(count / block_m) blocks; the grid size
-    n_assign // block_m + N bounds their total without reading the counts back to the host.
-    """
-    n_experts = offsets.numel() - 1
-    blocks = (offsets.diff() + block_m - 1) // block_m
-    ends = torch.cumsum(blocks, 0)
-    grid = n_assign // block_m + n_experts
-    b = torch.arange(grid, device=offsets.device)
-    expert = torch.searchsorted(ends, b, right=True)
-    e = expert.clamp(max=n_experts - 1)
-    start = offsets[e] + (b - (ends[e] - blocks[e])) * block_m
-    return expert.to(torch.int32), start, grid
+
+@jit
+def _plan_count_kernel(idx_ptr, counts_ptr, P, KP, N, K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """counts[t, e]: how many of tile t's BLOCK consecutive assignments go to expert e (int32,
+    BLOCK_N columns). An index outside [0, N) matches no expert: unchecked bad input drops rows
+    rather than reading or writing out of bounds."""
+    t = tl.program_id(0)
+    e = _assignment_experts(idx_ptr, t * BLOCK + tl.arange(0, BLOCK), P, KP, K)
+    n = tl.arange(0, BLOCK_N)
+    hits = (e[:, None] == n[None, :]) & (n[None, :] < N)
+    tl.store(counts_ptr + t * BLOCK_N + n, tl.sum(hits.to(tl.int32), 0))
+
+
+@jit
+def _plan_scan_kernel(counts_ptr, base_ptr, offsets_ptr, T, N, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: offsets (N + 1,) int64, the start of each expert's segment of the sorted order
+    (and its end), and base[t, e], where tile t's first assignment to expert e goes."""
+    n = tl.arange(0, BLOCK_N)
+    total = tl.zeros((BLOCK_N,), tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        total += tl.sum(tl.load(counts_ptr + t[:, None] * BLOCK_N + n[None, :], mask=(t < T)[:, None], other=0), 0)
+    run = tl.cumsum(total, 0) - total
+    tl.store(offsets_ptr + n, run.to(tl.int64), mask=n < N)
+    tl.store(offsets_ptr + N, tl.sum(total, 0).to(tl.int64))
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        offs = t[:, None] * BLOCK_N + n[None, :]
+        c = tl.load(counts_ptr + offs, mask=(t < T)[:, None], other=0)
+        tl.store(base_ptr + offs, run[None, :] + tl.cumsum(c, 0) - c, mask=(t < T)[:, None])
+        run += tl.sum(c, 0)
+
+
+@jit
+def _plan_scatter_kernel(idx_ptr, base_ptr, order_ptr, P, KP, N, K: tl.constexpr, BLOCK: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """order[base[t, e] + rank] = a, rank = how many earlier assignments of tile t go to e: a stable
+    counting sort, so each expert's assignments keep their order."""
+    t = tl.program_id(0)
+    a = t * BLOCK + tl.arange(0, BLOCK)
+    e = _assignment_experts(idx_ptr, a, P, KP, K)
+    n = tl.arange(0, BLOCK_N)
+    hits = ((e[:, None] == n[None, :]) & (n[None, :] < N)).to(tl.int32)
+    rank = tl.sum((tl.cumsum(hits, 0) - 1) * hits, 1)
+    base = tl.sum(tl.load(base_ptr + t * BLOCK_N + n)[None, :] * hits, 1)
+    tl.store(order_ptr + base + rank, a.to(tl.int64), mask=tl.sum(hits, 1) > 0)
+
+
+def _plan_triton(indices: Tensor, n_experts: int, block: Optional[int] = None):
+    """``_sort_assignments`` in three Triton launches (count per tile of ``block`` assignments,
+    scan, scatter): no sort library calls, no host sync, so the whole dispatch can be captured in
+    a CUDA graph."""
+    P, K = indices.shape
+    offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=indices.device)
+    order = torch.empty(K * P, dtype=torch.int64, device=indices.device)
+    if P == 0:  # the kernels take assignment ids modulo P
+        return order, offsets
+    block = block or (4096 if indices.device.type != "cuda" else 1024)
+    tiles = max(1, triton.cdiv(K * P, block))
+    block_n = _pow2_at_least_2(n_experts)
+    counts = torch.empty(tiles, block_n, dtype=torch.int32, device=indices.device)
+    base = torch.empty_like(counts)
+    common = dict(K=K, BLOCK=block, BLOCK_N=block_n)
+    _plan_count_kernel[(tiles,)](indices, counts, P, K * P, n_experts, **common)
+    _plan_scan_kernel[(1,)](counts, base, offsets, tiles, n_experts, BLOCK_T=256, BLOCK_N=block_n)
+    _plan_scatter_kernel[(tiles,)](indices, base, order, P, K * P, n_experts, **common)
+    return order, offsets
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,7 +645,7 @@ def _moe_fwd_torch(x, weights, indices, w1, b1, w2, b2, combine):
             h = F.gelu(_linear(x.index_select(0, tokens[s:t]), w1[e], b1e))
             _linear(h, w2[e], b2e, out=sorted_out[s:t])
     out = sorted_out.index_select(0, _inverse(order)).float()
-    return _combine_torch(out.view(K, P, x.shape[1]), weights, combine).to(x.dtype), out
+    return _combine_torch(out.view(K, P, x.shape[1]), weights, combine).to(x.dtype), out, order, offsets
 
 
 def _combine_bwd_torch(dy, out, weights, combine):
@@ -602,12 +667,11 @@ def _combine_bwd_torch(dy, out, weights, combine):
     return grad.mul_(w), dweights
 
 
-def _moe_bwd_torch(dy, x, weights, indices, w1, b1, w2, out, combine):
-    P, K = indices.shape
+def _moe_bwd_torch(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
+    P, K = weights.shape
     Hd = w1.shape[2]
     dout, dweights = _combine_bwd_torch(dy, out.view(K, P, x.shape[1]), weights, combine)
     w1, b1, w2 = _pad_hidden(w1, b1, w2)
-    order, offsets = _sort_assignments(indices, w1.shape[0])
     tokens = order % P
     dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(x.dtype)
     dx_sorted = torch.empty_like(dout)
@@ -637,19 +701,19 @@ def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine):
     P, K = indices.shape
     N, C, Hd = w1.shape
     cfg = _tile_config(K * P, N, C, Hd, x.device, x.dtype)
-    order, offsets = _sort_assignments(indices, N)
-    block_expert, block_start, grid = _row_blocks(offsets, K * P, cfg.block_m)
+    order, offsets = _plan_triton(indices, N)
     out = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
-    _moe_expert_fwd_kernel[(grid,)](
-        x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out,
-        order, block_expert, block_start, offsets, P, C, Hd, N,
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-        PRECISION=dot_precision(x.dtype), **cfg.launch_args())
     y = torch.empty(P, C, dtype=x.dtype, device=x.device)
+    if P == 0:
+        return y, out, order, offsets
+    _moe_expert_fwd_kernel[(K * P // cfg.block_m + N,)](
+        x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out, order, offsets, P, C, Hd, N,
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, BLOCK_N=_pow2_at_least_2(N),
+        PRECISION=dot_precision(x.dtype), **cfg.launch_args())
     block_p = _combine_block_p(cfg.block_c, x.device)
     _moe_combine_fwd_kernel[(triton.cdiv(P, block_p),)](
         out, weights, y, P, C, K=K, LSE=combine == "logsumexp", BLOCK_P=block_p, BLOCK_C=cfg.block_c)
-    return y, out
+    return y, out, order, offsets
 
 
 def _combine_block_p(block_c: int, device: torch.device) -> int:
@@ -657,8 +721,8 @@ def _combine_block_p(block_c: int, device: torch.device) -> int:
     return 256 if device.type != "cuda" else max(16, 4096 // block_c)
 
 
-def _moe_bwd_triton(dy, x, weights, indices, w1, b1, w2, out, combine):
-    P, K = indices.shape
+def _moe_bwd_triton(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
+    P, K = weights.shape
     N, C, Hd = w1.shape
     cfg = _tile_config(K * P, N, C, Hd, x.device, x.dtype)
     precision = dot_precision(x.dtype)
@@ -668,13 +732,11 @@ def _moe_bwd_triton(dy, x, weights, indices, w1, b1, w2, out, combine):
     _moe_combine_bwd_kernel[(triton.cdiv(P, block_p),)](
         dy.contiguous(), out, weights, dout, dweights, P, C,
         K=K, LSE=combine == "logsumexp", BLOCK_P=block_p, BLOCK_C=cfg.block_c)
-    order, offsets = _sort_assignments(indices, N)
-    block_expert, block_start, grid = _row_blocks(offsets, K * P, cfg.block_m)
     b1_arg = b1 if b1 is not None else w1
     dxa = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
-    _moe_expert_bwd_dx_kernel[(grid,)](
-        x, w1, b1_arg, w2, dout, dxa, order, block_expert, block_start, offsets, P, C, Hd, N,
-        HAS_B1=b1 is not None, PRECISION=precision, **cfg.launch_args())
+    _moe_expert_bwd_dx_kernel[(K * P // cfg.block_m + N,)](
+        x, w1, b1_arg, w2, dout, dxa, order, offsets, P, C, Hd, N,
+        HAS_B1=b1 is not None, BLOCK_N=_pow2_at_least_2(N), PRECISION=precision, **cfg.launch_args())
     split = cfg.dw_split
     f32 = dict(dtype=torch.float32, device=x.device)
     dw1, db1 = torch.empty(split, N, C, Hd, **f32), torch.empty(split, N, Hd, **f32)
@@ -702,45 +764,51 @@ def _check_index_range(indices: Tensor, n_experts: int):
 
 @torch.library.custom_op("m2restore_kernels::moe_mlp", mutates_args=())
 def _moe_mlp_op(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
-                w2: Tensor, b2: Optional[Tensor], combine: str, backend: str) -> tuple[Tensor, Tensor]:
-    """-> (y (P, C) x.dtype, expert outputs (K*P, C) float32, row k*P + p, kept for the backward)."""
-    _check_index_range(indices, w1.shape[0])
+                w2: Tensor, b2: Optional[Tensor], combine: str, backend: str, check_indices: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (y (P, C) x.dtype, and for the backward: expert outputs (K*P, C) float32, row k*P + p;
+    the dispatch plan, order (K*P,) int64 and offsets (N+1,) int64, see ``_sort_assignments``)."""
+    if check_indices:
+        _check_index_range(indices, w1.shape[0])
     impl = _moe_fwd_triton if backend == "triton" else _moe_fwd_torch
     return impl(x, weights, indices, w1, b1, w2, b2, combine)
 
 
 @_moe_mlp_op.register_fake
-def _(x, weights, indices, w1, b1, w2, b2, combine, backend):
-    return x.new_empty(x.shape), x.new_empty(indices.numel(), x.shape[1], dtype=torch.float32)
+def _(x, weights, indices, w1, b1, w2, b2, combine, backend, check_indices):
+    KP = indices.numel()
+    return (x.new_empty(x.shape), x.new_empty(KP, x.shape[1], dtype=torch.float32),
+            indices.new_empty(KP, dtype=torch.int64), indices.new_empty(w1.shape[0] + 1, dtype=torch.int64))
 
 
 @torch.library.custom_op("m2restore_kernels::moe_mlp_bwd", mutates_args=())
-def _moe_mlp_bwd_op(dy: Tensor, x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
-                    w2: Tensor, out: Tensor, combine: str, backend: str
+def _moe_mlp_bwd_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, w1: Tensor,
+                    b1: Optional[Tensor], w2: Tensor, out: Tensor, combine: str, backend: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> grads of (x, weights, w1, b1, w2, b2); b1's and b2's are computed even when the bias is None."""
     impl = _moe_bwd_triton if backend == "triton" else _moe_bwd_torch
-    return impl(dy, x, weights, indices, w1, b1, w2, out, combine)
+    return impl(dy, x, weights, order, offsets, w1, b1, w2, out, combine)
 
 
 @_moe_mlp_bwd_op.register_fake
-def _(dy, x, weights, indices, w1, b1, w2, out, combine, backend):
+def _(dy, x, weights, order, offsets, w1, b1, w2, out, combine, backend):
     return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1),
             w1.new_empty(w1.shape[0], w1.shape[2]), torch.empty_like(w2), w2.new_empty(w2.shape[0], w2.shape[2]))
 
 
 def _moe_setup_context(ctx, inputs, output):
-    x, weights, indices, w1, b1, w2, b2, combine, backend = inputs
+    x, weights, indices, w1, b1, w2, b2, combine, backend, _check = inputs
     ctx.combine, ctx.backend, ctx.has_b1, ctx.has_b2 = combine, backend, b1 is not None, b2 is not None
-    ctx.save_for_backward(x, weights, indices, w1, b1, w2, output[1])
+    _, out, order, offsets = output
+    ctx.save_for_backward(x, weights, order, offsets, w1, b1, w2, out)
 
 
-def _moe_backward(ctx, dy, _dout):
-    x, weights, indices, w1, b1, w2, out = ctx.saved_tensors
+def _moe_backward(ctx, dy, *_grads_of_saved_outputs):
+    x, weights, order, offsets, w1, b1, w2, out = ctx.saved_tensors
     dx, dweights, dw1, db1, dw2, db2 = _moe_mlp_bwd_op(
-        dy, x, weights, indices, w1, b1, w2, out, ctx.combine, ctx.backend)
+        dy, x, weights, order, offsets, w1, b1, w2, out, ctx.combine, ctx.backend)
     return (dx, dweights, None, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
-            None, None)
+            None, None, None)
 
 
 _moe_mlp_op.register_autograd(_moe_backward, setup_context=_moe_setup_context)
@@ -782,7 +850,8 @@ def _check_moe_args(x, weights, indices, w1, b1, w2, b2, combine):
 
 
 def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-            b2: Optional[Tensor], combine: str = "sum", backend: str = "auto") -> Tensor:
+            b2: Optional[Tensor], combine: str = "sum", backend: str = "auto", *,
+            check_indices: bool = True) -> Tensor:
     """Sparse mixture of expert MLPs; only the K experts chosen per row are computed.
 
     x (P, C) floating; weights (P, K) floating gate weights; indices (P, K) int64/int32 in [0, N);
@@ -793,6 +862,11 @@ def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optiona
     Differentiable in every floating input. Under autocast (CUDA, or CPU where bf16 GEMMs are
     fast) x and the expert parameters are cast to the autocast dtype; the kernels accumulate in
     float32 and the K-way combination runs in float32.
+
+    ``check_indices=False`` skips the ValueError check that every index lies in [0, N): on CUDA
+    that check reads a flag back to the host, a sync on every call. Pass it for indices that
+    :func:`topk_softmax` made; an out-of-range index then leaves its row undefined (it is never
+    used to read or write out of bounds).
     """
     if isinstance(x, Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -800,4 +874,4 @@ def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optiona
                              for t in (x, w1, b1, w2, b2))
     _check_moe_args(x, weights, indices, w1, b1, w2, b2, combine)
     args = [t.contiguous() if t is not None else None for t in (x, weights, indices.long(), w1, b1, w2, b2)]
-    return _moe_mlp_op(*args, combine, resolve_backend(backend, x.device))[0]
+    return _moe_mlp_op(*args, combine, resolve_backend(backend, x.device), check_indices)[0]

@@ -32,8 +32,12 @@ def topk_softmax(logits, k: int, backend: str):
 
 
 def moe_mlp(x, weights, indices, w1, b1, w2, b2, combine: str, backend: str):
-    """x (P, C) through the K chosen experts per row; see ``m2restore_kernels.moe_mlp``."""
-    return _op("moe_mlp", backend)(x, weights, indices, w1, b1, w2, b2, combine=combine)
+    """x (P, C) through the K chosen experts per row; see ``m2restore_kernels.moe_mlp``.
+    ``indices`` come from :func:`topk_softmax`, so the kernels skip their range check (a host
+    sync on CUDA)."""
+    if backend == "reference":
+        return K.moe_mlp_ref(x, weights, indices, w1, b1, w2, b2, combine=combine)
+    return K.moe_mlp(x, weights, indices, w1, b1, w2, b2, combine=combine, backend=backend, check_indices=False)
 
 
 def gated_fusion(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias,

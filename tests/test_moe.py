@@ -323,18 +323,48 @@ class TinyDDER(torch.nn.Module):
                            combine=self.combine, backend="torch")
 
 
+@pytest.mark.parametrize("P,K,N,block", [(1, 1, 1, 16), (203, 2, 6, 16), (5000, 2, 6, 16), (777, 3, 8, 64),
+                                         (300, 4, 4, 4096)])
+def test_triton_dispatch_plan_is_the_stable_sort(P, K, N, block):
+    """The Triton path's counting sort (count per tile, scan, scatter) gives exactly the plan of
+    torch.sort(stable=True): the same order and segment offsets. 5000 x 2 assignments in tiles of
+    16 make 625 tiles, so the scan runs over several chunks of tiles; expert N-1 is never picked."""
+    g = torch.Generator().manual_seed(P + K + N)
+    indices = torch.randint(0, max(1, N - 1), (P, K), generator=g).to(DEVICE)
+    order, offsets = moe._plan_triton(indices, N, block=block)
+    ref_order, ref_offsets = moe._sort_assignments(indices, N)
+    assert torch.equal(offsets, ref_offsets)
+    assert torch.equal(order, ref_order)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_bad_index_spoils_only_its_row(backend):
+    """check_indices=False (the model's path, no host sync): an index outside [0, N) is neither
+    read nor written out of bounds, and every other row is still right."""
+    x, weights, indices, experts = _routing_case("dder_like")
+    indices = indices.clone()
+    indices[0, 1], indices[5, 0] = 6, -1
+    experts32 = [t.float().to(DEVICE) for t in experts]
+    y = moe_mlp(x.float().to(DEVICE), weights.float().to(DEVICE), indices.to(DEVICE), *experts32,
+                backend=backend, check_indices=False)
+    good = torch.ones(x.shape[0], dtype=torch.bool)
+    good[[0, 5]] = False
+    ref = moe_mlp_ref(x[good], weights[good], indices[good], *experts)
+    assert rel_err(y[good.to(DEVICE)].cpu(), ref) <= 1e-5
+
+
 def test_custom_ops_pass_opcheck():
     """Schema, fake (shapes and strides) and autograd registration of all four ops."""
     ops = torch.ops.m2restore_kernels
     args = _valid_args()
     x, weights, indices, w1, b1, w2, b2 = (args[n] for n in ("x", "weights", "indices", "w1", "b1", "w2", "b2"))
     torch.library.opcheck(ops.moe_mlp.default, (x.requires_grad_(), weights.requires_grad_(), indices,
-                                                w1, b1, w2, b2, "logsumexp", "torch"))
+                                                w1, b1, w2, b2, "logsumexp", "torch", True))
     # The backward ops have no autograd of their own (no double backward): inputs without grad.
     x, weights = x.detach(), weights.detach()
-    y, out = ops.moe_mlp(x, weights, indices, w1, b1, w2, b2, "logsumexp", "torch")
-    torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(y), x, weights, indices, w1, b1, w2, out,
-                                                    "logsumexp", "torch"))
+    y, out, order, offsets = ops.moe_mlp(x, weights, indices, w1, b1, w2, b2, "logsumexp", "torch", True)
+    torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(y), x, weights, order, offsets, w1, b1, w2,
+                                                    out, "logsumexp", "torch"))
     logits = torch.randn(9, 5, requires_grad=True)
     torch.library.opcheck(ops.topk_softmax.default, (logits, 2, "torch"))
     w, i = topk_softmax(logits.detach(), 2, backend="torch")
