@@ -9,7 +9,10 @@ Variants, side by side in one group per (image size, DDER level, pass):
   ``exp``, ``index_add`` and ``log``;
 * ``dense``: every expert on every pixel, then the same gated ``exp``/``log`` combination;
 * ``torch``: our sparse PyTorch path (``backend="torch"``);
-* ``triton``: our Triton path (CUDA only: on CPU it would time the interpreter).
+* ``triton``: our Triton path (CUDA only: on CPU it would time the interpreter);
+* ``triton-graph``: the same forward replayed as a captured CUDA graph, how the model runs it
+  (``m2restore bench --graph``): no launch or host overhead. The authors' dispatcher cannot be
+  captured (it reads expert counts back to the host), so it has no such row.
 
 Each in float32 and under bf16 autocast (on CPU, too: bf16 GEMMs are several times faster there).
 
@@ -19,10 +22,13 @@ minimum bytes moved so GPU numbers can be set against the roofline.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from m2restore.benchmark import capture_cuda_graph
 from m2restore_kernels import moe_mlp, topk_softmax
 
 N_EXPERTS, TOP_K = 6, 2
@@ -32,7 +38,7 @@ SHAPES = {
     for side in (224, 512) for level in range(3)
 }
 TINY = (256, 16, 42)
-VARIANTS = ("authors", "dense", "torch", "triton")
+VARIANTS = ("authors", "dense", "torch", "triton", "triton-graph")
 
 
 def _authors_dispatch(x, logits, w1, b1, w2, b2):
@@ -82,8 +88,10 @@ def pytest_generate_tests(metafunc):
 @pytest.mark.parametrize("passes", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_moe_dispatch(bench, benchmark, device, moe_shape, variant, passes, dtype):
-    if variant == "triton" and device.type != "cuda":
+    if variant.startswith("triton") and device.type != "cuda":
         pytest.skip("Triton path needs CUDA: on CPU it runs the interpreter, which says nothing about speed")
+    if variant == "triton-graph" and passes == "fwd_bwd":
+        pytest.skip("the graph variant times the forward only")
     P, C, Hd = moe_shape
     g = torch.Generator().manual_seed(0)
     params = [
@@ -95,14 +103,22 @@ def test_moe_dispatch(bench, benchmark, device, moe_shape, variant, passes, dtyp
         0.1 * torch.randn(N_EXPERTS, C, generator=g),
     ]
     params = [t.to(device).requires_grad_(passes == "fwd_bwd") for t in params]
-    fn = DISPATCH[variant]
+    fn = DISPATCH[variant.removesuffix("-graph")]
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            y = fn(*params)
+    def forward(x):
+        # No autocast weight cache: a captured graph must not keep casts made outside it.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16", cache_enabled=False):
+            return fn(x, *params[1:])
+
+    def eager_step():
+        y = forward(params[0])
         if passes == "fwd_bwd":
             torch.autograd.grad(y.sum(), params)
         return y
+
+    step = eager_step
+    if variant == "triton-graph":
+        step = functools.partial(capture_cuda_graph(forward, params[0]), params[0])
 
     benchmark.group = f"moe {P}x{C} hidden {Hd} {passes} {dtype}"
     experts_run = N_EXPERTS if variant == "dense" else TOP_K

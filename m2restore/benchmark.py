@@ -282,7 +282,7 @@ class BenchSession:
             ):
                 return net(x)
 
-        return _capture_cuda_graph(fwd, example) if case.mode == "graph" else fwd
+        return capture_cuda_graph(fwd, example) if case.mode == "graph" else fwd
 
     def reference_output(self, prior: bool, x: torch.Tensor) -> torch.Tensor:
         key = (prior, x.shape[-1])
@@ -292,7 +292,11 @@ class BenchSession:
         return self._reference_out[key]
 
 
-def _capture_cuda_graph(fwd: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor):
+def capture_cuda_graph(fwd: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor):
+    """``fwd`` captured in a CUDA graph after three warm-up calls on a side stream; returns
+    ``replay(x)``, which copies ``x`` (``example``'s shape) into the graph's input and returns its
+    (reused) output tensor. ``fwd`` must not sync with the host; autocast inside it needs
+    ``cache_enabled=False``."""
     static_in = example.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
