@@ -27,12 +27,15 @@ Three implementations:
   runs the adjoint recurrence backwards, like the Triton kernels. Without a C compiler (or with
   ``M2RESTORE_NATIVE=0``), and for float64, the chunked scan above runs instead.
 * Triton path: one program per (batch, group, block of channels) keeps its (BLOCK_D, d_state)
-  states in registers and walks the sequence in order (the recurrence is strictly sequential; the
-  parallelism is batch x channels). The forward stores the states every ``CHUNK`` steps; the
-  backward kernel walks the chunks in reverse, recomputes each chunk's states from its checkpoint
-  into a scratch buffer, then runs the adjoint recurrence backwards in time over them.
-  Cross-channel gradients (B, C) and cross-batch ones (A, D, delta_bias) are written as
-  per-program partial sums and reduced in PyTorch, so results are deterministic.
+  states in registers and walks the sequence a chunk of CHUNK steps at a time. A chunk's inputs
+  load as contiguous (channels, steps) tiles and its steps x -> a_t x + b_t compose in a parallel
+  scan (``tl.associative_scan``); the state entering the chunk applies through the cumulative
+  decay, and the forward keeps it as the chunk's checkpoint. The backward walks the chunks in
+  reverse: it recomputes the chunk's states (and, by the same scan over steps shifted by one, the
+  states before each step) from the checkpoint, then gets the adjoint dLoss/dx_t of every step
+  from one reverse scan of G_t = C_t dy_t + a_{t+1} G_{t+1}. Cross-channel gradients (B, C) and
+  cross-batch ones (A, D, delta_bias) are written as per-program partial sums and reduced in
+  PyTorch, so results are deterministic.
 
 ``backend="auto"`` on CUDA uses mamba_ssm's own kernel when that package imports (it is imported
 lazily, never on CPU), else the Triton path.
@@ -285,13 +288,15 @@ class ScanKernelConfig:
     """Launch configuration of the Triton scan.
 
     ``block_d`` channels per program (a power of two that divides the channels per B/C group, so a
-    program reads one group); ``block_n`` >= d_state (power of two); the forward checkpoints the
-    states every ``chunk`` steps and the backward recomputes one chunk at a time from them.
+    program reads one group); ``block_n`` >= d_state (power of two); both kernels scan ``chunk``
+    steps at a time (a power of two), and the forward checkpoints the states at every chunk's start
+    for the backward; ``fwd_warps`` and ``bwd_warps`` are the kernels' warps per program.
     """
     block_d: int
     block_n: int
     chunk: int
-    num_warps: int
+    fwd_warps: int
+    bwd_warps: int
 
 
 def _kernel_config(u: Tensor, B: Tensor, C: Tensor, n: int) -> ScanKernelConfig:
@@ -301,13 +306,15 @@ def _kernel_config(u: Tensor, B: Tensor, C: Tensor, n: int) -> ScanKernelConfig:
     cap = math.gcd(*per_group) if per_group else 1 << 30
     cap &= -cap  # its largest power-of-two divisor
     block_n = max(2, triton.next_power_of_2(n))
+    chunk = min(64, max(16, triton.next_power_of_2(l)))  # a tile dimension: a power of two
     if u.device.type != "cuda":
         # The interpreter runs programs one after another at a fixed cost per step: few, wide programs.
-        return ScanKernelConfig(min(cap, 64, triton.next_power_of_2(d)), block_n, chunk=64, num_warps=1)
-    # The recurrence is sequential in time, so the GPU's parallelism is batch x channel blocks:
-    # narrow blocks give enough programs for the SMs; one warp holds a (block_d, block_n) state.
-    return ScanKernelConfig(min(cap, 8, triton.next_power_of_2(d)), block_n, chunk=min(128, max(16, l)),
-                            num_warps=1 if block_n <= 16 else 2)
+        return ScanKernelConfig(min(cap, 64, triton.next_power_of_2(d)), block_n, chunk, fwd_warps=1, bwd_warps=1)
+    # Across programs the parallelism is batch x channel blocks: narrow blocks give enough programs
+    # for the SMs. The (block_d, block_n, chunk) scan tiles (4 x 16 x 64 float32 pairs) spread over
+    # four warps in the forward and eight in the backward, which keeps about three times as many
+    # such tiles live. Not yet tuned on a GPU.
+    return ScanKernelConfig(min(cap, 4, triton.next_power_of_2(d)), block_n, chunk, fwd_warps=4, bwd_warps=8)
 
 
 @jit
@@ -321,10 +328,11 @@ def _softplus(x):
 
 
 @jit
-def _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """u_t and delta'_t for the program's channels, plus d(delta')/d(delta) (float32)."""
-    uu = tl.load(u_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
-    raw = tl.load(dlt_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
+def _load_step(u_ptr, dlt_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u and delta' at ``offs`` (any tile shape), plus d(delta')/d(delta), all float32. Masked-off
+    entries get delta' = 0: a step x -> exp(0 A) x + 0 u B is the identity."""
+    uu = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(dlt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw += bias
     if SOFTPLUS:
@@ -333,7 +341,13 @@ def _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t, HAS_BIAS: tl.constexpr, SOF
     else:
         dt = raw
         ddt_draw = tl.full(raw.shape, 1.0, tl.float32)
-    return uu, dt, ddt_draw
+    return uu, tl.where(mask, dt, 0.0), ddt_draw
+
+
+@jit
+def _linear_recurrence(a1, b1, a2, b2):
+    """Composition of the steps x -> a1 x + b1, then x -> a2 x + b2 (associative)."""
+    return a1 * a2, a2 * b1 + b2
 
 
 @jit
@@ -341,47 +355,65 @@ def _scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                      d, L, n, gB, gC, per_gB, per_gC, n_chunks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Chunks of CHUNK steps in order, each as a whole: its (BLOCK_D, CHUNK) rows of u, delta, z and
+    (BLOCK_N, CHUNK) of B, C load as contiguous tiles, and the CHUNK steps of x_t = a_t x_{t-1} + b_t
+    compose in a parallel scan over (BLOCK_D, BLOCK_N, CHUNK); the state entering the chunk then
+    applies through the scan's cumulative decay. A step-by-step loop instead waits on scattered
+    loads at every step."""
     pid_b = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_D
     ch = c0 + tl.arange(0, BLOCK_D)
     ns = tl.arange(0, BLOCK_N)
+    ts = tl.arange(0, CHUNK)
     cmask = ch < d
-    smask = cmask[:, None] & (ns < n)[None, :]
+    nmask = ns < n
+    smask = cmask[:, None] & nmask[None, :]
     state_off = ch[:, None] * n + ns[None, :]
     A = tl.load(A_ptr + state_off, mask=smask, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    Dv = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else 0.0
+    Dv = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None] if HAS_D else 0.0
     rows = (pid_b * d + ch) * L
-    b_cols = B_ptr + (pid_b * gB + c0 // per_gB) * n * L + ns * L
-    c_cols = C_ptr + (pid_b * gC + c0 // per_gC) * n * L + ns * L
-    nmask = ns < n
+    b_rows = B_ptr + (pid_b * gB + c0 // per_gB) * n * L + ns * L
+    c_rows = C_ptr + (pid_b * gC + c0 // per_gC) * n * L + ns * L
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for c in range(n_chunks):
         # state entering step c * CHUNK, for the backward's recomputation
         tl.store(ckpt_ptr + (pid_b * n_chunks + c) * d * n + state_off, h, mask=smask)
-        for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)):
-            uu, dt, _ = _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(b_cols + t, mask=nmask, other=0.0).to(tl.float32)
-            Ct = tl.load(c_cols + t, mask=nmask, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * uu)[:, None] * Bt[None, :]
-            y = tl.sum(h * Ct[None, :], axis=1)
-            if HAS_D:
-                y += Dv * uu
-            if HAS_Z:
-                zz = tl.load(z_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
-                y *= zz / (1.0 + tl.exp(-zz))
-            tl.store(out_ptr + rows + t, y.to(out_ptr.dtype.element_ty), mask=cmask)
+        t = c * CHUNK + ts
+        tmask = t < L
+        io = rows[:, None] + t[None, :]
+        iomask = cmask[:, None] & tmask[None, :]
+        # Steps past L are identities, so the last column is the chunk's end state.
+        uu, dt, _ = _load_step(u_ptr, dlt_ptr, bias, io, iomask, HAS_BIAS, SOFTPLUS)
+        nt_mask = nmask[:, None] & tmask[None, :]
+        Bt = tl.load(b_rows[:, None] + t[None, :], mask=nt_mask, other=0.0).to(tl.float32)
+        Ct = tl.load(c_rows[:, None] + t[None, :], mask=nt_mask, other=0.0).to(tl.float32)
+        decay = tl.exp(dt[:, None, :] * A[:, :, None])
+        inject = (dt * uu)[:, None, :] * Bt[None, :, :]
+        decay, inject = tl.associative_scan((decay, inject), 2, _linear_recurrence)
+        states = decay * h[:, :, None] + inject
+        y = tl.sum(states * Ct[None, :, :], axis=1)
+        if HAS_D:
+            y += Dv * uu
+        if HAS_Z:
+            zz = tl.load(z_ptr + io, mask=iomask, other=0.0).to(tl.float32)
+            y *= zz / (1.0 + tl.exp(-zz))
+        tl.store(out_ptr + io, y.to(out_ptr.dtype.element_ty), mask=iomask)
+        h = tl.sum(tl.where(ts[None, None, :] == CHUNK - 1, states, 0.0), axis=2)
     tl.store(last_ptr + pid_b * d * n + state_off, h, mask=smask)
 
 
 @jit
 def _scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
-                     du_ptr, ddlt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, scratch_ptr,
+                     du_ptr, ddlt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
                      d, L, n, gB, gC, per_gB, per_gC, n_chunks, n_blocks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      HAS_DLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
-    """Reverse-time adjoint. g holds dLoss/dx_t; per step (x_t = a_t x_{t-1} + dt u_t B_t, a_t = exp(dt A)):
-    g += C_t dy_t; then dB_t, du_t, ddt_t, dA read g, and g <- a_t g for step t - 1.
+    """Reverse-time adjoint, a chunk at a time from the last. With G_t = dLoss/dx_t and a_t = exp(dt_t A):
+    G_t = C_t dy_t + a_{t+1} G_{t+1}, a linear recurrence backwards in time, so one reverse parallel
+    scan per chunk gives all its G_t from the carry a_{t0+T} G_{t0+T} left by the chunk after it.
+    The chunk's states x_t come from its checkpoint by the forward's scan, and x_{t-1} by the same
+    scan over the steps shifted by one (never as (x_t - b_t) / a_t, which cancels or divides by ~0).
     dA, dD, dbias go out per batch, dB and dC per channel block (partial sums reduced by the caller).
     """
     pid_b = tl.program_id(0)
@@ -389,77 +421,79 @@ def _scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     c0 = pid_d * BLOCK_D
     ch = c0 + tl.arange(0, BLOCK_D)
     ns = tl.arange(0, BLOCK_N)
+    ts = tl.arange(0, CHUNK)
     cmask = ch < d
     nmask = ns < n
     smask = cmask[:, None] & nmask[None, :]
     state_off = ch[:, None] * n + ns[None, :]
     A = tl.load(A_ptr + state_off, mask=smask, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    Dv = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    A3 = A[:, :, None]
+    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else 0.0
+    Dv = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None] if HAS_D else 0.0
     rows = (pid_b * d + ch) * L
-    b_cols = B_ptr + (pid_b * gB + c0 // per_gB) * n * L + ns * L
-    c_cols = C_ptr + (pid_b * gC + c0 // per_gC) * n * L + ns * L
-    part_cols = (pid_b * n_blocks + pid_d) * n * L + ns * L
-    scratch = scratch_ptr + (pid_b * n_blocks + pid_d) * CHUNK * BLOCK_D * BLOCK_N \
-        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + ns[None, :]
+    b_rows = B_ptr + (pid_b * gB + c0 // per_gB) * n * L + ns * L
+    c_rows = C_ptr + (pid_b * gC + c0 // per_gC) * n * L + ns * L
+    part_rows = (pid_b * n_blocks + pid_d) * n * L + ns * L
     if HAS_DLAST:
-        g = tl.load(dlast_ptr + pid_b * d * n + state_off, mask=smask, other=0.0).to(tl.float32)
+        carry = tl.load(dlast_ptr + pid_b * d * n + state_off, mask=smask, other=0.0).to(tl.float32)
     else:
-        g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for ci in range(n_chunks):
         c = n_chunks - 1 - ci
-        t0 = c * CHUNK
-        steps = tl.minimum(CHUNK, L - t0)
-        h0 = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * d * n + state_off, mask=smask, other=0.0)
-        h = h0
-        for s in range(steps):  # recompute this chunk's states into the scratch rows
-            uu, dt, _ = _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t0 + s, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(b_cols + t0 + s, mask=nmask, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * uu)[:, None] * Bt[None, :]
-            tl.store(scratch + s * BLOCK_D * BLOCK_N, h)
-        tl.debug_barrier()
-        for si in range(steps):
-            s = steps - 1 - si
-            t = t0 + s
-            h = tl.load(scratch + s * BLOCK_D * BLOCK_N)
-            if s > 0:
-                h_prev = tl.load(scratch + (s - 1) * BLOCK_D * BLOCK_N)
-            else:
-                h_prev = h0
-            uu, dt, ddt_draw = _load_step(u_ptr, dlt_ptr, bias, rows, cmask, t, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(b_cols + t, mask=nmask, other=0.0).to(tl.float32)
-            Ct = tl.load(c_cols + t, mask=nmask, other=0.0).to(tl.float32)
-            dy = tl.load(dout_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zz = tl.load(z_ptr + rows + t, mask=cmask, other=0.0).to(tl.float32)
-                sig = 1.0 / (1.0 + tl.exp(-zz))
-                y = tl.sum(h * Ct[None, :], axis=1)
-                if HAS_D:
-                    y += Dv * uu
-                tl.store(dz_ptr + rows + t, (dy * y * sig * (1.0 + zz * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
-                         mask=cmask)
-                dy = dy * zz * sig
-            g += dy[:, None] * Ct[None, :]
-            tl.store(dC_ptr + part_cols + t, tl.sum(tl.where(smask, dy[:, None] * h, 0.0), axis=0), mask=nmask)
-            tl.store(dB_ptr + part_cols + t, tl.sum(tl.where(smask, g * (dt * uu)[:, None], 0.0), axis=0),
-                     mask=nmask)
-            a = tl.exp(dt[:, None] * A)
-            gB_sum = tl.sum(g * Bt[None, :], axis=1)
-            decay_grad = g * a * h_prev                     # dLoss/d(dt A) per state
-            du = dt * gB_sum
+        h0 = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * d * n + state_off, mask=smask, other=0.0)[:, :, None]
+        t = c * CHUNK + ts
+        tmask = t < L
+        io = rows[:, None] + t[None, :]
+        iomask = cmask[:, None] & tmask[None, :]
+        nt_mask = nmask[:, None] & tmask[None, :]
+        uu, dt, ddt_draw = _load_step(u_ptr, dlt_ptr, bias, io, iomask, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(b_rows[:, None] + t[None, :], mask=nt_mask, other=0.0).to(tl.float32)[None, :, :]
+        Ct = tl.load(c_rows[:, None] + t[None, :], mask=nt_mask, other=0.0).to(tl.float32)[None, :, :]
+        a = tl.exp(dt[:, None, :] * A3)
+        pa, pb = tl.associative_scan((a, (dt * uu)[:, None, :] * Bt), 2, _linear_recurrence)
+        states = pa * h0 + pb
+        # x_{t-1}: the scan of steps t - 1 (the chunk's first column gets the identity, so x_{t0-1} = h0)
+        prev_mask = cmask[:, None] & ((ts > 0) & tmask)[None, :]
+        u_p, dt_p, _ = _load_step(u_ptr, dlt_ptr, bias, io - 1, prev_mask, HAS_BIAS, SOFTPLUS)
+        B_p = tl.load(b_rows[:, None] + t[None, :] - 1, mask=nmask[:, None] & ((ts > 0) & tmask)[None, :],
+                      other=0.0).to(tl.float32)[None, :, :]
+        qa, qb = tl.associative_scan((tl.exp(dt_p[:, None, :] * A3), (dt_p * u_p)[:, None, :] * B_p), 2,
+                                     _linear_recurrence)
+        prev = qa * h0 + qb
+        # a_{t+1} inside the chunk; 1 in its last column, where the carry already holds a_{t0+T} G_{t0+T}
+        _, dt_n, _ = _load_step(u_ptr, dlt_ptr, bias, io + 1,
+                                cmask[:, None] & ((ts < CHUNK - 1) & (t + 1 < L))[None, :], HAS_BIAS, SOFTPLUS)
+        dy = tl.load(dout_ptr + io, mask=iomask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_ptr + io, mask=iomask, other=0.0).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp(-zz))
+            y = tl.sum(states * Ct, axis=1)
             if HAS_D:
-                du += dy * Dv
-                dD_acc += dy * uu
-            ddt = (uu * gB_sum + tl.sum(decay_grad * A, axis=1)) * ddt_draw
-            dA_acc += decay_grad * dt[:, None]
-            dbias_acc += ddt
-            tl.store(du_ptr + rows + t, du.to(du_ptr.dtype.element_ty), mask=cmask)
-            tl.store(ddlt_ptr + rows + t, ddt.to(ddlt_ptr.dtype.element_ty), mask=cmask)
-            g = g * a
-        tl.debug_barrier()
+                y += Dv * uu
+            tl.store(dz_ptr + io, (dy * y * sig * (1.0 + zz * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=iomask)
+            dy = dy * zz * sig
+        ga, gb = tl.associative_scan((tl.exp(dt_n[:, None, :] * A3), dy[:, None, :] * Ct), 2, _linear_recurrence,
+                                     reverse=True)
+        G = ga * carry[:, :, None] + gb
+        # Masked channels and steps have u = dy = 0 and zero states, so they add nothing to these sums.
+        tl.store(dC_ptr + part_rows[:, None] + t[None, :], tl.sum(dy[:, None, :] * states, axis=0), mask=nt_mask)
+        tl.store(dB_ptr + part_rows[:, None] + t[None, :], tl.sum(G * (dt * uu)[:, None, :], axis=0), mask=nt_mask)
+        gB_sum = tl.sum(G * Bt, axis=1)
+        decay_grad = G * a * prev  # dLoss/d(dt A) per state and step
+        du = dt * gB_sum
+        if HAS_D:
+            du += dy * Dv
+            dD_acc += tl.sum(dy * uu, axis=1)
+        # Steps past L carry G (the carry) but no step: their ddt must not reach dbias.
+        ddt = tl.where(iomask, (uu * gB_sum + tl.sum(decay_grad * A3, axis=1)) * ddt_draw, 0.0)
+        dA_acc += tl.sum(decay_grad * dt[:, None, :], axis=2)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=iomask)
+        tl.store(ddlt_ptr + io, ddt.to(ddlt_ptr.dtype.element_ty), mask=iomask)
+        carry = tl.sum(tl.where(ts[None, None, :] == 0, a * G, 0.0), axis=2)
     tl.store(dA_ptr + pid_b * d * n + state_off, dA_acc, mask=smask)
     if HAS_D:
         tl.store(dD_ptr + pid_b * d + ch, dD_acc, mask=cmask)
@@ -487,7 +521,7 @@ def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         delta_bias if delta_bias is not None else u, out, last, ckpt,
         d, l, n, gB, gC, per_gB, per_gC, n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+        BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.fwd_warps)
     return out, last, ckpt
 
 
@@ -506,15 +540,14 @@ def _scan_bwd_triton(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, del
     dbias_part = torch.empty(b, d, **f32)
     dB_part = torch.empty(b, n_blocks, n, l, **f32)
     dC_part = torch.empty(b, n_blocks, n, l, **f32)
-    scratch = torch.empty(b * n_blocks * cfg.chunk * cfg.block_d * cfg.block_n, **f32)
     _scan_bwd_kernel[(b, n_blocks)](
         u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
         delta_bias if delta_bias is not None else u, ckpt, dout, dlast if dlast is not None else u,
-        du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part, scratch,
+        du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part,
         d, l, n, gB, gC, per_gB, per_gC, n_chunks, n_blocks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_DLAST=dlast is not None, BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk,
-        num_warps=cfg.num_warps)
+        num_warps=cfg.bwd_warps)
 
     def per_group(part: Tensor, X: Tensor) -> Tensor:
         # blocks never straddle groups, so each group's blocks are consecutive
