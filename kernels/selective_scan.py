@@ -351,20 +351,14 @@ def _linear_recurrence(a1, b1, a2, b2):
 
 
 @jit
-def _scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
-                     d, L, n, gB, gC, per_gB, per_gC, n_chunks,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
-    """Chunks of CHUNK steps in order, each as a whole: its (BLOCK_D, CHUNK) rows of u, delta, z and
-    (BLOCK_N, CHUNK) of B, C load as contiguous tiles, and the CHUNK steps of x_t = a_t x_{t-1} + b_t
-    compose in a parallel scan over (BLOCK_D, BLOCK_N, CHUNK); the state entering the chunk then
-    applies through the scan's cumulative decay. A step-by-step loop instead waits on scattered
-    loads at every step."""
-    pid_b = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_D
+def _program_setup(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pid_b, pid_d, d, L, n, gB, gC, per_gB, per_gC,
+                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What both kernels know of program (batch pid_b, channel block pid_d): its channels and states
+    with their masks, A (BLOCK_D, BLOCK_N), delta_bias and D as (BLOCK_D, 1) columns (0.0 if absent),
+    the offsets of its rows of (b, d, L) tensors and the pointers of its B and C rows (BLOCK_N,)."""
+    c0 = pid_d * BLOCK_D
     ch = c0 + tl.arange(0, BLOCK_D)
     ns = tl.arange(0, BLOCK_N)
-    ts = tl.arange(0, CHUNK)
     cmask = ch < d
     nmask = ns < n
     smask = cmask[:, None] & nmask[None, :]
@@ -375,6 +369,24 @@ def _scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     rows = (pid_b * d + ch) * L
     b_rows = B_ptr + (pid_b * gB + c0 // per_gB) * n * L + ns * L
     c_rows = C_ptr + (pid_b * gC + c0 // per_gC) * n * L + ns * L
+    return ch, ns, cmask, nmask, smask, state_off, A, bias, Dv, rows, b_rows, c_rows
+
+
+@jit
+def _scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
+                     d, L, n, gB, gC, per_gB, per_gC, n_chunks,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Chunks of CHUNK steps in order, each as a whole: its (BLOCK_D, CHUNK) rows of u, delta, z and
+    (BLOCK_N, CHUNK) of B, C load as contiguous tiles, and the CHUNK steps of x_t = a_t x_{t-1} + b_t
+    compose in a parallel scan over (BLOCK_D, BLOCK_N, CHUNK); the state entering the chunk then
+    applies through the scan's cumulative decay. A step-by-step loop instead waits on scattered
+    loads at every step."""
+    pid_b = tl.program_id(0)
+    ch, ns, cmask, nmask, smask, state_off, A, bias, Dv, rows, b_rows, c_rows = _program_setup(
+        A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pid_b, tl.program_id(1), d, L, n, gB, gC, per_gB, per_gC,
+        HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
+    ts = tl.arange(0, CHUNK)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for c in range(n_chunks):
         # state entering step c * CHUNK, for the backward's recomputation
@@ -418,21 +430,11 @@ def _scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     """
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    c0 = pid_d * BLOCK_D
-    ch = c0 + tl.arange(0, BLOCK_D)
-    ns = tl.arange(0, BLOCK_N)
+    ch, ns, cmask, nmask, smask, state_off, A, bias, Dv, rows, b_rows, c_rows = _program_setup(
+        A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pid_b, pid_d, d, L, n, gB, gC, per_gB, per_gC,
+        HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     ts = tl.arange(0, CHUNK)
-    cmask = ch < d
-    nmask = ns < n
-    smask = cmask[:, None] & nmask[None, :]
-    state_off = ch[:, None] * n + ns[None, :]
-    A = tl.load(A_ptr + state_off, mask=smask, other=0.0).to(tl.float32)
     A3 = A[:, :, None]
-    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else 0.0
-    Dv = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None] if HAS_D else 0.0
-    rows = (pid_b * d + ch) * L
-    b_rows = B_ptr + (pid_b * gB + c0 // per_gB) * n * L + ns * L
-    c_rows = C_ptr + (pid_b * gC + c0 // per_gC) * n * L + ns * L
     part_rows = (pid_b * n_blocks + pid_d) * n * L + ns * L
     if HAS_DLAST:
         carry = tl.load(dlast_ptr + pid_b * d * n + state_off, mask=smask, other=0.0).to(tl.float32)
