@@ -110,20 +110,20 @@ def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.d
         # The interpreter runs programs one after another at a fixed cost each: few, big programs.
         return MoeTileConfig(block_m=128, block_h=min(128, _pow2_at_least_16(Hd)), block_c=block_c,
                              num_warps=4, dw_split=1)
-    # Registers hold the x tile and the output accumulator (both (block_m, block_c)) plus one
-    # hidden chunk of w1 and w2: wide channels (192 -> 256) get fewer rows, narrower chunks, more warps.
-    wide = block_c > 128
-    block_m = 32 if wide else 64
-    block_h = min(32 if wide else 64, _pow2_at_least_16(Hd))
+    # Registers hold the x tile and the (block_m, block_c) float32 accumulator plus one hidden chunk
+    # of w1 and w2. Compiled for sm_90 (bench/compile_check.py: ptxas's register and spill counts),
+    # 32 hidden units per step, eight warps and two pipeline stages, with 32-row tiles in 16-bit and
+    # 16-row ones in float32 (whose 3xTF32 dots hold three times the operands), was the tiling with
+    # the fewest spills at every DDER width among the nine tried: none in bf16 but 352 B per thread in
+    # the 192-channel dx kernel, and in float32 none at 48 channels and up to 1.7 KiB at 192, within
+    # 163,968 B of shared memory (an A100 allows 166,912). The previous 64-row tiles spilled
+    # 0.7-2.8 KiB in bf16 from 96 channels up. Speed on a GPU not yet compared.
+    block_m, block_h = (16 if dtype == torch.float32 else 32), min(32, _pow2_at_least_16(Hd))
     # Aim for ~8 row blocks per weight-gradient program so the GPU still sees hundreds of programs.
     rows_per_expert = max(1, n_assign // max(1, n_experts))
     dw_split = max(1, min(64, rows_per_expert // (8 * block_m)))
-    # float32 tiles take twice the shared memory of 16-bit ones: at three stages the streamed weight
-    # chunks alone outgrew an H100's 227 KiB once block_c reached 128 (Triton's OutOfResources, seen
-    # with 3xTF32 dots); fewer stages keep one (block_c >= 128) or two in flight.
-    num_stages = 3 if dtype != torch.float32 else (2 if block_c <= 64 else 1)
-    return MoeTileConfig(block_m=block_m, block_h=block_h, block_c=block_c,
-                         num_warps=8 if wide else 4, dw_split=dw_split, num_stages=num_stages)
+    return MoeTileConfig(block_m=block_m, block_h=block_h, block_c=block_c, num_warps=8, dw_split=dw_split,
+                         num_stages=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -717,8 +717,9 @@ def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine):
 
 
 def _combine_block_p(block_c: int, device: torch.device) -> int:
-    # Keep a (BLOCK_P, BLOCK_C) tile near 4K elements on the GPU; the interpreter prefers one big tile.
-    return 256 if device.type != "cuda" else max(16, 4096 // block_c)
+    # Keep a (BLOCK_P, BLOCK_C) tile near 2K elements on the GPU (at 4K the backward spilled registers,
+    # bench/compile_check.py); the interpreter prefers one big tile.
+    return 256 if device.type != "cuda" else max(16, 2048 // block_c)
 
 
 def _moe_bwd_triton(dy, x, weights, order, offsets, w1, b1, w2, out, combine):

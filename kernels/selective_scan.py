@@ -299,15 +299,14 @@ class ScanKernelConfig:
     bwd_warps: int
 
 
-def _kernel_config(u: Tensor, B: Tensor, C: Tensor, n: int) -> ScanKernelConfig:
-    d, l = u.shape[1], u.shape[2]
+def _kernel_config(d: int, l: int, n: int, channels_per_group: tuple, device: torch.device) -> ScanKernelConfig:
+    """For d channels, l steps, n states; ``channels_per_group`` of the grouped ones among B and C."""
     # A program must not straddle two groups of B or C: block_d divides every group's channel count.
-    per_group = [d // X.shape[1] for X in (B, C) if X.dim() == 4]
-    cap = math.gcd(*per_group) if per_group else 1 << 30
+    cap = math.gcd(*channels_per_group) if channels_per_group else 1 << 30
     cap &= -cap  # its largest power-of-two divisor
     block_n = max(2, triton.next_power_of_2(n))
     chunk = min(64, max(16, triton.next_power_of_2(l)))  # a tile dimension: a power of two
-    if u.device.type != "cuda":
+    if device.type != "cuda":
         # The interpreter runs programs one after another at a fixed cost per step: few, wide programs.
         return ScanKernelConfig(min(cap, 64, triton.next_power_of_2(d)), block_n, chunk, fwd_warps=1, bwd_warps=1)
     # Across programs the parallelism is batch x channel blocks: narrow blocks give enough programs
@@ -315,6 +314,11 @@ def _kernel_config(u: Tensor, B: Tensor, C: Tensor, n: int) -> ScanKernelConfig:
     # four warps in the forward and eight in the backward, which keeps about three times as many
     # such tiles live. Not yet tuned on a GPU.
     return ScanKernelConfig(min(cap, 4, triton.next_power_of_2(d)), block_n, chunk, fwd_warps=4, bwd_warps=8)
+
+
+def _config_for(u: Tensor, B: Tensor, C: Tensor, n: int) -> ScanKernelConfig:
+    d = u.shape[1]
+    return _kernel_config(d, u.shape[2], n, tuple(d // X.shape[1] for X in (B, C) if X.dim() == 4), u.device)
 
 
 @jit
@@ -512,7 +516,7 @@ def _group_sizes(X: Tensor, d: int):
 def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     b, d, l = u.shape
     n = A.shape[1]
-    cfg = _kernel_config(u, B, C, n)
+    cfg = _config_for(u, B, C, n)
     (gB, per_gB), (gC, per_gC) = _group_sizes(B, d), _group_sizes(C, d)
     n_chunks = triton.cdiv(l, cfg.chunk)
     out = torch.empty_like(u)
@@ -530,7 +534,7 @@ def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 def _scan_bwd_triton(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus):
     b, d, l = u.shape
     n = A.shape[1]
-    cfg = _kernel_config(u, B, C, n)
+    cfg = _config_for(u, B, C, n)
     (gB, per_gB), (gC, per_gC) = _group_sizes(B, d), _group_sizes(C, d)
     n_chunks = ckpt.shape[1]
     n_blocks = triton.cdiv(d, cfg.block_d)
@@ -644,7 +648,7 @@ def _scan_bwd_native(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, del
 # Custom ops (torch.compile / torch.export see them as single nodes)
 # --------------------------------------------------------------------------------------------
 def _checkpoint_chunk(impl: str, u: Tensor, B: Tensor, C: Tensor, n: int) -> int:
-    return NATIVE_CHUNK if impl == "native" else _kernel_config(u, B, C, n).chunk
+    return NATIVE_CHUNK if impl == "native" else _config_for(u, B, C, n).chunk
 
 
 @torch.library.custom_op("m2restore_kernels::selective_scan", mutates_args=())
