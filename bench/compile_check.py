@@ -132,15 +132,19 @@ def gated_fusion_cases(quick: bool):
     shapes = [(48, 224)] if quick else [(48, 224), (96, 112), (192, 56), (384, 28)]
     for dtype in _dtypes(quick):
         for C, side in shapes:
-            cfg = dgf._launch_config(C, side, side, CUDA, dtype)
-            tiles = dict(BLOCK_P=cfg.block_p, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
-                         DOT_PRECISION=dot_precision(dtype))
             flags = dict(HAS_DWB=True, HAS_B1=True, HAS_B2=True)
             label = f"C={C} {side}x{side}"
-            yield Case("gated_fusion", dgf._fwd_kernel, label, dtype, dict(HAS_RES=True, **flags, **tiles), cfg.num_warps)
-            yield Case("gated_fusion", dgf._bwd_gate_kernel, label, dtype, dict(**flags, **tiles), cfg.num_warps,
-                       ptrs=dict(part_c_ptr="fp32", part_dw_ptr="fp32", part_b2_ptr="fp32"))
-            yield Case("gated_fusion", dgf._bwd_input_kernel, label, dtype, tiles, cfg.num_warps)
+            fwd, bwd = (dgf._launch_config(C, side, side, CUDA, dtype, backward=b) for b in (False, True))
+            yield Case("gated_fusion", dgf._fwd_kernel, label, dtype, dict(HAS_RES=True, **flags, **_dgf_tiles(fwd, dtype)),
+                       fwd.num_warps)
+            yield Case("gated_fusion", dgf._bwd_gate_kernel, label, dtype, dict(**flags, **_dgf_tiles(bwd, dtype)),
+                       bwd.num_warps, ptrs=dict(part_c_ptr="fp32", part_dw_ptr="fp32", part_b2_ptr="fp32"))
+            yield Case("gated_fusion", dgf._bwd_input_kernel, label, dtype, _dgf_tiles(bwd, dtype), bwd.num_warps)
+
+
+def _dgf_tiles(cfg, dtype) -> dict:
+    return dict(BLOCK_P=cfg.block_p, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
+                DOT_PRECISION=dot_precision(dtype))
 
 
 def resource_usage(kernel, cuobjdump: str) -> dict:

@@ -310,7 +310,8 @@ class LaunchConfig:
                     num_warps=self.num_warps)
 
 
-def _launch_config(C: int, H: int, W: int, device: torch.device, dtype: torch.dtype) -> LaunchConfig:
+def _launch_config(C: int, H: int, W: int, device: torch.device, dtype: torch.dtype,
+                   backward: bool = False) -> LaunchConfig:
     block_w = triton.next_power_of_2(W)
     if device.type != "cuda":
         # The interpreter runs programs one after another at a fixed cost each: few, big ones.
@@ -323,7 +324,10 @@ def _launch_config(C: int, H: int, W: int, device: torch.device, dtype: torch.dt
     widest = 32 if dtype == torch.float32 else 64
     block_n = next((bn for bn in (64, 32, 16) if bn <= widest and C % bn == 0),
                    min(max(triton.next_power_of_2(C), 16), widest))
-    return LaunchConfig(block_p=128, block_w=min(block_w, 128), block_c=16, block_n=block_n)
+    # The backward kernels hold more per pixel (the gate's recomputation and its gradients): at 128
+    # pixels they spilled 40-576 B per thread, at 64 none (bench/compile_check.py, sm_90).
+    block_p = 64 if backward else 128
+    return LaunchConfig(block_p=block_p, block_w=min(block_w, block_p), block_c=16, block_n=block_n)
 
 
 def _strides(t: Optional[torch.Tensor]):
@@ -373,7 +377,7 @@ def _gated_fusion_backward_op(
     its input's dtype; bias gradients are returned even for absent biases (the autograd formula drops them)."""
     B, C, H, W = y.shape
     dtype = g1_weight.dtype
-    cfg = _launch_config(C, H, W, y.device, dtype)
+    cfg = _launch_config(C, H, W, y.device, dtype, backward=True)
     n_tiles = cfg.n_tiles(H, W)
     dy, dmamba = torch.empty_like(y), torch.empty_like(mamba)
     # Workspaces with y's strides in the compute dtype (dh feeds tl.dot and the dW1 GEMM), fully written.

@@ -99,10 +99,12 @@ def test_matches_float64_reference(case, backend, dtype):
     (1, 32, 2, 150, False, True, False),  # 2 x 2 tiles of 1 x 128: halos cross tiles in both directions
 ])
 def test_triton_with_gpu_tiles(case, monkeypatch):
-    """The interpreter normally gets one tile per image; here it runs the tile shapes a GPU would use."""
+    """The interpreter normally gets one tile per image; here it runs the tile shapes a GPU would use
+    (the forward's and the backward's, which differ)."""
     dtype = torch.float32
-    gpu_config = gf._launch_config(*case[1:4], torch.device("cuda"), dtype)
-    monkeypatch.setattr(gf, "_launch_config", lambda C, H, W, device, dtype: gpu_config)
+    real = gf._launch_config
+    monkeypatch.setattr(gf, "_launch_config", lambda C, H, W, device, dtype, backward=False:
+                        real(C, H, W, torch.device("cuda"), dtype, backward))
     B, C, H, W, channels_last, residual, biases = case
     check_against_float64(make_inputs(B, C, H, W, dtype=dtype, channels_last=channels_last, residual=residual,
                                       biases=biases), "triton")

@@ -163,6 +163,17 @@ CASES = ["one_expert_many_blocks", "dder_like", "k_equals_n_two_hidden_chunks", 
          "all_to_one_expert", "ties"]
 
 
+@pytest.mark.parametrize("case", ["dder_like", "unused_expert", "all_to_one_expert"])
+def test_triton_with_gpu_tiles(case, monkeypatch):
+    """The interpreter normally gets 128-row blocks; here it runs the GPU's (16 rows in float32), so
+    every expert spans several blocks and each program must find its own from the offsets."""
+    real = moe._tile_config
+    monkeypatch.setattr(moe, "_tile_config", lambda n_assign, n_experts, C, Hd, device, dtype:
+                        real(n_assign, n_experts, C, Hd, torch.device("cuda"), dtype))
+    x, weights, indices, experts = _routing_case(case)
+    check_moe("triton", torch.float32, x, weights, indices, experts, "logsumexp")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("combine", ["sum", "logsumexp"])
 @pytest.mark.parametrize("case", CASES)
