@@ -77,7 +77,7 @@ def _dtypes(quick: bool):
     return (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16)
 
 
-def moe_cases(quick: bool):
+def moe_cases(quick: bool, shared_memory: int):
     """The three DDER widths of a 224x224 image (N = 6, K = 2), as the Triton path launches them."""
     P, N, K = 50176, 6, 2
     widths = [(48, 127)] if quick else [(48 << lvl, int(2.66 * (48 << lvl))) for lvl in range(3)]
@@ -86,7 +86,7 @@ def moe_cases(quick: bool):
     for dtype in _dtypes(quick):
         for level, (C, Hd) in enumerate(widths):
             p = P >> (2 * level)
-            cfg = moe._tile_config(K * p, N, C, Hd, CUDA, dtype)
+            cfg = moe._tile_config(K * p, N, C, Hd, CUDA, dtype, shared_memory)
             tiles = dict(BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_H=cfg.block_h,
                          PRECISION=dot_precision(dtype))
             run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     print(f"{'op':15s} {'kernel':28s} {'case':20s} {'dtype':9s} {'warps':>5s} {'stages':>6s} "
           f"{'regs':>4s} {'spill B':>7s} {'shared B':>8s}  status")
     failed = 0
-    for case in [*moe_cases(args.quick), *scan_cases(args.quick), *gated_fusion_cases(args.quick)]:
+    for case in [*moe_cases(args.quick, limit), *scan_cases(args.quick), *gated_fusion_cases(args.quick)]:
         head = (f"{case.op:15s} {case.kernel.__name__:28s} {case.label:20s} {str(case.dtype)[6:]:9s} "
                 f"{case.num_warps:5d} {case.num_stages:6d}")
         try:

@@ -23,6 +23,7 @@ chunks x row splits, partial sums reduced on the host side so the result is dete
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -103,8 +104,15 @@ def _pow2_at_least_2(n: int) -> int:  # N = 1 or K = 1 would otherwise give a on
     return max(2, triton.next_power_of_2(n))
 
 
-def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.device,
-                 dtype: torch.dtype) -> MoeTileConfig:
+@functools.lru_cache(maxsize=None)
+def _shared_memory_per_block(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.device, dtype: torch.dtype,
+                 shared_memory: Optional[int] = None) -> MoeTileConfig:
+    """Tiles for the expert kernels on ``device``; ``shared_memory`` (bytes one block may use)
+    defaults to the CUDA device's own."""
     block_c = _pow2_at_least_16(C)
     if device.type != "cuda":
         # The interpreter runs programs one after another at a fixed cost each: few, big programs.
@@ -118,12 +126,16 @@ def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.d
     # the 192-channel dx kernel, and in float32 none at 48 channels and up to 1.7 KiB at 192, within
     # 163,968 B of shared memory (an A100 allows 166,912). The previous 64-row tiles spilled
     # 0.7-2.8 KiB in bf16 from 96 channels up. Speed on a GPU not yet compared.
-    block_m, block_h = (16 if dtype == torch.float32 else 32), min(32, _pow2_at_least_16(Hd))
+    block_m, block_h, num_stages = (16 if dtype == torch.float32 else 32), min(32, _pow2_at_least_16(Hd)), 2
+    if dtype == torch.float32 and block_c > 128 and (shared_memory or _shared_memory_per_block(device)) < 160 * 1024:
+        # 192 float32 channels took up to 164 KB per block: over the 99 KiB of an RTX 3090 or 4090.
+        # Half-width hidden chunks in a single stage need at most 96 KiB (compiled for sm_86).
+        block_h, num_stages = 16, 1
     # Aim for ~8 row blocks per weight-gradient program so the GPU still sees hundreds of programs.
     rows_per_expert = max(1, n_assign // max(1, n_experts))
     dw_split = max(1, min(64, rows_per_expert // (8 * block_m)))
     return MoeTileConfig(block_m=block_m, block_h=block_h, block_c=block_c, num_warps=8, dw_split=dw_split,
-                         num_stages=2)
+                         num_stages=num_stages)
 
 
 # --------------------------------------------------------------------------------------------

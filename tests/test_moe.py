@@ -169,7 +169,7 @@ def test_triton_with_gpu_tiles(case, monkeypatch):
     every expert spans several blocks and each program must find its own from the offsets."""
     real = moe._tile_config
     monkeypatch.setattr(moe, "_tile_config", lambda n_assign, n_experts, C, Hd, device, dtype:
-                        real(n_assign, n_experts, C, Hd, torch.device("cuda"), dtype))
+                        real(n_assign, n_experts, C, Hd, torch.device("cuda"), dtype, shared_memory=232448))
     x, weights, indices, experts = _routing_case(case)
     check_moe("triton", torch.float32, x, weights, indices, experts, "logsumexp")
 
