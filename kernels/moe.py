@@ -8,13 +8,18 @@ Two ops, each with a plain reference (``*_ref``), a sparse PyTorch path and a Tr
 
 Both sparse paths share one dispatch plan: the K*P (row, slot) assignments are sorted once by
 expert (stable, so each expert's rows stay in row order) and each expert then works on one
-contiguous segment of that order. The per-assignment expert outputs ``O`` (K*P, C) go to a float32
+contiguous segment of that order; the forward keeps the plan for the backward. The PyTorch path
+sorts with ``torch.sort``; the Triton path with a counting sort of its own (three small kernels, no
+host sync), so its whole dispatch can be captured in a CUDA graph. On CPU the PyTorch path runs
+the routing and the K-way combination as C loops (``csrc/moe_cpu.c``) and the expert MLPs in
+cache-sized row chunks. The per-assignment expert outputs ``O`` (K*P, C) go to a float32
 buffer, one row per assignment, and a separate combine step reduces the K slots. The buffer costs
 one extra write and read of K*P*C floats but keeps the result deterministic (no atomics), serves
 ``sum`` and ``logsumexp`` alike, and is exactly what the backward needs (``logsumexp`` gradients
 and the gate-weight gradient both need the unweighted expert outputs).
 
-Triton forward: a program takes BLOCK_M sorted rows of one expert, gathers their x rows, and
+Triton forward: a program takes BLOCK_M sorted rows of one expert (found from the plan's N + 1
+segment offsets, no block table), gathers their x rows, and
 walks the hidden width in BLOCK_H chunks: GEMM1 (+b1), exact GELU, GEMM2 into a (BLOCK_M, C)
 accumulator, so the hidden activation never leaves registers. The backward recomputes it: one
 kernel for dx (same grid as the forward), one for the weight gradients (grid experts x hidden
@@ -388,8 +393,7 @@ def _sort_assignments(indices: Tensor, n_experts: int):
     Assignment a = k*P + p (slot-major), so per-assignment buffers viewed as (K, P, C) combine
     with contiguous elementwise ops over whole (P, C) slabs."""
     experts, order = torch.sort(indices.t().reshape(-1), stable=True)
-    # searchsorted rather than bincount: no host sync (bincount sizes its output from the data),
-    # so the Triton path can be captured in a CUDA graph.
+    # searchsorted rather than bincount: no host sync (bincount sizes its output from the data).
     offsets = torch.searchsorted(experts, torch.arange(n_experts + 1, device=indices.device))
     return order, offsets
 
@@ -457,7 +461,7 @@ def _plan_triton(indices: Tensor, n_experts: int, block: Optional[int] = None):
     if P == 0:  # the kernels take assignment ids modulo P
         return order, offsets
     block = block or (4096 if indices.device.type != "cuda" else 1024)
-    tiles = max(1, triton.cdiv(K * P, block))
+    tiles = triton.cdiv(K * P, block)
     block_n = _pow2_at_least_2(n_experts)
     counts = torch.empty(tiles, block_n, dtype=torch.int32, device=indices.device)
     base = torch.empty_like(counts)
