@@ -119,6 +119,15 @@ def test_topk_softmax_ties_go_to_lower_index(topk_backend):
     torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_topk_softmax_nan_logits_give_valid_indices(topk_backend):
+    """A NaN logit makes the weights NaN, but every index still names an expert (no stray value
+    that a later dispatch would have to drop)."""
+    logits = torch.randn(70, 6, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    logits[::7, 2] = float("nan")
+    _, i = topk_softmax(logits, 2, backend=topk_backend)
+    assert ((i >= 0) & (i < 6)).all()
+
+
 def test_topk_softmax_float16(topk_backend):
     backend = topk_backend
     logits = torch.randn(150, 6, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)

@@ -49,6 +49,13 @@ void topk_softmax_fwd(int64_t P, int64_t N, int64_t K, int threads, const float 
                 }
             }
         }
+        /* Every slot starts filled: a NaN logit compares false both ways, so ranks can collide and
+         * leave a slot unclaimed; it then keeps column k, a valid index, not stack garbage. */
+        for (int k = 0; k < K; k++)
+            for (int r = 0; r < rows; r++) {
+                kv[k][r] = v[k][r];
+                kc[k][r] = k;
+            }
         for (int k = 0; k < K; k++)
             for (int j = 0; j < N; j++)
                 for (int r = 0; r < rows; r++) {
