@@ -637,15 +637,16 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = N
     return torch.mm(x, w, out=out) if b is None else torch.addmm(b, x, w, out=out)
 
 
-def _row_chunks(lo: int, hi: int, hidden: int, element_size: int):
-    """[lo, hi) cut into chunks whose (rows, hidden) activation stays near 2 MiB, so it is
+def _row_chunks(lo: int, hi: int, hidden: int, x: Tensor):
+    """[lo, hi) cut, on a CPU, into chunks whose (rows, hidden) activation stays near 2 MiB, so it is
     still in cache between the GEMMs that write and read it. One GEMM over an expert's whole
     segment sent a 50 MB hidden activation through memory three times: at the first DDER's widths
     (100k rows, hidden 128) the expert MLP took 50 ms that way and 18.6 ms in 4096-row chunks on
     the project's EPYC (2 threads); 1 MiB chunks were a little slower forward and backward. The
     budget is in bytes: bf16 GEMMs there want at least 2048 rows (DDER 1's bf16 forward: 33.9 ms
-    in 4096-row chunks, 20.8 ms in 8192-row ones)."""
-    rows = max(256, (1 << 21) // (hidden * element_size))
+    in 4096-row chunks, 20.8 ms in 8192-row ones). A GPU gets the whole segment: there chunks
+    would only multiply the launches."""
+    rows = max(256, (1 << 21) // (hidden * x.element_size())) if x.device.type == "cpu" else max(1, hi - lo)
     return ((s, min(s + rows, hi)) for s in range(lo, hi, rows))
 
 
@@ -659,7 +660,7 @@ def _moe_fwd_torch(x, weights, indices, w1, b1, w2, b2, combine):
     sorted_out = x.new_empty(K * P, w2.shape[2])
     for e, lo, hi in _segments(offsets):
         b1e, b2e = (None if b is None else b[e] for b in (b1, b2))
-        for s, t in _row_chunks(lo, hi, w1.shape[2], x.element_size()):
+        for s, t in _row_chunks(lo, hi, w1.shape[2], x):
             h = F.gelu(_linear(x.index_select(0, tokens[s:t]), w1[e], b1e))
             _linear(h, w2[e], b2e, out=sorted_out[s:t])
     out = sorted_out.index_select(0, _inverse(order)).float()
@@ -697,7 +698,7 @@ def _moe_bwd_torch(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
     db1 = w1.new_zeros(w1.shape[0], w1.shape[2])
     db2 = w2.new_zeros(w2.shape[0], w2.shape[2])
     for e, lo, hi in _segments(offsets):
-        for s, t in _row_chunks(lo, hi, w1.shape[2], x.element_size()):
+        for s, t in _row_chunks(lo, hi, w1.shape[2], x):
             xe, de = x.index_select(0, tokens[s:t]), dout[s:t]
             hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
             dw2[e].addmm_(F.gelu(hpre).t(), de)
