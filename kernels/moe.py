@@ -694,26 +694,28 @@ def _moe_bwd_torch(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
     tokens = order % P
     dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(x.dtype)
     dx_sorted = torch.empty_like(dout)
-    dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-    db1 = w1.new_zeros(w1.shape[0], w1.shape[2])
-    db2 = w2.new_zeros(w2.shape[0], w2.shape[2])
+    # Parameter gradients sum over row chunks in float32, so 16-bit ones are rounded once, at the end.
+    f32 = dict(dtype=torch.float32)
+    dw1, dw2 = torch.zeros_like(w1, **f32), torch.zeros_like(w2, **f32)
+    db1 = w1.new_zeros(w1.shape[0], w1.shape[2], **f32)
+    db2 = w2.new_zeros(w2.shape[0], w2.shape[2], **f32)
     for e, lo, hi in _segments(offsets):
         for s, t in _row_chunks(lo, hi, w1.shape[2], x):
             xe, de = x.index_select(0, tokens[s:t]), dout[s:t]
             hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
-            dw2[e].addmm_(F.gelu(hpre).t(), de)
-            db2[e] += de.sum(0)
+            dw2[e] += F.gelu(hpre).t() @ de
+            db2[e] += de.sum(0, **f32)
             dh = torch.ops.aten.gelu_backward(de @ w2[e].t(), hpre)
-            dw1[e].addmm_(xe.t(), dh)
-            db1[e] += dh.sum(0)
+            dw1[e] += xe.t() @ dh
+            db1[e] += dh.sum(0, **f32)
             torch.mm(dh, w1[e].t(), out=dx_sorted[s:t])
     dx_slots = dx_sorted.index_select(0, _inverse(order)).view(K, P, x.shape[1])
     dx = dx_slots[0].to(torch.float32, copy=True)
     for k in range(1, K):
         dx += dx_slots[k]
     # Custom-op outputs must have the fake's (contiguous) strides; the hidden padding comes off here.
-    return tuple(t.contiguous() for t in (dx.to(x.dtype), dweights.to(weights.dtype), dw1[:, :, :Hd],
-                                          db1[:, :Hd], dw2[:, :Hd], db2))
+    return tuple(t.contiguous() for t in (dx.to(x.dtype), dweights.to(weights.dtype), dw1[:, :, :Hd].to(w1.dtype),
+                                          db1[:, :Hd].to(w1.dtype), dw2[:, :Hd].to(w2.dtype), db2.to(w2.dtype)))
 
 
 def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine):
