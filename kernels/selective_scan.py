@@ -377,6 +377,23 @@ def _program_setup(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pid_b, pid_d, d, L, n, 
 
 
 @jit
+def _chunk_states(u_ptr, dlt_ptr, b_rows, bias, A, h0, io, t, cmask, nmask, tmask,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """The states after each of a chunk's steps, (BLOCK_D, BLOCK_N, CHUNK), from the state h0
+    (BLOCK_D, BLOCK_N) entering it: the steps x -> a_t x + b_t compose in one parallel scan and h0
+    applies through their cumulative decay. ``io`` (BLOCK_D, CHUNK) and ``t`` (CHUNK,) address the
+    steps, ``tmask`` (CHUNK,) keeps them; the others are identities. Also returns u, delta',
+    d(delta')/d(delta) (BLOCK_D, CHUNK), B (1, BLOCK_N, CHUNK) and the decays a. The forward and
+    the backward's recomputation share it, so they agree to the last bit."""
+    uu, dt, ddt_draw = _load_step(u_ptr, dlt_ptr, bias, io, cmask[:, None] & tmask[None, :], HAS_BIAS, SOFTPLUS)
+    Bt = tl.load(b_rows[:, None] + t[None, :], mask=nmask[:, None] & tmask[None, :], other=0.0).to(tl.float32)
+    Bt = Bt[None, :, :]
+    a = tl.exp(dt[:, None, :] * A[:, :, None])
+    decay, inject = tl.associative_scan((a, (dt * uu)[:, None, :] * Bt), 2, _linear_recurrence)
+    return uu, dt, ddt_draw, Bt, a, decay * h0[:, :, None] + inject
+
+
+@jit
 def _scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
                      d, L, n, gB, gC, per_gB, per_gC, n_chunks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -400,14 +417,9 @@ def _scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
         io = rows[:, None] + t[None, :]
         iomask = cmask[:, None] & tmask[None, :]
         # Steps past L are identities, so the last column is the chunk's end state.
-        uu, dt, _ = _load_step(u_ptr, dlt_ptr, bias, io, iomask, HAS_BIAS, SOFTPLUS)
-        nt_mask = nmask[:, None] & tmask[None, :]
-        Bt = tl.load(b_rows[:, None] + t[None, :], mask=nt_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(c_rows[:, None] + t[None, :], mask=nt_mask, other=0.0).to(tl.float32)
-        decay = tl.exp(dt[:, None, :] * A[:, :, None])
-        inject = (dt * uu)[:, None, :] * Bt[None, :, :]
-        decay, inject = tl.associative_scan((decay, inject), 2, _linear_recurrence)
-        states = decay * h[:, :, None] + inject
+        uu, _, _, _, _, states = _chunk_states(u_ptr, dlt_ptr, b_rows, bias, A, h, io, t, cmask, nmask, tmask,
+                                               HAS_BIAS, SOFTPLUS)
+        Ct = tl.load(c_rows[:, None] + t[None, :], mask=nmask[:, None] & tmask[None, :], other=0.0).to(tl.float32)
         y = tl.sum(states * Ct[None, :, :], axis=1)
         if HAS_D:
             y += Dv * uu
@@ -449,26 +461,18 @@ def _scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for ci in range(n_chunks):
         c = n_chunks - 1 - ci
-        h0 = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * d * n + state_off, mask=smask, other=0.0)[:, :, None]
+        h0 = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * d * n + state_off, mask=smask, other=0.0)
         t = c * CHUNK + ts
         tmask = t < L
         io = rows[:, None] + t[None, :]
         iomask = cmask[:, None] & tmask[None, :]
         nt_mask = nmask[:, None] & tmask[None, :]
-        uu, dt, ddt_draw = _load_step(u_ptr, dlt_ptr, bias, io, iomask, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(b_rows[:, None] + t[None, :], mask=nt_mask, other=0.0).to(tl.float32)[None, :, :]
+        uu, dt, ddt_draw, Bt, a, states = _chunk_states(u_ptr, dlt_ptr, b_rows, bias, A, h0, io, t, cmask, nmask,
+                                                        tmask, HAS_BIAS, SOFTPLUS)
         Ct = tl.load(c_rows[:, None] + t[None, :], mask=nt_mask, other=0.0).to(tl.float32)[None, :, :]
-        a = tl.exp(dt[:, None, :] * A3)
-        pa, pb = tl.associative_scan((a, (dt * uu)[:, None, :] * Bt), 2, _linear_recurrence)
-        states = pa * h0 + pb
         # x_{t-1}: the scan of steps t - 1 (the chunk's first column gets the identity, so x_{t0-1} = h0)
-        prev_mask = cmask[:, None] & ((ts > 0) & tmask)[None, :]
-        u_p, dt_p, _ = _load_step(u_ptr, dlt_ptr, bias, io - 1, prev_mask, HAS_BIAS, SOFTPLUS)
-        B_p = tl.load(b_rows[:, None] + t[None, :] - 1, mask=nmask[:, None] & ((ts > 0) & tmask)[None, :],
-                      other=0.0).to(tl.float32)[None, :, :]
-        qa, qb = tl.associative_scan((tl.exp(dt_p[:, None, :] * A3), (dt_p * u_p)[:, None, :] * B_p), 2,
-                                     _linear_recurrence)
-        prev = qa * h0 + qb
+        _, _, _, _, _, prev = _chunk_states(u_ptr, dlt_ptr, b_rows, bias, A, h0, io - 1, t - 1, cmask, nmask,
+                                            (ts > 0) & tmask, HAS_BIAS, SOFTPLUS)
         # a_{t+1} inside the chunk; 1 in its last column, where the carry already holds a_{t0+T} G_{t0+T}
         _, dt_n, _ = _load_step(u_ptr, dlt_ptr, bias, io + 1,
                                 cmask[:, None] & ((ts < CHUNK - 1) & (t + 1 < L))[None, :], HAS_BIAS, SOFTPLUS)
