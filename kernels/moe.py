@@ -399,21 +399,23 @@ def _sort_assignments(indices: Tensor, n_experts: int):
 
 
 @jit
-def _assignment_experts(idx_ptr, a, P, KP, K: tl.constexpr):
-    """Expert of each assignment a = k*P + p (indices is (P, K)); -1 past the end."""
-    return tl.load(idx_ptr + (a % P) * K + a // P, mask=a < KP, other=-1)
+def _tile_hits(idx_ptr, t, P, KP, N, K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile t's assignments a = t*BLOCK + i (a = k*P + p, indices is (P, K)) and their one-hot
+    experts (BLOCK, BLOCK_N) int32. An index outside [0, N), or a past the end, matches no expert:
+    unchecked bad input drops rows rather than reading or writing out of bounds."""
+    a = t * BLOCK + tl.arange(0, BLOCK)
+    e = tl.load(idx_ptr + (a % P) * K + a // P, mask=a < KP, other=-1)
+    n = tl.arange(0, BLOCK_N)
+    return a, ((e[:, None] == n[None, :]) & (n[None, :] < N)).to(tl.int32)
 
 
 @jit
 def _plan_count_kernel(idx_ptr, counts_ptr, P, KP, N, K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     """counts[t, e]: how many of tile t's BLOCK consecutive assignments go to expert e (int32,
-    BLOCK_N columns). An index outside [0, N) matches no expert: unchecked bad input drops rows
-    rather than reading or writing out of bounds."""
+    BLOCK_N columns)."""
     t = tl.program_id(0)
-    e = _assignment_experts(idx_ptr, t * BLOCK + tl.arange(0, BLOCK), P, KP, K)
-    n = tl.arange(0, BLOCK_N)
-    hits = (e[:, None] == n[None, :]) & (n[None, :] < N)
-    tl.store(counts_ptr + t * BLOCK_N + n, tl.sum(hits.to(tl.int32), 0))
+    _, hits = _tile_hits(idx_ptr, t, P, KP, N, K, BLOCK, BLOCK_N)
+    tl.store(counts_ptr + t * BLOCK_N + tl.arange(0, BLOCK_N), tl.sum(hits, 0))
 
 
 @jit
@@ -442,13 +444,17 @@ def _plan_scatter_kernel(idx_ptr, base_ptr, order_ptr, P, KP, N, K: tl.constexpr
     """order[base[t, e] + rank] = a, rank = how many earlier assignments of tile t go to e: a stable
     counting sort, so each expert's assignments keep their order."""
     t = tl.program_id(0)
-    a = t * BLOCK + tl.arange(0, BLOCK)
-    e = _assignment_experts(idx_ptr, a, P, KP, K)
-    n = tl.arange(0, BLOCK_N)
-    hits = ((e[:, None] == n[None, :]) & (n[None, :] < N)).to(tl.int32)
+    a, hits = _tile_hits(idx_ptr, t, P, KP, N, K, BLOCK, BLOCK_N)
     rank = tl.sum((tl.cumsum(hits, 0) - 1) * hits, 1)
-    base = tl.sum(tl.load(base_ptr + t * BLOCK_N + n)[None, :] * hits, 1)
+    base = tl.sum(tl.load(base_ptr + t * BLOCK_N + tl.arange(0, BLOCK_N))[None, :] * hits, 1)
     tl.store(order_ptr + base + rank, a.to(tl.int64), mask=tl.sum(hits, 1) > 0)
+
+
+def _row_block_launch(n_assign: int, n_experts: int, cfg: MoeTileConfig):
+    """Grid and block arguments of the row-block kernels (forward, dx). Expert e's segment takes
+    ceil(count_e / block_m) programs; n_assign // block_m + N bounds their total without reading
+    the counts back to the host, and the spare programs find no rows (``_segment_rows``)."""
+    return (n_assign // cfg.block_m + n_experts,), dict(BLOCK_N=_pow2_at_least_2(n_experts), **cfg.launch_args())
 
 
 def _plan_triton(indices: Tensor, n_experts: int, block: Optional[int] = None):
@@ -727,10 +733,10 @@ def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine):
     y = torch.empty(P, C, dtype=x.dtype, device=x.device)
     if P == 0:
         return y, out, order, offsets
-    _moe_expert_fwd_kernel[(K * P // cfg.block_m + N,)](
+    grid, blocks = _row_block_launch(K * P, N, cfg)
+    _moe_expert_fwd_kernel[grid](
         x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out, order, offsets, P, C, Hd, N,
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None, BLOCK_N=_pow2_at_least_2(N),
-        PRECISION=dot_precision(x.dtype), **cfg.launch_args())
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, PRECISION=dot_precision(x.dtype), **blocks)
     block_p = _combine_block_p(cfg.block_c, x.device)
     _moe_combine_fwd_kernel[(triton.cdiv(P, block_p),)](
         out, weights, y, P, C, K=K, LSE=combine == "logsumexp", BLOCK_P=block_p, BLOCK_C=cfg.block_c)
@@ -756,9 +762,10 @@ def _moe_bwd_triton(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
         K=K, LSE=combine == "logsumexp", BLOCK_P=block_p, BLOCK_C=cfg.block_c)
     b1_arg = b1 if b1 is not None else w1
     dxa = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
-    _moe_expert_bwd_dx_kernel[(K * P // cfg.block_m + N,)](
+    grid, blocks = _row_block_launch(K * P, N, cfg)
+    _moe_expert_bwd_dx_kernel[grid](
         x, w1, b1_arg, w2, dout, dxa, order, offsets, P, C, Hd, N,
-        HAS_B1=b1 is not None, BLOCK_N=_pow2_at_least_2(N), PRECISION=precision, **cfg.launch_args())
+        HAS_B1=b1 is not None, PRECISION=precision, **blocks)
     split = cfg.dw_split
     f32 = dict(dtype=torch.float32, device=x.device)
     dw1, db1 = torch.empty(split, N, C, Hd, **f32), torch.empty(split, N, Hd, **f32)
