@@ -20,10 +20,12 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def _op(name: str, backend: str):
+def _op(name: str, backend: str, **kernel_options):
+    """The op ``name`` for ``backend``; ``kernel_options`` go to the kernel op only (the plain
+    ``*_ref`` functions take none)."""
     if backend == "reference":
         return getattr(K, f"{name}_ref")
-    return functools.partial(getattr(K, name), backend=backend)
+    return functools.partial(getattr(K, name), backend=backend, **kernel_options)
 
 
 def topk_softmax(logits, k: int, backend: str):
@@ -35,9 +37,7 @@ def moe_mlp(x, weights, indices, w1, b1, w2, b2, combine: str, backend: str):
     """x (P, C) through the K chosen experts per row; see ``m2restore_kernels.moe_mlp``.
     ``indices`` come from :func:`topk_softmax`, so the kernels skip their range check (a host
     sync on CUDA)."""
-    if backend == "reference":
-        return K.moe_mlp_ref(x, weights, indices, w1, b1, w2, b2, combine=combine)
-    return K.moe_mlp(x, weights, indices, w1, b1, w2, b2, combine=combine, backend=backend, check_indices=False)
+    return _op("moe_mlp", backend, check_indices=False)(x, weights, indices, w1, b1, w2, b2, combine=combine)
 
 
 def gated_fusion(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias,
