@@ -78,30 +78,38 @@ def _dtypes(quick: bool):
 
 
 def moe_cases(quick: bool, shared_memory: int):
-    """The three DDER widths of a 224x224 image (N = 6, K = 2), as the Triton path launches them."""
+    """The three DDER widths of a 224x224 image (N = 6, K = 2), as the Triton path launches them;
+    besides each dtype, bf16 GEMMs on float32 x and weights (autocast: cast as the tiles load)."""
     P, N, K = 50176, 6, 2
     widths = [(48, 127)] if quick else [(48 << lvl, int(2.66 * (48 << lvl))) for lvl in range(3)]
     block_n = moe._pow2_at_least_2(N)
     i64 = dict(order_ptr="i64", offsets_ptr="i64", idx_ptr="i64")
-    for dtype in _dtypes(quick):
+    autocast = dict(x_ptr="fp32", w1_ptr="fp32", b1_ptr="fp32", w2_ptr="fp32", b2_ptr="fp32")
+    runs = [(dtype, "", {}) for dtype in _dtypes(quick)]
+    if not quick:
+        runs.append((torch.bfloat16, " autocast", autocast))
+    for dtype, note, inputs in runs:
         for level, (C, Hd) in enumerate(widths):
             p = P >> (2 * level)
-            cfg = moe._tile_config(K * p, N, C, Hd, CUDA, dtype, shared_memory)
-            tiles = dict(BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_H=cfg.block_h,
-                         PRECISION=dot_precision(dtype))
-            run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            label = f"C={C} hidden={Hd}"
+            cfg, bwd = (moe._tile_config(K * p, N, C, Hd, CUDA, dtype, shared_memory, backward=b) for b in (False, True))
+            label = f"C={C} hidden={Hd}{note}"
             yield Case("moe", moe._moe_expert_fwd_kernel, label, dtype,
-                       dict(HAS_B1=True, HAS_B2=True, BLOCK_N=block_n, **tiles), ptrs=dict(out_ptr="fp32", **i64), **run)
-            yield Case("moe", moe._moe_expert_bwd_dx_kernel, label, dtype, dict(HAS_B1=True, BLOCK_N=block_n, **tiles),
-                       ptrs=dict(dout_ptr="fp32", dxa_ptr="fp32", **i64), **run)
-            yield Case("moe", moe._moe_expert_bwd_dw_kernel, label, dtype, dict(SPLIT=cfg.dw_split, HAS_B1=True, **tiles),
-                       ptrs=dict(dout_ptr="fp32", dw1_ptr="fp32", db1_ptr="fp32", dw2_ptr="fp32", db2_ptr="fp32", **i64),
-                       **run)
+                       dict(HAS_B1=True, HAS_B2=True, BLOCK_N=block_n, **_moe_tiles(cfg, dtype)),
+                       ptrs=dict(**inputs, **i64), **_moe_run(cfg))
+            yield Case("moe", moe._moe_expert_bwd_dx_kernel, label, dtype,
+                       dict(HAS_B1=True, BLOCK_N=block_n, **_moe_tiles(bwd, dtype)),
+                       ptrs=dict(dxa_ptr="fp32", **inputs, **i64), **_moe_run(bwd))
+            yield Case("moe", moe._moe_expert_bwd_dw_kernel, label, dtype,
+                       dict(SPLIT=bwd.dw_split, HAS_B1=True, **_moe_tiles(bwd, dtype)),
+                       ptrs=dict(dw1_ptr="fp32", db1_ptr="fp32", dw2_ptr="fp32", db2_ptr="fp32", **inputs, **i64),
+                       **_moe_run(bwd))
+            if note:
+                continue
             combine = dict(K=K, LSE=True, BLOCK_P=moe._combine_block_p(cfg.block_c, CUDA), BLOCK_C=cfg.block_c)
-            yield Case("moe", moe._moe_combine_fwd_kernel, label, dtype, combine, 4, ptrs=dict(out_ptr="fp32"))
-            yield Case("moe", moe._moe_combine_bwd_kernel, label, dtype, combine, 4,
-                       ptrs=dict(out_ptr="fp32", dout_ptr="fp32"))
+            yield Case("moe", moe._moe_combine_fwd_kernel, label, dtype, combine, 4)
+            yield Case("moe", moe._moe_combine_bwd_kernel, label, dtype, combine, 4)
+        if note:
+            continue
         routing = dict(K=K, BLOCK_K=moe._pow2_at_least_2(K))
         yield Case("moe", moe._topk_softmax_fwd_kernel, f"N={N}", dtype,
                    dict(BLOCK_P=128, BLOCK_N=block_n, **routing), 4, ptrs=i64)
@@ -111,6 +119,14 @@ def moe_cases(quick: bool, shared_memory: int):
     yield Case("moe", moe._plan_count_kernel, f"N={N}", torch.float32, plan, 4, ptrs=ints)
     yield Case("moe", moe._plan_scan_kernel, f"N={N}", torch.float32, dict(BLOCK_T=256, BLOCK_N=block_n), 4, ptrs=ints)
     yield Case("moe", moe._plan_scatter_kernel, f"N={N}", torch.float32, plan, 4, ptrs=ints)
+
+
+def _moe_tiles(cfg, dtype) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_H=cfg.block_h, PRECISION=dot_precision(dtype))
+
+
+def _moe_run(cfg) -> dict:
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def scan_cases(quick: bool):

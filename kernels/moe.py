@@ -12,11 +12,18 @@ contiguous segment of that order; the forward keeps the plan for the backward. T
 sorts with ``torch.sort``; the Triton path with a counting sort of its own (three small kernels, no
 host sync), so its whole dispatch can be captured in a CUDA graph. On CPU the PyTorch path runs
 the routing and the K-way combination as C loops (``csrc/moe_cpu.c``) and the expert MLPs in
-cache-sized row chunks. The per-assignment expert outputs ``O`` (K*P, C) go to a float32
-buffer, one row per assignment, and a separate combine step reduces the K slots. The buffer costs
-one extra write and read of K*P*C floats but keeps the result deterministic (no atomics), serves
-``sum`` and ``logsumexp`` alike, and is exactly what the backward needs (``logsumexp`` gradients
-and the gate-weight gradient both need the unweighted expert outputs).
+cache-sized row chunks. The per-assignment expert outputs ``O`` (K*P, C) go to a buffer in the
+compute dtype (bf16 under autocast: half the bytes of float32), one row per assignment, and a
+separate combine step reduces the K slots in float32. The buffer costs one extra write and read of
+K*P*C values but keeps the result deterministic (no atomics), serves ``sum`` and ``logsumexp``
+alike, and is exactly what the backward needs (``logsumexp`` gradients and the gate-weight
+gradient both need the unweighted expert outputs).
+
+Autocast: the op gets x and the expert parameters as they are (float32 parameters, activations
+of any float dtype) and the compute dtype as an argument; the kernels round each tile to it as
+they load it. Casting beforehand costs a launch per tensor (five per call) and a cast copy of x:
+6 bytes of traffic per float32 element, 75 MB for the first DDER of a 512x512 image, where the
+whole forward's lower bound is about 100 MB.
 
 Triton forward: a program takes BLOCK_M sorted rows of one expert (found from the plan's N + 1
 segment offsets, no block table), gathers their x rows, and
@@ -115,9 +122,10 @@ def _shared_memory_per_block(device: torch.device) -> int:
 
 
 def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.device, dtype: torch.dtype,
-                 shared_memory: Optional[int] = None) -> MoeTileConfig:
-    """Tiles for the expert kernels on ``device``; ``shared_memory`` (bytes one block may use)
-    defaults to the CUDA device's own."""
+                 shared_memory: Optional[int] = None, backward: bool = False) -> MoeTileConfig:
+    """Tiles for the expert kernels on ``device`` (the forward's, or with ``backward`` the dx and
+    weight-gradient kernels'); ``shared_memory`` (bytes one block may use) defaults to the CUDA
+    device's own."""
     block_c = _pow2_at_least_16(C)
     if device.type != "cuda":
         # The interpreter runs programs one after another at a fixed cost each: few, big programs.
@@ -132,6 +140,10 @@ def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.d
     # 163,968 B of shared memory (an A100 allows 166,912). The previous 64-row tiles spilled
     # 0.7-2.8 KiB in bf16 from 96 channels up. Speed on a GPU not yet compared.
     block_m, block_h, num_stages = (16 if dtype == torch.float32 else 32), min(32, _pow2_at_least_16(Hd)), 2
+    if backward and block_c > 128:
+        # The backward holds the dout tile too: at 192 channels its 32-row bf16 tiles spilled 390-490 B
+        # per thread (600 B with float32 x and weights under autocast); 16-row ones spill 0-64 B.
+        block_m = 16
     if dtype == torch.float32 and block_c > 128 and (shared_memory or _shared_memory_per_block(device)) < 160 * 1024:
         # 192 float32 channels took up to 164 KB per block: over the 99 KiB of an RTX 3090 or 4090.
         # Half-width hidden chunks in a single stage need at most 96 KiB (compiled for sm_86).
@@ -218,28 +230,33 @@ def _moe_expert_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, order
                            HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
                            BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """out[a] = GELU(x[a % P] @ w1[e] + b1[e]) @ w2[e] + b2[e] for BLOCK_M sorted assignments a of
+    one expert e, in out's dtype (the compute dtype): x, the weights and the biases are rounded to it
+    as they are loaded (exactly as if cast beforehand), so autocast needs no cast kernels and no cast
+    copy of x; the dots accumulate in float32."""
     e, a, tok, rmask = _segment_rows(order_ptr, offsets_ptr, tl.program_id(0), P, N, BLOCK_M, BLOCK_N)
     if e >= N:  # the grid is an upper bound on the block count
         return
+    dt = out_ptr.dtype.element_ty
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
-    xt = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    xt = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(dt)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     w1_e = w1_ptr + e.to(tl.int64) * C * HD
     w2_e = w2_ptr + e.to(tl.int64) * HD * C
     for h0 in range(0, HD, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
         hmask = hh < HD
-        w1t = tl.load(w1_e + c[:, None] * HD + hh[None, :], mask=cmask[:, None] & hmask[None, :], other=0.0)
+        w1t = tl.load(w1_e + c[:, None] * HD + hh[None, :], mask=cmask[:, None] & hmask[None, :], other=0.0).to(dt)
         hpre = tl.dot(xt, w1t, input_precision=PRECISION)
         if HAS_B1:
-            hpre += tl.load(b1_ptr + e * HD + hh, mask=hmask, other=0.0).to(tl.float32)[None, :]
-        w2t = tl.load(w2_e + hh[:, None] * C + c[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0)
+            hpre += tl.load(b1_ptr + e * HD + hh, mask=hmask, other=0.0).to(dt).to(tl.float32)[None, :]
+        w2t = tl.load(w2_e + hh[:, None] * C + c[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0).to(dt)
         # Padded hidden columns are GELU(0) = 0 and meet zero rows of w2: no extra masking needed.
-        acc = tl.dot(gelu(hpre).to(w2t.dtype), w2t, acc, input_precision=PRECISION)
+        acc = tl.dot(gelu(hpre).to(dt), w2t, acc, input_precision=PRECISION)
     if HAS_B2:
-        acc += tl.load(b2_ptr + e * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + a[:, None] * C + c[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+        acc += tl.load(b2_ptr + e * C + c, mask=cmask, other=0.0).to(dt).to(tl.float32)[None, :]
+    tl.store(out_ptr + a[:, None] * C + c[None, :], acc.to(dt), mask=rmask[:, None] & cmask[None, :])
 
 
 @jit
@@ -247,27 +264,29 @@ def _moe_expert_bwd_dx_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, dxa_ptr, 
                               HAS_B1: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
                               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dxa[a] = d out[a] / d x (float32), for the forward's row blocks; dots in dout's dtype."""
     e, a, tok, rmask = _segment_rows(order_ptr, offsets_ptr, tl.program_id(0), P, N, BLOCK_M, BLOCK_N)
     if e >= N:
         return
+    dt = dout_ptr.dtype.element_ty
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
     io_mask = rmask[:, None] & cmask[None, :]
-    xt = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=io_mask, other=0.0)
-    dout = tl.load(dout_ptr + a[:, None] * C + c[None, :], mask=io_mask, other=0.0).to(xt.dtype)
+    xt = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=io_mask, other=0.0).to(dt)
+    dout = tl.load(dout_ptr + a[:, None] * C + c[None, :], mask=io_mask, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     w1_e = w1_ptr + e.to(tl.int64) * C * HD
     w2_e = w2_ptr + e.to(tl.int64) * HD * C
     for h0 in range(0, HD, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
         wmask = cmask[:, None] & (hh < HD)[None, :]
-        w1t = tl.load(w1_e + c[:, None] * HD + hh[None, :], mask=wmask, other=0.0)
-        w2t_t = tl.load(w2_e + hh[None, :] * C + c[:, None], mask=wmask, other=0.0)  # w2[e][chunk].T
+        w1t = tl.load(w1_e + c[:, None] * HD + hh[None, :], mask=wmask, other=0.0).to(dt)
+        w2t_t = tl.load(w2_e + hh[None, :] * C + c[:, None], mask=wmask, other=0.0).to(dt)  # w2[e][chunk].T
         hpre = tl.dot(xt, w1t, input_precision=PRECISION)
         if HAS_B1:
-            hpre += tl.load(b1_ptr + e * HD + hh, mask=hh < HD, other=0.0).to(tl.float32)[None, :]
+            hpre += tl.load(b1_ptr + e * HD + hh, mask=hh < HD, other=0.0).to(dt).to(tl.float32)[None, :]
         dh = tl.dot(dout, w2t_t, input_precision=PRECISION) * gelu_grad(hpre)
-        acc = tl.dot(dh.to(xt.dtype), tl.trans(w1t), acc, input_precision=PRECISION)
+        acc = tl.dot(dh.to(dt), tl.trans(w1t), acc, input_precision=PRECISION)
     tl.store(dxa_ptr + a[:, None] * C + c[None, :], acc, mask=io_mask)
 
 
@@ -278,7 +297,9 @@ def _moe_expert_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr
                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
                               PRECISION: tl.constexpr):
     """Program (e, hidden chunk, split s) sums row blocks s, s+SPLIT, ... of expert e into
-    partial buffers dw1 (SPLIT, N, C, HD), db1 (SPLIT, N, HD), dw2 (SPLIT, N, HD, C), db2 (SPLIT, N, C)."""
+    partial buffers dw1 (SPLIT, N, C, HD), db1 (SPLIT, N, HD), dw2 (SPLIT, N, HD, C), db2 (SPLIT, N, C)
+    (float32); dots in dout's dtype."""
+    dt = dout_ptr.dtype.element_ty
     e = tl.program_id(0)
     pid_h = tl.program_id(1)
     s = tl.program_id(2)
@@ -289,11 +310,11 @@ def _moe_expert_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr
     hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = hh < HD
     wmask = cmask[:, None] & hmask[None, :]
-    w1t = tl.load(w1_ptr + e.to(tl.int64) * C * HD + c[:, None] * HD + hh[None, :], mask=wmask, other=0.0)
-    w2t_t = tl.load(w2_ptr + e.to(tl.int64) * HD * C + hh[None, :] * C + c[:, None], mask=wmask, other=0.0)
+    w1t = tl.load(w1_ptr + e.to(tl.int64) * C * HD + c[:, None] * HD + hh[None, :], mask=wmask, other=0.0).to(dt)
+    w2t_t = tl.load(w2_ptr + e.to(tl.int64) * HD * C + hh[None, :] * C + c[:, None], mask=wmask, other=0.0).to(dt)
     b1 = tl.zeros((BLOCK_H,), tl.float32)
     if HAS_B1:
-        b1 = tl.load(b1_ptr + e * HD + hh, mask=hmask, other=0.0).to(tl.float32)
+        b1 = tl.load(b1_ptr + e * HD + hh, mask=hmask, other=0.0).to(dt).to(tl.float32)
     dw1 = tl.zeros((BLOCK_C, BLOCK_H), tl.float32)
     dw2 = tl.zeros((BLOCK_H, BLOCK_C), tl.float32)
     db1 = tl.zeros((BLOCK_H,), tl.float32)
@@ -303,16 +324,15 @@ def _moe_expert_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr
         rmask = r < end
         a = tl.load(order_ptr + r, mask=rmask, other=0)
         io_mask = rmask[:, None] & cmask[None, :]
-        xt = tl.load(x_ptr + (a % P)[:, None] * C + c[None, :], mask=io_mask, other=0.0)
-        dout32 = tl.load(dout_ptr + a[:, None] * C + c[None, :], mask=io_mask, other=0.0)
-        dout = dout32.to(xt.dtype)
+        xt = tl.load(x_ptr + (a % P)[:, None] * C + c[None, :], mask=io_mask, other=0.0).to(dt)
+        dout = tl.load(dout_ptr + a[:, None] * C + c[None, :], mask=io_mask, other=0.0)
         hpre = tl.dot(xt, w1t, input_precision=PRECISION) + b1[None, :]
         # Masked rows have GELU(b1) != 0 here, but their dout rows are zero, so they add nothing.
         dh = tl.dot(dout, w2t_t, input_precision=PRECISION) * gelu_grad(hpre)
-        dw1 = tl.dot(tl.trans(xt), dh.to(xt.dtype), dw1, input_precision=PRECISION)
-        dw2 = tl.dot(tl.trans(gelu(hpre).to(xt.dtype)), dout, dw2, input_precision=PRECISION)
+        dw1 = tl.dot(tl.trans(xt), dh.to(dt), dw1, input_precision=PRECISION)
+        dw2 = tl.dot(tl.trans(gelu(hpre).to(dt)), dout, dw2, input_precision=PRECISION)
         db1 += tl.sum(dh, axis=0)
-        db2 += tl.sum(dout32, axis=0)
+        db2 += tl.sum(dout.to(tl.float32), axis=0)
     part = s * N + e
     tl.store(dw1_ptr + part.to(tl.int64) * C * HD + c[:, None] * HD + hh[None, :], dw1, mask=wmask)
     tl.store(dw2_ptr + part.to(tl.int64) * HD * C + hh[:, None] * C + c[None, :], dw2,
@@ -326,7 +346,7 @@ def _moe_expert_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr
 def _combine_rows(out_ptr, w_ptr, rows, c, rmask, mask, P, C, K: tl.constexpr, LSE: tl.constexpr):
     """float32 y of ``rows``: sum_k w_k o_k, or an online log-sum-exp of o_k + log w_k."""
     for k in tl.static_range(K):
-        o = tl.load(out_ptr + (k * P + rows)[:, None] * C + c[None, :], mask=mask, other=0.0)
+        o = tl.load(out_ptr + (k * P + rows)[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(w_ptr + rows * K + k, mask=rmask, other=1.0).to(tl.float32)[:, None]
         if LSE:
             t = o + tl.log(g)
@@ -361,7 +381,7 @@ def _moe_combine_fwd_kernel(out_ptr, w_ptr, y_ptr, P, C,
 @jit
 def _moe_combine_bwd_kernel(dy_ptr, out_ptr, w_ptr, dout_ptr, dw_ptr, P, C,
                             K: tl.constexpr, LSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dout[k,p] = d y[p] / d o[k,p] (float32 (K*P, C)); dw[p,k] = d y[p] / d w[p,k]."""
+    """dout[k,p] = d y[p] / d o[k,p] ((K*P, C), in out's dtype); dw[p,k] = d y[p] / d w[p,k]."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.arange(0, BLOCK_C)
     rmask = rows < P
@@ -372,14 +392,14 @@ def _moe_combine_bwd_kernel(dy_ptr, out_ptr, w_ptr, dout_ptr, dw_ptr, P, C,
         y = _combine_rows(out_ptr, w_ptr, rows, c, rmask, mask, P, C, K, LSE)
     for k in tl.static_range(K):
         offs = (k * P + rows)[:, None] * C + c[None, :]
-        o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(w_ptr + rows * K + k, mask=rmask, other=0.0).to(tl.float32)[:, None]
         if LSE:
             share = tl.where(mask, tl.exp(o - y), 0.0)  # d y / d (w o-term) without dividing by w
-            tl.store(dout_ptr + offs, dy * g * share, mask=mask)
+            tl.store(dout_ptr + offs, (dy * g * share).to(dout_ptr.dtype.element_ty), mask=mask)
             dw = tl.sum(dy * share, axis=1)
         else:
-            tl.store(dout_ptr + offs, dy * g, mask=mask)
+            tl.store(dout_ptr + offs, (dy * g).to(dout_ptr.dtype.element_ty), mask=mask)
             dw = tl.sum(dy * o, axis=1)
         tl.store(dw_ptr + rows * K + k, dw.to(dw_ptr.dtype.element_ty), mask=rmask)
 
@@ -462,10 +482,10 @@ def _plan_triton(indices: Tensor, n_experts: int, block: Optional[int] = None):
     scan, scatter): no sort library calls, no host sync, so the whole dispatch can be captured in
     a CUDA graph."""
     P, K = indices.shape
-    offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=indices.device)
     order = torch.empty(K * P, dtype=torch.int64, device=indices.device)
     if P == 0:  # the kernels take assignment ids modulo P
-        return order, offsets
+        return order, torch.zeros(n_experts + 1, dtype=torch.int64, device=indices.device)
+    offsets = torch.empty(n_experts + 1, dtype=torch.int64, device=indices.device)  # the scan writes it all
     block = block or (4096 if indices.device.type != "cuda" else 1024)
     tiles = triton.cdiv(K * P, block)
     block_n = _pow2_at_least_2(n_experts)
@@ -643,7 +663,7 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = N
     return torch.mm(x, w, out=out) if b is None else torch.addmm(b, x, w, out=out)
 
 
-def _row_chunks(lo: int, hi: int, hidden: int, x: Tensor):
+def _row_chunks(lo: int, hi: int, hidden: int, like: Tensor):
     """[lo, hi) cut, on a CPU, into chunks whose (rows, hidden) activation stays near 2 MiB, so it is
     still in cache between the GEMMs that write and read it. One GEMM over an expert's whole
     segment sent a 50 MB hidden activation through memory three times: at the first DDER's widths
@@ -652,25 +672,30 @@ def _row_chunks(lo: int, hi: int, hidden: int, x: Tensor):
     budget is in bytes: bf16 GEMMs there want at least 2048 rows (DDER 1's bf16 forward: 33.9 ms
     in 4096-row chunks, 20.8 ms in 8192-row ones). A GPU gets the whole segment: there chunks
     would only multiply the launches."""
-    rows = max(256, (1 << 21) // (hidden * x.element_size())) if x.device.type == "cpu" else max(1, hi - lo)
+    rows = max(256, (1 << 21) // (hidden * like.element_size())) if like.device.type == "cpu" else max(1, hi - lo)
     return ((s, min(s + rows, hi)) for s in range(lo, hi, rows))
 
 
-def _moe_fwd_torch(x, weights, indices, w1, b1, w2, b2, combine):
+def _cast(dtype: torch.dtype, *tensors):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _moe_fwd_torch(x, weights, indices, w1, b1, w2, b2, combine, dtype):
     P, K = indices.shape
-    w1, b1, w2 = _pad_hidden(w1, b1, w2)
+    w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2))
+    (b2,) = _cast(dtype, b2)
     order, offsets = _sort_assignments(indices, w1.shape[0])
     tokens = order % P
     # GEMM2 writes straight into its expert's slice of the sorted order; one row gather then
     # restores (K, P) order. Per-expert row scatters (index_copy_, index_add_) are far slower on CPU.
-    sorted_out = x.new_empty(K * P, w2.shape[2])
+    out = x.new_empty(K * P, w2.shape[2], dtype=dtype)
     for e, lo, hi in _segments(offsets):
         b1e, b2e = (None if b is None else b[e] for b in (b1, b2))
-        for s, t in _row_chunks(lo, hi, w1.shape[2], x):
-            h = F.gelu(_linear(x.index_select(0, tokens[s:t]), w1[e], b1e))
-            _linear(h, w2[e], b2e, out=sorted_out[s:t])
-    out = sorted_out.index_select(0, _inverse(order)).float()
-    return _combine_torch(out.view(K, P, x.shape[1]), weights, combine).to(x.dtype), out, order, offsets
+        for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
+            h = F.gelu(_linear(x.index_select(0, tokens[s:t]).to(dtype), w1[e], b1e))
+            _linear(h, w2[e], b2e, out=out[s:t])
+    out = out.index_select(0, _inverse(order))
+    return _combine_torch(out.view(K, P, x.shape[1]).float(), weights, combine).to(dtype), out, order, offsets
 
 
 def _combine_bwd_torch(dy, out, weights, combine):
@@ -694,11 +719,11 @@ def _combine_bwd_torch(dy, out, weights, combine):
 
 def _moe_bwd_torch(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
     P, K = weights.shape
-    Hd = w1.shape[2]
-    dout, dweights = _combine_bwd_torch(dy, out.view(K, P, x.shape[1]), weights, combine)
-    w1, b1, w2 = _pad_hidden(w1, b1, w2)
+    Hd, dtype, param_dtypes = w1.shape[2], out.dtype, (w1.dtype, w2.dtype)
+    dout, dweights = _combine_bwd_torch(dy, out.view(K, P, x.shape[1]).float(), weights, combine)
+    w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2))
     tokens = order % P
-    dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(x.dtype)
+    dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(dtype)
     dx_sorted = torch.empty_like(dout)
     # Parameter gradients sum over row chunks in float32, so 16-bit ones are rounded once, at the end.
     f32 = dict(dtype=torch.float32)
@@ -706,8 +731,8 @@ def _moe_bwd_torch(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
     db1 = w1.new_zeros(w1.shape[0], w1.shape[2], **f32)
     db2 = w2.new_zeros(w2.shape[0], w2.shape[2], **f32)
     for e, lo, hi in _segments(offsets):
-        for s, t in _row_chunks(lo, hi, w1.shape[2], x):
-            xe, de = x.index_select(0, tokens[s:t]), dout[s:t]
+        for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
+            xe, de = x.index_select(0, tokens[s:t]).to(dtype), dout[s:t]
             hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
             dw2[e] += F.gelu(hpre).t() @ de
             db2[e] += de.sum(0, **f32)
@@ -719,24 +744,26 @@ def _moe_bwd_torch(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
     dx = dx_slots[0].to(torch.float32, copy=True)
     for k in range(1, K):
         dx += dx_slots[k]
-    # Custom-op outputs must have the fake's (contiguous) strides; the hidden padding comes off here.
-    return tuple(t.contiguous() for t in (dx.to(x.dtype), dweights.to(weights.dtype), dw1[:, :, :Hd].to(w1.dtype),
-                                          db1[:, :Hd].to(w1.dtype), dw2[:, :Hd].to(w2.dtype), db2.to(w2.dtype)))
+    # Gradients in each input's own dtype (autocast's casts are inside the op); custom-op outputs
+    # must have the fake's (contiguous) strides; the hidden padding comes off here.
+    w1_dtype, w2_dtype = param_dtypes
+    return tuple(t.contiguous() for t in (dx.to(x.dtype), dweights.to(weights.dtype), dw1[:, :, :Hd].to(w1_dtype),
+                                          db1[:, :Hd].to(w1_dtype), dw2[:, :Hd].to(w2_dtype), db2.to(w2_dtype)))
 
 
-def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine):
+def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine, dtype):
     P, K = indices.shape
     N, C, Hd = w1.shape
-    cfg = _tile_config(K * P, N, C, Hd, x.device, x.dtype)
+    cfg = _tile_config(K * P, N, C, Hd, x.device, dtype)
     order, offsets = _plan_triton(indices, N)
-    out = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
-    y = torch.empty(P, C, dtype=x.dtype, device=x.device)
+    out = torch.empty(K * P, C, dtype=dtype, device=x.device)
+    y = torch.empty(P, C, dtype=dtype, device=x.device)
     if P == 0:
         return y, out, order, offsets
     grid, blocks = _row_block_launch(K * P, N, cfg)
     _moe_expert_fwd_kernel[grid](
         x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out, order, offsets, P, C, Hd, N,
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None, PRECISION=dot_precision(x.dtype), **blocks)
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, PRECISION=dot_precision(dtype), **blocks)
     block_p = _combine_block_p(cfg.block_c, x.device)
     _moe_combine_fwd_kernel[(triton.cdiv(P, block_p),)](
         out, weights, y, P, C, K=K, LSE=combine == "logsumexp", BLOCK_P=block_p, BLOCK_C=cfg.block_c)
@@ -752,9 +779,9 @@ def _combine_block_p(block_c: int, device: torch.device) -> int:
 def _moe_bwd_triton(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
     P, K = weights.shape
     N, C, Hd = w1.shape
-    cfg = _tile_config(K * P, N, C, Hd, x.device, x.dtype)
-    precision = dot_precision(x.dtype)
-    dout = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
+    cfg = _tile_config(K * P, N, C, Hd, x.device, out.dtype, backward=True)
+    precision = dot_precision(out.dtype)
+    dout = torch.empty_like(out)
     dweights = torch.empty(P, K, dtype=weights.dtype, device=x.device)
     block_p = _combine_block_p(cfg.block_c, x.device)
     _moe_combine_bwd_kernel[(triton.cdiv(P, block_p),)](
@@ -793,20 +820,21 @@ def _check_index_range(indices: Tensor, n_experts: int):
 
 @torch.library.custom_op("m2restore_kernels::moe_mlp", mutates_args=())
 def _moe_mlp_op(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
-                w2: Tensor, b2: Optional[Tensor], combine: str, backend: str, check_indices: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (y (P, C) x.dtype, and for the backward: expert outputs (K*P, C) float32, row k*P + p;
-    the dispatch plan, order (K*P,) int64 and offsets (N+1,) int64, see ``_sort_assignments``)."""
+                w2: Tensor, b2: Optional[Tensor], combine: str, backend: str, check_indices: bool,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GEMMs in ``dtype`` whatever the inputs' dtypes (autocast). -> (y (P, C) dtype, and for the
+    backward: expert outputs (K*P, C) dtype, row k*P + p; the dispatch plan, order (K*P,) int64 and
+    offsets (N+1,) int64, see ``_sort_assignments``)."""
     if check_indices:
         _check_index_range(indices, w1.shape[0])
     impl = _moe_fwd_triton if backend == "triton" else _moe_fwd_torch
-    return impl(x, weights, indices, w1, b1, w2, b2, combine)
+    return impl(x, weights, indices, w1, b1, w2, b2, combine, dtype)
 
 
 @_moe_mlp_op.register_fake
-def _(x, weights, indices, w1, b1, w2, b2, combine, backend, check_indices):
+def _(x, weights, indices, w1, b1, w2, b2, combine, backend, check_indices, dtype):
     KP = indices.numel()
-    return (x.new_empty(x.shape), x.new_empty(KP, x.shape[1], dtype=torch.float32),
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(KP, x.shape[1], dtype=dtype),
             indices.new_empty(KP, dtype=torch.int64), indices.new_empty(w1.shape[0] + 1, dtype=torch.int64))
 
 
@@ -814,7 +842,8 @@ def _(x, weights, indices, w1, b1, w2, b2, combine, backend, check_indices):
 def _moe_mlp_bwd_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, w1: Tensor,
                     b1: Optional[Tensor], w2: Tensor, out: Tensor, combine: str, backend: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> grads of (x, weights, w1, b1, w2, b2); b1's and b2's are computed even when the bias is None."""
+    """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype (w1's for b1 and w2's for
+    b2, which are computed even when the bias is None); GEMMs in ``out``'s dtype."""
     impl = _moe_bwd_triton if backend == "triton" else _moe_bwd_torch
     return impl(dy, x, weights, order, offsets, w1, b1, w2, out, combine)
 
@@ -826,7 +855,7 @@ def _(dy, x, weights, order, offsets, w1, b1, w2, out, combine, backend):
 
 
 def _moe_setup_context(ctx, inputs, output):
-    x, weights, indices, w1, b1, w2, b2, combine, backend, _check = inputs
+    x, weights, indices, w1, b1, w2, b2, combine, backend, _check, _dtype = inputs
     ctx.combine, ctx.backend, ctx.has_b1, ctx.has_b2 = combine, backend, b1 is not None, b2 is not None
     _, out, order, offsets = output
     ctx.save_for_backward(x, weights, order, offsets, w1, b1, w2, out)
@@ -837,13 +866,13 @@ def _moe_backward(ctx, dy, *_grads_of_saved_outputs):
     dx, dweights, dw1, db1, dw2, db2 = _moe_mlp_bwd_op(
         dy, x, weights, order, offsets, w1, b1, w2, out, ctx.combine, ctx.backend)
     return (dx, dweights, None, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
-            None, None, None)
+            None, None, None, None)
 
 
 _moe_mlp_op.register_autograd(_moe_backward, setup_context=_moe_setup_context)
 
 
-def _check_moe_args(x, weights, indices, w1, b1, w2, b2, combine):
+def _check_moe_args(x, weights, indices, w1, b1, w2, b2, combine, autocast: bool):
     named = dict(x=x, weights=weights, indices=indices, w1=w1, b1=b1, w2=w2, b2=b2)
     for name, t in named.items():
         if t is None and name in ("b1", "b2"):
@@ -874,8 +903,11 @@ def _check_moe_args(x, weights, indices, w1, b1, w2, b2, combine):
             raise ValueError(f"moe_mlp: {name} must have shape {shape}, got {tuple(t.shape)}")
     for name in ("w1", "b1", "w2", "b2"):
         t = named[name]
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"moe_mlp: {name} has dtype {t.dtype} but x has {x.dtype}")
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"moe_mlp: {name} must be floating, got {t.dtype}")
+        if t is not None and t.dtype != x.dtype and not autocast:
+            raise ValueError(f"moe_mlp: {name} has dtype {t.dtype} but x has {x.dtype} (mixed dtypes only "
+                             f"under autocast)")
 
 
 def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
@@ -889,18 +921,19 @@ def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optiona
     ``y[p] = sum_k weights[p,k] * (GELU(x[p] @ w1[e] + b1[e]) @ w2[e] + b2[e])``, e = indices[p,k],
     or with ``combine="logsumexp"`` ``y[p] = log sum_k weights[p,k] * exp(expert output)``.
     Differentiable in every floating input. Under autocast (CUDA, or CPU where bf16 GEMMs are
-    fast) x and the expert parameters are cast to the autocast dtype; the kernels accumulate in
-    float32 and the K-way combination runs in float32.
+    fast) the GEMMs take the autocast dtype and y comes in it, as if x and the expert parameters
+    had been cast first; x and the parameters may then differ in dtype. The casts happen as the
+    kernels load their tiles (no cast copies), and each gradient comes in its input's dtype. The
+    kernels accumulate in float32 and the K-way combination runs in float32.
 
     ``check_indices=False`` skips the ValueError check that every index lies in [0, N): on CUDA
     that check reads a flag back to the host, a sync on every call. Pass it for indices that
     :func:`topk_softmax` made; an out-of-range index then leaves its row undefined (it is never
     used to read or write out of bounds).
     """
-    if isinstance(x, Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w1, b1, w2, b2 = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-                             for t in (x, w1, b1, w2, b2))
-    _check_moe_args(x, weights, indices, w1, b1, w2, b2, combine)
+    autocast = (isinstance(x, Tensor) and x.device.type in ("cuda", "cpu")
+                and torch.is_autocast_enabled(x.device.type))
+    _check_moe_args(x, weights, indices, w1, b1, w2, b2, combine, autocast)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     args = [t.contiguous() if t is not None else None for t in (x, weights, indices.long(), w1, b1, w2, b2)]
-    return _moe_mlp_op(*args, combine, resolve_backend(backend, x.device), check_indices)[0]
+    return _moe_mlp_op(*args, combine, resolve_backend(backend, x.device), check_indices, dtype)[0]

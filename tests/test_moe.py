@@ -177,8 +177,8 @@ def test_triton_with_gpu_tiles(case, monkeypatch):
     """The interpreter normally gets 128-row blocks; here it runs the GPU's (16 rows in float32), so
     every expert spans several blocks and each program must find its own from the offsets."""
     real = moe._tile_config
-    monkeypatch.setattr(moe, "_tile_config", lambda n_assign, n_experts, C, Hd, device, dtype:
-                        real(n_assign, n_experts, C, Hd, torch.device("cuda"), dtype, shared_memory=232448))
+    monkeypatch.setattr(moe, "_tile_config", lambda n_assign, n_experts, C, Hd, device, dtype, **kw:
+                        real(n_assign, n_experts, C, Hd, torch.device("cuda"), dtype, shared_memory=232448, **kw))
     x, weights, indices, experts = _routing_case(case)
     check_moe("triton", torch.float32, x, weights, indices, experts, "logsumexp")
 
@@ -378,13 +378,17 @@ def test_custom_ops_pass_opcheck():
     ops = torch.ops.m2restore_kernels
     args = _valid_args()
     x, weights, indices, w1, b1, w2, b2 = (args[n] for n in ("x", "weights", "indices", "w1", "b1", "w2", "b2"))
-    torch.library.opcheck(ops.moe_mlp.default, (x.requires_grad_(), weights.requires_grad_(), indices,
-                                                w1, b1, w2, b2, "logsumexp", "torch", True))
+    x, weights = x.requires_grad_(), weights.requires_grad_()
+    # float32 throughout, and float32 inputs with bfloat16 GEMMs (what autocast asks for).
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(ops.moe_mlp.default, (x, weights, indices, w1, b1, w2, b2, "logsumexp", "torch", True,
+                                                    dtype))
     # The backward ops have no autograd of their own (no double backward): inputs without grad.
     x, weights = x.detach(), weights.detach()
-    y, out, order, offsets = ops.moe_mlp(x, weights, indices, w1, b1, w2, b2, "logsumexp", "torch", True)
-    torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(y), x, weights, order, offsets, w1, b1, w2,
-                                                    out, "logsumexp", "torch"))
+    for dtype in (torch.float32, torch.bfloat16):
+        y, out, order, offsets = ops.moe_mlp(x, weights, indices, w1, b1, w2, b2, "logsumexp", "torch", True, dtype)
+        torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(y), x, weights, order, offsets, w1, b1, w2,
+                                                        out, "logsumexp", "torch"))
     logits = torch.randn(9, 5, requires_grad=True)
     torch.library.opcheck(ops.topk_softmax.default, (logits, 2, "torch"))
     w, i = topk_softmax(logits.detach(), 2, backend="torch")
@@ -431,6 +435,40 @@ def test_moe_mlp_cpu_autocast_bf16():
     dy = torch.randn(ref.shape, generator=g).to(got.dtype)  # the same upstream gradient for both sides
     for gg, rg in zip(torch.autograd.grad(got, got_in, dy), torch.autograd.grad(ref, ref_in, dy.double())):
         assert gg.dtype == torch.float32 and rel_err(gg, rg) <= 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
+def test_moe_mlp_autocast_is_casting_first(backend, x_dtype):
+    """Under autocast the op takes float32 parameters (and float32 or already-half activations) and
+    casts them as it loads them: the output must be exactly that of the op called on inputs cast
+    beforehand, and every gradient must come in its input's dtype, within the float16 tolerance of
+    the float64 reference. float16, which the Triton interpreter computes correctly (bf16 it does not)."""
+    g = torch.Generator().manual_seed(12)
+    P, C, Hd, N, K = 300, 48, 127, 6, 2
+    weights, indices = route(torch.randn(P, N, generator=g, dtype=torch.float64), K)
+    x64, experts64 = torch.randn(P, C, generator=g, dtype=torch.float64), make_experts(N, C, Hd)
+    x = x64.to(DEVICE, x_dtype).requires_grad_()
+    experts = [t.to(DEVICE, torch.float32).requires_grad_() for t in experts64]
+    weights, indices = weights.to(DEVICE, torch.float32), indices.to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        got = moe_mlp(x, weights, indices, *experts, combine="logsumexp", backend=backend)
+    cast_first = moe_mlp(x.detach().half(), weights, indices, *(t.detach().half() for t in experts),
+                         combine="logsumexp", backend=backend)
+    assert got.dtype == torch.float16 and torch.equal(got, cast_first)
+    ref_in = [x64.requires_grad_(), *(t.requires_grad_() for t in experts64)]
+    ref = moe_mlp_ref(ref_in[0], weights.double().cpu(), indices.cpu(), *ref_in[1:], combine="logsumexp")
+    dy = torch.randn(ref.shape, generator=g).half()
+    grads = torch.autograd.grad(got, [x, *experts], dy.to(DEVICE))
+    for name, gg, rg, t in zip(["x", "w1", "b1", "w2", "b2"], grads, torch.autograd.grad(ref, ref_in, dy.double()),
+                               [x, *experts]):
+        assert gg.dtype == t.dtype and rel_err(gg.cpu(), rg) <= 1e-2, (name, gg.dtype, rel_err(gg.cpu(), rg))
+
+
+def test_moe_mlp_mixed_dtypes_need_autocast():
+    x, weights, indices, w1, b1, w2, b2 = (_valid_args()[n] for n in ("x", "weights", "indices", "w1", "b1", "w2", "b2"))
+    with pytest.raises(ValueError, match="w1 has dtype"):
+        moe_mlp(x.half(), weights, indices, w1, b1, w2, b2, backend="torch")
 
 
 # ---------------------------------------------------------------------------------------------
