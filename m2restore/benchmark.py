@@ -30,12 +30,12 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from m2restore.config import MODEL_BACKENDS
+from m2restore.restore import PRECISIONS
 
 #: Paper, Table III: seconds per 224×224 image on an NVIDIA RTX 3090.
 PAPER_SECONDS = {"M2Restore": 0.17, "AdaIR": 0.13}
 PAPER_SETUP = "RTX 3090, 224×224, paper Table III"
 
-DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("eager", "compile", "graph")
 # Backends a CUDA graph can capture: the reference and torch paths of the expert dispatch size their
 # per-expert work from counts read back to the host, which capture forbids.
@@ -57,8 +57,8 @@ class Case:
             raise ValueError(f"backend must be one of {MODEL_BACKENDS}, got {self.backend!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"dtype must be one of {tuple(PRECISIONS)}, got {self.dtype!r}")
         if self.size < 8:
             raise ValueError(f"size must be at least 8 pixels, got {self.size}")
 
@@ -272,7 +272,7 @@ class BenchSession:
             raise ValueError("dtype fp16 autocast is benchmarked on CUDA only (use bf16 on CPU)")
         model = self.model(case.backend, case.prior)
         net = torch.compile(model) if case.mode == "compile" else model
-        dtype = DTYPES[case.dtype]
+        dtype = PRECISIONS[case.dtype]
         device_type = self.device.type
 
         def fwd(x: torch.Tensor) -> torch.Tensor:

@@ -121,13 +121,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .data import PairedImages, open_pairs
-    from .restore import default_device, load_model
+    from .restore import autocast, default_device, load_model
 
     sets = [parse_set(s) for s in args.data]
     datasets = [(name, PairedImages(open_pairs(path), crop=None, flip=False)) for name, path in sets]
     device = default_device(args.device)
     model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
-    results = [evaluate_set(model, ds, name, device, args.tile, args.tile_overlap, args.limit) for name, ds in datasets]
+    with autocast(device, args.dtype):
+        results = [evaluate_set(model, ds, name, device, args.tile, args.tile_overlap, args.limit)
+                   for name, ds in datasets]
     print(format_table(results, title=f"M2Restore ({args.weights})"))
     rows = results + ([average(results)] if len(results) > 1 else [])
     args.out.mkdir(parents=True, exist_ok=True)

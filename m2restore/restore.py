@@ -9,6 +9,7 @@ whole image so every tile is routed alike. Also home of the helpers the other co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Iterable
@@ -16,6 +17,8 @@ from typing import Iterable
 import torch
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "demo_tiny"
+# The model's precision by name: autocast to that dtype, or (fp32) none.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path | None = DEMO_WEIGHTS) -> None:
@@ -28,12 +31,21 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path |
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default=None,
                         help="kernel backend (default: the one saved with the weights)")
+    parser.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp32",
+                        help="run the network under autocast to this dtype (default fp32: none); bf16 is the "
+                             "fast mode on GPUs and on CPUs with AVX512-BF16 or AMX")
     parser.add_argument("--tile", type=int, default=0, help="restore in tiles of this size (0: whole image)")
     parser.add_argument("--tile-overlap", type=int, default=32, help="overlap between tiles in pixels")
 
 
 def default_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the network runs in at ``precision`` (a key of :data:`PRECISIONS`) on ``device``."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def load_model(weights: str | Path, device: str | torch.device = "cpu", backend: str | None = None,
@@ -61,7 +73,7 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu", backend:
 @torch.no_grad()
 def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int = 32,
                    prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Restore x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1].
+    """Restore x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1], in x's dtype (also under autocast).
 
     With ``tile`` > 0 and an image larger than it, the image is cut into ``tile × tile``
     windows overlapping by ``overlap`` pixels; outputs are averaged with weights that ramp
@@ -72,7 +84,7 @@ def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int = 32,
         raise ValueError(f"tile and overlap must be non-negative, got tile={tile}, overlap={overlap}")
     _, _, h, w = x.shape
     if tile == 0 or (h <= tile and w <= tile):
-        return model(x, prior=prior).clamp(0.0, 1.0)
+        return model(x, prior=prior).to(x.dtype).clamp(0.0, 1.0)
     if overlap >= tile:
         raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile ({tile})")
     if prior is None:
@@ -148,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"refusing to overwrite the input {src}; choose another --out")
         image = read_image(src)
         x = torch.from_numpy(image.rgb).permute(2, 0, 1)[None].to(device)
-        y = restore_tensor(model, x, args.tile, args.tile_overlap)[0].permute(1, 2, 0).cpu().numpy()
+        with autocast(device, args.dtype):
+            y = restore_tensor(model, x, args.tile, args.tile_overlap)
+        y = y[0].permute(1, 2, 0).cpu().numpy()
         write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale))
     print(f"restored {len(jobs)} image(s) into {out_dir}")
     return 0

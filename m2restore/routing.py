@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .data.io import read_image
     from .evaluate import parse_set
-    from .restore import default_device, load_model
+    from .restore import autocast, default_device, load_model
 
     rng = np.random.default_rng(args.seed)
     jobs: list[tuple[str, Path]] = []
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         if args.crop:
             top, left = max(0, (x.shape[2] - args.crop) // 2), max(0, (x.shape[3] - args.crop) // 2)
             x = x[:, :, top:top + args.crop, left:left + args.crop]
-        vectors.append(routing_vector(model, x.to(device)))
+        with autocast(device, args.dtype):
+            vectors.append(routing_vector(model, x.to(device)))
     labels = [kind for kind, _ in jobs]
     result = analyse(np.stack(vectors), labels, args.seed, args.perplexity)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -83,3 +83,8 @@ def test_eval_cli_prints_table_and_writes_csv_json(tmp_path, capsys):
     assert result[1]["psnr"] == pytest.approx(np.mean(psnrs), rel=1e-6)
     assert result[2]["psnr"] == pytest.approx((result[0]["psnr"] + result[1]["psnr"]) / 2)
     assert (tmp_path / "res" / "metrics.csv").read_text().startswith("name,count,psnr,ssim,psnr_y,ssim_y")
+    # In bf16 (autocast) the same sets score within bf16 rounding of float32.
+    assert main(["eval", "--weights", str(tmp_path / "w"), "--backend", "torch", "--out", str(tmp_path / "bf16"),
+                 "--dtype", "bf16", "--data", *(f"{k}={v}" for k, v in sets.items())]) == 0
+    bf16 = json.loads((tmp_path / "bf16" / "metrics.json").read_text())["sets"]
+    assert [r["psnr"] for r in bf16] == pytest.approx([r["psnr"] for r in result], abs=0.2)

@@ -105,3 +105,27 @@ def test_tiled_real_model_keeps_size_and_stays_close(weights):
     assert (whole - tiled).abs().mean() < 0.1 * (whole - x).abs().mean() + 1e-3
     with pytest.raises(ValueError, match="tile_overlap"):
         restore_tensor(model, x, tile=16, overlap=16)
+
+
+def test_bf16_restore_runs_under_autocast_and_stays_close(weights, tmp_path):
+    """``--dtype bf16`` runs the network in bf16 (CPU autocast): the 8-bit result differs from the
+    float32 one somewhere, and by no more than bf16 rounding explains."""
+    rgb = np.random.default_rng(5).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "in.png")
+    outs = {}
+    for dtype in ("fp32", "bf16"):
+        assert _restore(weights, tmp_path / "in.png", "-o", tmp_path / dtype, "--dtype", dtype) == 0
+        outs[dtype] = np.asarray(Image.open(tmp_path / dtype / "in.png")).astype(np.int32)
+    diff = np.abs(outs["bf16"] - outs["fp32"])
+    assert diff.max() > 0 and diff.mean() < 2.0
+
+
+def test_restore_tensor_keeps_the_input_dtype_under_autocast(weights):
+    from m2restore.restore import autocast, load_model
+
+    model = load_model(weights, "cpu", "torch")
+    x = torch.rand(1, 3, 20, 28)
+    with autocast(torch.device("cpu"), "bf16"):
+        whole, tiled = restore_tensor(model, x), restore_tensor(model, x, tile=16, overlap=4)
+    assert whole.dtype == tiled.dtype == torch.float32
+    torch.testing.assert_close(whole, restore_tensor(model, x), atol=0.03, rtol=0)
