@@ -104,3 +104,23 @@ def test_task_prompt_pads_images_below_nine_pixels_by_replication():
         ref = tp(F.pad(small, (0, 4, 0, 1), mode="replicate"))
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert out.shape == (2, 32)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gdfn_matches_restormers_formula(bias, channels_last):
+    """GDFN = 1×1 to 2·hidden, depthwise 3×3, gelu(first half)·(second half), 1×1 back, computed
+    here as Restormer writes it (one conv each, then chunk), on both memory formats."""
+    from m2restore.modules.transformer import GDFN
+
+    torch.manual_seed(3)
+    ffn = GDFN(12, expansion=2.66, bias=bias).double()
+    for p in ffn.parameters():
+        nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 12, 9, 14, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    z = F.conv2d(x, ffn.project_in.weight, ffn.project_in.bias)
+    a, b = F.conv2d(z, ffn.dwconv.weight, ffn.dwconv.bias, padding=1, groups=z.shape[1]).chunk(2, dim=1)
+    expected = F.conv2d(F.gelu(a) * b, ffn.project_out.weight, ffn.project_out.bias)
+    torch.testing.assert_close(ffn(x), expected, rtol=1e-12, atol=1e-12)
