@@ -124,3 +124,18 @@ def test_gdfn_matches_restormers_formula(bias, channels_last):
     a, b = F.conv2d(z, ffn.dwconv.weight, ffn.dwconv.bias, padding=1, groups=z.shape[1]).chunk(2, dim=1)
     expected = F.conv2d(F.gelu(a) * b, ffn.project_out.weight, ffn.project_out.bias)
     torch.testing.assert_close(ffn(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_transformer_block_runs_channels_last_with_the_values_of_its_formula():
+    """x + MDTA(LN(x)), then + GDFN(LN(.)), computed here from the block's own sub-modules on an NCHW
+    tensor: the block's switch to channels-last changes the layout of its output, not its values."""
+    from m2restore.modules.transformer import TransformerBlock
+
+    torch.manual_seed(4)
+    block = TransformerBlock(16, heads=2).double()
+    x = torch.randn(2, 16, 11, 7, dtype=torch.float64)
+    mid = x + block.attn(block.norm1(x))
+    expected = mid + block.ffn(block.norm2(mid))
+    y = block(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)

@@ -96,6 +96,10 @@ class TransformerBlock(nn.Module):
         self.ffn = GDFN(dim, expansion, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels-last (a no-op once the stream is): the LayerNorm's channel view is then contiguous,
+        # no transposing copy, and the residual adds meet one layout. The paper network at 224² on
+        # the project's CPU: 0.95× the time in fp32 and in bf16.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
 
