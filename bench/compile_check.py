@@ -139,8 +139,10 @@ def scan_cases(quick: bool):
         yield Case("selective_scan", scan._scan_fwd_kernel, "d=768 L=784 n=16", dtype, dict(**flags, **tiles),
                    cfg.fwd_warps, ptrs=dict(last_ptr="fp32", ckpt_ptr="fp32", **params))
         f32 = {f"{g}_ptr": "fp32" for g in ("ckpt", "dlast", "dA", "dD", "dbias", "dB", "dC")}
-        yield Case("selective_scan", scan._scan_bwd_kernel, "d=768 L=784 n=16", dtype,
-                   dict(HAS_DLAST=True, **flags, **tiles), cfg.bwd_warps, ptrs=dict(**f32, **params))
+        for flip in (False, True):  # the two ways of the reverse-time scan (scan.REVERSE_SCAN)
+            yield Case("selective_scan", scan._scan_bwd_kernel, "d=768 L=784 n=16" + " flip" * flip, dtype,
+                       dict(HAS_DLAST=True, REVERSE_BY_FLIP=flip, **flags, **tiles), cfg.bwd_warps,
+                       ptrs=dict(**f32, **params))
 
 
 def gated_fusion_cases(quick: bool):

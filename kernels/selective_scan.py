@@ -354,6 +354,23 @@ def _linear_recurrence(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 
+# How the backward runs its reverse-time scan: Triton's own ``reverse=True`` ("native"), or
+# flip, forward scan, flip back ("flip"). Reverse scans with a non-commutative combine like this one
+# have had wrong results on GPUs (triton-lang/triton#4362, Triton 3.0); upstream now tests this very
+# combine reversed, but these kernels have not yet run on a GPU, so the CUDA parity tests run both
+# and this picks the one the package uses. The interpreter computes both exactly.
+REVERSE_SCAN = "native"
+
+
+@jit
+def _reverse_linear_scan(a, b, BY_FLIP: tl.constexpr):
+    """Along axis 2, (a_t, b_t) composed with every later step: the adjoint's suffix scan."""
+    if BY_FLIP:
+        ra, rb = tl.associative_scan((tl.flip(a, 2), tl.flip(b, 2)), 2, _linear_recurrence)
+        return tl.flip(ra, 2), tl.flip(rb, 2)
+    return tl.associative_scan((a, b), 2, _linear_recurrence, reverse=True)
+
+
 @jit
 def _program_setup(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pid_b, pid_d, d, L, n, gB, gC, per_gB, per_gC,
                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -436,7 +453,8 @@ def _scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                      du_ptr, ddlt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
                      d, L, n, gB, gC, per_gB, per_gC, n_chunks, n_blocks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     HAS_DLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+                     HAS_DLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+                     REVERSE_BY_FLIP: tl.constexpr):
     """Reverse-time adjoint, a chunk at a time from the last. With G_t = dLoss/dx_t and a_t = exp(dt_t A):
     G_t = C_t dy_t + a_{t+1} G_{t+1}, a linear recurrence backwards in time, so one reverse parallel
     scan per chunk gives all its G_t from the carry a_{t0+T} G_{t0+T} left by the chunk after it.
@@ -485,8 +503,7 @@ def _scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                 y += Dv * uu
             tl.store(dz_ptr + io, (dy * y * sig * (1.0 + zz * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=iomask)
             dy = dy * zz * sig
-        ga, gb = tl.associative_scan((tl.exp(dt_n[:, None, :] * A3), dy[:, None, :] * Ct), 2, _linear_recurrence,
-                                     reverse=True)
+        ga, gb = _reverse_linear_scan(tl.exp(dt_n[:, None, :] * A3), dy[:, None, :] * Ct, REVERSE_BY_FLIP)
         G = ga * carry[:, :, None] + gb
         # Masked channels and steps have u = dy = 0 and zero states, so they add nothing to these sums.
         tl.store(dC_ptr + part_rows[:, None] + t[None, :], tl.sum(dy[:, None, :] * states, axis=0), mask=nt_mask)
@@ -557,7 +574,7 @@ def _scan_bwd_triton(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, del
         d, l, n, gB, gC, per_gB, per_gC, n_chunks, n_blocks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_DLAST=dlast is not None, BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk,
-        num_warps=cfg.bwd_warps)
+        REVERSE_BY_FLIP=REVERSE_SCAN == "flip", num_warps=cfg.bwd_warps)
 
     def per_group(part: Tensor, X: Tensor) -> Tensor:
         # blocks never straddle groups, so each group's blocks are consecutive

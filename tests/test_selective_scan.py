@@ -189,8 +189,11 @@ def test_triton_all_options(l, n):
     check_against_float64(make_inputs(1, 4, l, n), "triton")
 
 
-def test_triton_long_sequence_crosses_checkpoints():
-    """l = 300 spans several checkpoint chunks: the backward recomputes each one."""
+@pytest.mark.parametrize("reverse_scan", ["native", "flip"])
+def test_triton_long_sequence_crosses_checkpoints(reverse_scan, monkeypatch):
+    """l = 300 spans several checkpoint chunks: the backward recomputes each one; with either way
+    of running its reverse-time scan."""
+    monkeypatch.setattr(ss, "REVERSE_SCAN", reverse_scan)
     check_against_float64(make_inputs(1, 2, 300, 16), "triton")
 
 
@@ -359,8 +362,12 @@ def test_mixer_from_mamba_state_dict(backend):
 # CUDA
 # --------------------------------------------------------------------------------------------
 @pytest.mark.cuda
+@pytest.mark.parametrize("reverse_scan", ["native", "flip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_triton(dtype):
+def test_cuda_triton(dtype, reverse_scan, monkeypatch):
+    """Both ways of the backward's reverse-time scan (``REVERSE_SCAN``): the package keeps the one
+    that passes here, and the faster if both do."""
+    monkeypatch.setattr(ss, "REVERSE_SCAN", reverse_scan)
     check_against_float64(make_inputs(2, 64, 300, 16, dtype=dtype), "triton")
     check_against_float64(make_inputs(2, 64, 300, 16, groups=2, dtype=dtype), "triton")
 
