@@ -31,7 +31,9 @@
 #   6. bench/profile_model.py: the top CUDA kernels of one bf16 forward (into the log);
 #   7. the model group's cost per pixel in bf16 (224/512/1024) -> $OUT/bench_model.json. The
 #      torch.compile cases (`pytest bench/test_bench_model.py -k compile`) need a call of their own:
-#      inductor compiles the whole network first.
+#      inductor compiles the whole network first;
+#   8. with whatever budget is left, bench/tune.py: alternative launch configurations of the MoE
+#      and scan kernels at the 512x512 shapes, timed and checked -> $OUT/tune_{moe,scan}.json.
 # `python bench/report.py $OUT/bench_*.json` turns the JSON into the tables of bench/RESULTS.md.
 # The exit status is the number of steps that failed (0: all passed).
 set -uo pipefail
@@ -141,6 +143,8 @@ step "m2restore bench" 80 "$PY" -m m2restore bench --config paper --size 224 --b
 step "profile" 40 "$PY" bench/profile_model.py --backend triton --dtype bf16 --size 224
 step "model scaling benchmarks" 60 "${BENCH[@]}" bench/test_bench_model.py -k "scaling and bf16" \
   --benchmark-json "$OUT/bench_model.json"
+step "tune moe" 90 "$PY" bench/tune.py moe --json "$OUT/tune_moe.json"
+step "tune scan" 90 "$PY" bench/tune.py scan --json "$OUT/tune_scan.json"
 
 echo
 echo "=== gpu_check done: $FAILED step(s) failed; files in $OUT:"

@@ -751,10 +751,11 @@ def _moe_bwd_torch(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
                                           db1[:, :Hd].to(w1_dtype), dw2[:, :Hd].to(w2_dtype), db2.to(w2_dtype)))
 
 
-def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine, dtype):
+def _moe_fwd_triton(x, weights, indices, w1, b1, w2, b2, combine, dtype, cfg: Optional[MoeTileConfig] = None):
+    """``cfg``: the expert kernel's tiles, ``_tile_config``'s by default (bench/tune.py times others)."""
     P, K = indices.shape
     N, C, Hd = w1.shape
-    cfg = _tile_config(K * P, N, C, Hd, x.device, dtype)
+    cfg = cfg or _tile_config(K * P, N, C, Hd, x.device, dtype)
     order, offsets = _plan_triton(indices, N)
     out = torch.empty(K * P, C, dtype=dtype, device=x.device)
     y = torch.empty(P, C, dtype=dtype, device=x.device)
@@ -776,10 +777,10 @@ def _combine_block_p(block_c: int, device: torch.device) -> int:
     return 256 if device.type != "cuda" else max(16, 2048 // block_c)
 
 
-def _moe_bwd_triton(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
+def _moe_bwd_triton(dy, x, weights, order, offsets, w1, b1, w2, out, combine, cfg: Optional[MoeTileConfig] = None):
     P, K = weights.shape
     N, C, Hd = w1.shape
-    cfg = _tile_config(K * P, N, C, Hd, x.device, out.dtype, backward=True)
+    cfg = cfg or _tile_config(K * P, N, C, Hd, x.device, out.dtype, backward=True)
     precision = dot_precision(out.dtype)
     dout = torch.empty_like(out)
     dweights = torch.empty(P, K, dtype=weights.dtype, device=x.device)

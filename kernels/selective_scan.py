@@ -534,10 +534,12 @@ def _group_sizes(X: Tensor, d: int):
     return g, d // g
 
 
-def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg: Optional[ScanKernelConfig] = None):
+    """``cfg``: ``_config_for``'s by default (bench/tune.py times others; the backward must get the
+    same ``chunk``, the checkpoints' spacing)."""
     b, d, l = u.shape
     n = A.shape[1]
-    cfg = _config_for(u, B, C, n)
+    cfg = cfg or _config_for(u, B, C, n)
     (gB, per_gB), (gC, per_gC) = _group_sizes(B, d), _group_sizes(C, d)
     n_chunks = triton.cdiv(l, cfg.chunk)
     out = torch.empty_like(u)
@@ -552,10 +554,11 @@ def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return out, last, ckpt
 
 
-def _scan_bwd_triton(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus):
+def _scan_bwd_triton(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus,
+                     cfg: Optional[ScanKernelConfig] = None):
     b, d, l = u.shape
     n = A.shape[1]
-    cfg = _config_for(u, B, C, n)
+    cfg = cfg or _config_for(u, B, C, n)
     (gB, per_gB), (gC, per_gC) = _group_sizes(B, d), _group_sizes(C, d)
     n_chunks = ckpt.shape[1]
     n_blocks = triton.cdiv(d, cfg.block_d)
