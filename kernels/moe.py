@@ -132,18 +132,22 @@ def _tile_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch.d
         return MoeTileConfig(block_m=128, block_h=min(128, _pow2_at_least_16(Hd)), block_c=block_c,
                              num_warps=4, dw_split=1)
     # Registers hold the x tile and the (block_m, block_c) float32 accumulator plus one hidden chunk
-    # of w1 and w2. Compiled for sm_90 (bench/compile_check.py: ptxas's register and spill counts),
-    # 32 hidden units per step, eight warps and two pipeline stages, with 32-row tiles in 16-bit and
-    # 16-row ones in float32 (whose 3xTF32 dots hold three times the operands), was the tiling with
-    # the fewest spills at every DDER width among the nine tried: none in bf16 but 352 B per thread in
-    # the 192-channel dx kernel, and in float32 none at 48 channels and up to 1.7 KiB at 192, within
-    # 163,968 B of shared memory (an A100 allows 166,912). The previous 64-row tiles spilled
-    # 0.7-2.8 KiB in bf16 from 96 channels up. Speed on a GPU not yet compared.
-    block_m, block_h, num_stages = (16 if dtype == torch.float32 else 32), min(32, _pow2_at_least_16(Hd)), 2
-    if backward and block_c > 128:
-        # The backward holds the dout tile too: at 192 channels its 32-row bf16 tiles spilled 390-490 B
-        # per thread (600 B with float32 x and weights under autocast); 16-row ones spill 0-64 B.
+    # of w1 and w2: 32 hidden units per step, eight warps, two pipeline stages. Rows per tile: as many
+    # as fit without spilling (compiled for sm_90, bench/compile_check.py: ptxas's register and spill
+    # counts), because every tile streams its expert's whole w1 and w2 through the SM: with 32-row
+    # tiles the first DDER of a 512x512 image (524,288 assignments, 24 KB of bf16 weights per expert)
+    # would re-read 390 MB of weights from L2, against 100-150 MB of activations from DRAM; 128-row
+    # tiles cut that to 100 MB. Spill-free in 16-bit: 128 rows at 48 channels (64 in the backward,
+    # whose weight-gradient kernel also holds dout and two gradient tiles), 64 at 96 (32), 32 at 192
+    # (16). float32 takes 16 rows everywhere (its 3xTF32 dots hold three times the operands): none
+    # spilled at 48 channels, up to 1.7 KiB at 192, within 163,968 B of shared memory (an A100 allows
+    # 166,912). Speed on a GPU not yet compared (bench/tune.py times the alternatives).
+    if dtype == torch.float32:
         block_m = 16
+    else:
+        block_m = 128 if block_c <= 64 else 64 if block_c <= 128 else 32
+        block_m = block_m // 2 if backward else block_m
+    block_h, num_stages = min(32, _pow2_at_least_16(Hd)), 2
     if dtype == torch.float32 and block_c > 128 and (shared_memory or _shared_memory_per_block(device)) < 160 * 1024:
         # 192 float32 channels took up to 164 KB per block: over the 99 KiB of an RTX 3090 or 4090.
         # Half-width hidden chunks in a single stage need at most 96 KiB (compiled for sm_86).

@@ -172,15 +172,19 @@ CASES = ["one_expert_many_blocks", "dder_like", "k_equals_n_two_hidden_chunks", 
          "all_to_one_expert", "ties"]
 
 
-@pytest.mark.parametrize("case", ["dder_like", "unused_expert", "all_to_one_expert"])
-def test_triton_with_gpu_tiles(case, monkeypatch):
-    """The interpreter normally gets 128-row blocks; here it runs the GPU's (16 rows in float32), so
-    every expert spans several blocks and each program must find its own from the offsets."""
+@pytest.mark.parametrize("case,dtype", [("dder_like", torch.float32), ("unused_expert", torch.float32),
+                                        ("all_to_one_expert", torch.float32),
+                                        ("one_expert_many_blocks", torch.float16), ("dder_like", torch.float16)])
+def test_triton_with_gpu_tiles(case, dtype, monkeypatch):
+    """The interpreter normally gets 128-row blocks and whole hidden widths; here it runs the GPU's
+    tiles (16 rows in float32; in 16-bit 128 rows forward and 64 backward at these widths, 32 hidden
+    units per step), so experts span several blocks and each program must find its own from the
+    offsets."""
     real = moe._tile_config
     monkeypatch.setattr(moe, "_tile_config", lambda n_assign, n_experts, C, Hd, device, dtype, **kw:
                         real(n_assign, n_experts, C, Hd, torch.device("cuda"), dtype, shared_memory=232448, **kw))
     x, weights, indices, experts = _routing_case(case)
-    check_moe("triton", torch.float32, x, weights, indices, experts, "logsumexp")
+    check_moe("triton", dtype, x, weights, indices, experts, "logsumexp")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
