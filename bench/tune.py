@@ -10,8 +10,8 @@ configuration's result, and prints them fastest first (and, with ``--json``, wri
     python bench/tune.py moe  [--size 512] [--dtype bf16] [--full] [--json PATH]   # expert kernels, 3 DDERs
     python bench/tune.py scan [--size 512] [--dtype bf16] [--full] [--json PATH]   # the Mamba branch's scan
 
-The default grids hold 12 configurations per kernel (each one compiled on first use: about a
-minute per op on a GPU machine); ``--full`` times 36 (MoE) and 45 (scan).
+The default grids hold 12 configurations per kernel and shape, each compiled on first use;
+``--full`` times 48 (MoE) and 45 (scan).
 
 Times are medians from ``triton.testing.do_bench`` (forward, and backward given the forward's
 saved tensors). A configuration that fails to compile or launch (shared memory, registers) is
@@ -95,7 +95,7 @@ def moe_cases(size: int, dtype: torch.dtype, device: torch.device, quick: bool, 
         label = f"moe P={P} C={C} hidden={Hd} {str(dtype)[6:]}"
         fwd_default = moe._tile_config(TOP_K * P, N_EXPERTS, C, Hd, device, dtype)
         bwd_default = moe._tile_config(TOP_K * P, N_EXPERTS, C, Hd, device, dtype, backward=True)
-        axes = ((16, 32, 64), (16, 32, 64), (4, 8), (2, 3)) if full else ((16, 32, 64), (32, 64), (4, 8), (2,))
+        axes = ((16, 32, 64, 128), (16, 32, 64), (4, 8), (2, 3)) if full else ((32, 64, 128), (32, 64), (4, 8), (2,))
         grid = ([replace(fwd_default, block_m=32)] if quick else
                 [replace(fwd_default, block_m=m, block_h=h, num_warps=w, num_stages=s)
                  for m, h, w, s in itertools.product(*axes) if h <= moe._pow2_at_least_16(Hd)])
