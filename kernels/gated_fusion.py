@@ -26,9 +26,9 @@ torch: deterministic, no atomics); kernel 2 forms dy = dh W1 + conv_transpose(dz
 ``tl.dot`` and the halo of dz. dW1 = sum_p dh_p y_p^T is one cuBLAS GEMM over the workspace.
 
 Layouts: every feature map is addressed through its own strides, so NCHW-contiguous and
-channels-last inputs both run without a copy. MCDB passes y and residual NCHW-contiguous (the
-model's default) and mamba as a channels-last-strided view (the permuted pixel sequence); all
-three are read in place. ``out`` and dy take y's memory format, dmamba mamba's.
+channels-last inputs both run without a copy. In the model, MCDB passes all three channels-last
+(the Restormer blocks before it run channels-last, and mamba is the permuted pixel sequence); they
+are read in place. ``out`` and dy take y's memory format, dmamba mamba's.
 
 Dtypes: float32, float16, bfloat16. The compute dtype is y's, or the autocast dtype when autocast
 is on for y's device; the parameters are cast to it (they are small), the Triton kernels read
