@@ -723,7 +723,7 @@ def _combine_bwd_torch(dy, out, weights, combine):
 
 def _moe_bwd_torch(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
     P, K = weights.shape
-    Hd, dtype, param_dtypes = w1.shape[2], out.dtype, (w1.dtype, w2.dtype)
+    Hd, dtype, w1_dtype, w2_dtype = w1.shape[2], out.dtype, w1.dtype, w2.dtype  # before the casts below
     dout, dweights = _combine_bwd_torch(dy, out.view(K, P, x.shape[1]).float(), weights, combine)
     w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2))
     tokens = order % P
@@ -750,7 +750,6 @@ def _moe_bwd_torch(dy, x, weights, order, offsets, w1, b1, w2, out, combine):
         dx += dx_slots[k]
     # Gradients in each input's own dtype (autocast's casts are inside the op); custom-op outputs
     # must have the fake's (contiguous) strides; the hidden padding comes off here.
-    w1_dtype, w2_dtype = param_dtypes
     return tuple(t.contiguous() for t in (dx.to(x.dtype), dweights.to(weights.dtype), dw1[:, :, :Hd].to(w1_dtype),
                                           db1[:, :Hd].to(w1_dtype), dw2[:, :Hd].to(w2_dtype), db2.to(w2_dtype)))
 
