@@ -26,17 +26,12 @@ from dataclasses import dataclass, field
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import importlib  # noqa: E402  (after the environment is settled)
-
-import torch  # noqa: E402
+import torch  # noqa: E402  (after the environment is settled)
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-moe = importlib.import_module("m2restore_kernels.moe")
-scan = importlib.import_module("m2restore_kernels.selective_scan")
-dgf = importlib.import_module("m2restore_kernels.gated_fusion")
-from m2restore_kernels._triton import dot_precision  # noqa: E402
+from m2restore_kernels.tuning import dot_precision, gated_fusion as dgf, moe, selective_scan as scan  # noqa: E402
 
 CUDA = torch.device("cuda")
 # Shared memory one block may use (opt-in maximum), per compute capability.
@@ -82,7 +77,7 @@ def moe_cases(quick: bool, shared_memory: int):
     besides each dtype, bf16 GEMMs on float32 x and weights (autocast: cast as the tiles load)."""
     P, N, K = 50176, 6, 2
     widths = [(48, 127)] if quick else [(48 << lvl, int(2.66 * (48 << lvl))) for lvl in range(3)]
-    block_n = moe._pow2_at_least_2(N)
+    block_n = moe.pow2_at_least(N, moe.MIN_TILE)
     i64 = dict(order_ptr="i64", offsets_ptr="i64", idx_ptr="i64")
     autocast = dict(x_ptr="fp32", w1_ptr="fp32", b1_ptr="fp32", w2_ptr="fp32", b2_ptr="fp32")
     runs = [(dtype, "", {}) for dtype in _dtypes(quick)]
@@ -91,34 +86,35 @@ def moe_cases(quick: bool, shared_memory: int):
     for dtype, note, inputs in runs:
         for level, (C, Hd) in enumerate(widths):
             p = P >> (2 * level)
-            cfg, bwd = (moe._tile_config(K * p, N, C, Hd, CUDA, dtype, shared_memory, backward=b) for b in (False, True))
+            cfg, bwd = (moe.default_config(K * p, N, C, Hd, CUDA, dtype, shared_memory, backward=b) for b in (False, True))
             label = f"C={C} hidden={Hd}{note}"
-            yield Case("moe", moe._moe_expert_fwd_kernel, label, dtype,
+            yield Case("moe", moe.KERNELS["moe_mlp_fwd"], label, dtype,
                        dict(HAS_B1=True, HAS_B2=True, BLOCK_N=block_n, **_moe_tiles(cfg, dtype)),
                        ptrs=dict(**inputs, **i64), **_moe_run(cfg))
-            yield Case("moe", moe._moe_expert_bwd_dx_kernel, label, dtype,
+            yield Case("moe", moe.KERNELS["moe_mlp_bwd_dx"], label, dtype,
                        dict(HAS_B1=True, BLOCK_N=block_n, **_moe_tiles(bwd, dtype)),
                        ptrs=dict(dxa_ptr="fp32", **inputs, **i64), **_moe_run(bwd))
-            yield Case("moe", moe._moe_expert_bwd_dw_kernel, label, dtype,
+            yield Case("moe", moe.KERNELS["moe_mlp_bwd_dw"], label, dtype,
                        dict(SPLIT=bwd.dw_split, HAS_B1=True, **_moe_tiles(bwd, dtype)),
                        ptrs=dict(dw1_ptr="fp32", db1_ptr="fp32", dw2_ptr="fp32", db2_ptr="fp32", **inputs, **i64),
                        **_moe_run(bwd))
             if note:
                 continue
-            combine = dict(K=K, LSE=True, BLOCK_P=moe._combine_block_p(cfg.block_c, CUDA), BLOCK_C=cfg.block_c)
-            yield Case("moe", moe._moe_combine_fwd_kernel, label, dtype, combine, 4)
-            yield Case("moe", moe._moe_combine_bwd_kernel, label, dtype, combine, 4)
+            combine = dict(K=K, LSE=True, BLOCK_P=moe.combine_block_p(cfg.block_c, CUDA), BLOCK_C=cfg.block_c)
+            yield Case("moe", moe.KERNELS["moe_combine_fwd"], label, dtype, combine, 4)
+            yield Case("moe", moe.KERNELS["moe_combine_bwd"], label, dtype, combine, 4)
         if note:
             continue
-        routing = dict(K=K, BLOCK_K=moe._pow2_at_least_2(K))
-        yield Case("moe", moe._topk_softmax_fwd_kernel, f"N={N}", dtype,
-                   dict(BLOCK_P=128, BLOCK_N=block_n, **routing), 4, ptrs=i64)
-        yield Case("moe", moe._topk_softmax_bwd_kernel, f"N={N}", dtype, dict(BLOCK_P=256, **routing), 4, ptrs=i64)
-    plan = dict(K=K, BLOCK=1024, BLOCK_N=block_n)
+        routing = dict(K=K, BLOCK_K=moe.pow2_at_least(K, moe.MIN_TILE))
+        yield Case("moe", moe.KERNELS["topk_softmax_fwd"], f"N={N}", dtype,
+                   dict(BLOCK_P=moe.topk_block_p(CUDA), BLOCK_N=block_n, **routing), 4, ptrs=i64)
+        yield Case("moe", moe.KERNELS["topk_softmax_bwd"], f"N={N}", dtype,
+                   dict(BLOCK_P=moe.topk_block_p(CUDA, backward=True), **routing), 4, ptrs=i64)
+    plan = dict(K=K, BLOCK=moe.plan_block(CUDA), BLOCK_N=block_n)
     ints = dict(counts_ptr="i32", base_ptr="i32", **i64)
-    yield Case("moe", moe._plan_count_kernel, f"N={N}", torch.float32, plan, 4, ptrs=ints)
-    yield Case("moe", moe._plan_scan_kernel, f"N={N}", torch.float32, dict(BLOCK_T=256, BLOCK_N=block_n), 4, ptrs=ints)
-    yield Case("moe", moe._plan_scatter_kernel, f"N={N}", torch.float32, plan, 4, ptrs=ints)
+    yield Case("moe", moe.KERNELS["plan_count"], f"N={N}", torch.float32, plan, 4, ptrs=ints)
+    yield Case("moe", moe.KERNELS["plan_scan"], f"N={N}", torch.float32, dict(BLOCK_T=moe.PLAN_SCAN_TILES, BLOCK_N=block_n), 4, ptrs=ints)
+    yield Case("moe", moe.KERNELS["plan_scatter"], f"N={N}", torch.float32, plan, 4, ptrs=ints)
 
 
 def _moe_tiles(cfg, dtype) -> dict:
@@ -131,16 +127,16 @@ def _moe_run(cfg) -> dict:
 
 def scan_cases(quick: bool):
     """The Mamba branch's scan at the 224x224 latent: d_inner 768, L 784, d_state 16, every option on."""
-    cfg = scan._kernel_config(768, 784, 16, (), CUDA)
+    cfg = scan.default_config(768, 784, 16, (), CUDA)
     tiles = dict(BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk)
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
     params = dict(A_ptr="fp32", D_ptr="fp32", bias_ptr="fp32")
     for dtype in _dtypes(quick):
-        yield Case("selective_scan", scan._scan_fwd_kernel, "d=768 L=784 n=16", dtype, dict(**flags, **tiles),
+        yield Case("selective_scan", scan.KERNELS["selective_scan_fwd"], "d=768 L=784 n=16", dtype, dict(**flags, **tiles),
                    cfg.fwd_warps, ptrs=dict(last_ptr="fp32", ckpt_ptr="fp32", **params))
         f32 = {f"{g}_ptr": "fp32" for g in ("ckpt", "dlast", "dA", "dD", "dbias", "dB", "dC")}
         for flip in (False, True):  # the two ways of the reverse-time scan (scan.REVERSE_SCAN)
-            yield Case("selective_scan", scan._scan_bwd_kernel, "d=768 L=784 n=16" + " flip" * flip, dtype,
+            yield Case("selective_scan", scan.KERNELS["selective_scan_bwd"], "d=768 L=784 n=16" + " flip" * flip, dtype,
                        dict(HAS_DLAST=True, REVERSE_BY_FLIP=flip, **flags, **tiles), cfg.bwd_warps,
                        ptrs=dict(**f32, **params))
 
@@ -152,12 +148,12 @@ def gated_fusion_cases(quick: bool):
         for C, side in shapes:
             flags = dict(HAS_DWB=True, HAS_B1=True, HAS_B2=True)
             label = f"C={C} {side}x{side}"
-            fwd, bwd = (dgf._launch_config(C, side, side, CUDA, dtype, backward=b) for b in (False, True))
-            yield Case("gated_fusion", dgf._fwd_kernel, label, dtype, dict(HAS_RES=True, **flags, **_dgf_tiles(fwd, dtype)),
+            fwd, bwd = (dgf.default_config(C, side, side, CUDA, dtype, backward=b) for b in (False, True))
+            yield Case("gated_fusion", dgf.KERNELS["gated_fusion_fwd"], label, dtype, dict(HAS_RES=True, **flags, **_dgf_tiles(fwd, dtype)),
                        fwd.num_warps)
-            yield Case("gated_fusion", dgf._bwd_gate_kernel, label, dtype, dict(**flags, **_dgf_tiles(bwd, dtype)),
+            yield Case("gated_fusion", dgf.KERNELS["gated_fusion_bwd_gate"], label, dtype, dict(**flags, **_dgf_tiles(bwd, dtype)),
                        bwd.num_warps, ptrs=dict(part_c_ptr="fp32", part_dw_ptr="fp32", part_b2_ptr="fp32"))
-            yield Case("gated_fusion", dgf._bwd_input_kernel, label, dtype, _dgf_tiles(bwd, dtype), bwd.num_warps)
+            yield Case("gated_fusion", dgf.KERNELS["gated_fusion_bwd_input"], label, dtype, _dgf_tiles(bwd, dtype), bwd.num_warps)
 
 
 def _dgf_tiles(cfg, dtype) -> dict:
@@ -187,11 +183,11 @@ def main(argv=None) -> int:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     limit = SHARED_LIMIT[args.arch]
     print(f"triton {triton.__version__}, target sm_{args.arch} (shared memory limit {limit} B)")
-    print(f"{'op':15s} {'kernel':28s} {'case':20s} {'dtype':9s} {'warps':>5s} {'stages':>6s} "
+    print(f"{'op':15s} {'kernel':32s} {'case':20s} {'dtype':9s} {'warps':>5s} {'stages':>6s} "
           f"{'regs':>4s} {'spill B':>7s} {'shared B':>8s}  status")
     failed = 0
     for case in [*moe_cases(args.quick, limit), *scan_cases(args.quick), *gated_fusion_cases(args.quick)]:
-        head = (f"{case.op:15s} {case.kernel.__name__:28s} {case.label:20s} {str(case.dtype)[6:]:9s} "
+        head = (f"{case.op:15s} {case.kernel.__name__:32s} {case.label:20s} {str(case.dtype)[6:]:9s} "
                 f"{case.num_warps:5d} {case.num_stages:6d}")
         try:
             compiled = triton.compile(case.source(), target=target,

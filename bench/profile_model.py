@@ -5,7 +5,7 @@
 Builds ``paper()`` the way ``m2restore bench`` does (random weights, random-weight DA-CLIP prior
 unless ``--no-prior``), warms it up, profiles a few forwards and prints the operators sorted by
 device time on CUDA (by CPU time on a CPU), so a lent GPU's minutes go to the kernels that matter.
-Kernels launched by Triton show under their own names (``_moe_expert_fwd_kernel`` ...).
+Kernels launched by Triton show under their own names (``_moe_mlp_fwd_kernel`` ...).
 """
 from __future__ import annotations
 

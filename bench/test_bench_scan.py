@@ -23,6 +23,7 @@ from m2restore_kernels import selective_scan, selective_scan_ref
 from m2restore_kernels._backend import optional_op
 
 ss = importlib.import_module("m2restore_kernels.selective_scan")
+ss_torch = importlib.import_module("m2restore_kernels.selective_scan.torch_impl")
 
 CUDA = torch.cuda.is_available()
 SIZES = {"latent224": (1, 768, 784, 16), "latent512": (1, 768, 4096, 16)}
@@ -48,7 +49,7 @@ def _runner(impl: str):
         return optional_op(*ss.MAMBA_SELECTIVE_SCAN_FN)
     if impl == "chunked":
         def chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-            return ss._selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
+            return ss_torch.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
         return chunked
     return lambda *a, **k: selective_scan(*a, **k, backend=impl)
 

@@ -1,7 +1,7 @@
 """Time alternative launch configurations of the Triton kernels on this GPU.
 
-The package launches its kernels with fixed configurations chosen by rule (``moe._tile_config``,
-``selective_scan._kernel_config``; their register and spill counts checked by
+The package launches its kernels with fixed configurations chosen by rule (``default_config`` of
+``m2restore_kernels.tuning.moe`` and ``.selective_scan``; their register and spill counts checked by
 ``bench/compile_check.py``), not autotuned: autotuning would compile every candidate in the user's
 first call and needs a GPU to decide. This script produces the data to choose those rules from:
 at M2Restore's shapes it runs a grid of alternatives, checks that each gives the default
@@ -21,7 +21,6 @@ listed with its error. Without CUDA, ``--quick`` runs tiny shapes through the in
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import statistics
@@ -31,8 +30,8 @@ from typing import Callable, Iterator
 
 import torch
 
-moe = importlib.import_module("m2restore_kernels.moe")
-scan = importlib.import_module("m2restore_kernels.selective_scan")
+from m2restore_kernels import topk_softmax_ref
+from m2restore_kernels.tuning import moe, selective_scan as scan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 N_EXPERTS, TOP_K = 6, 2
@@ -85,7 +84,7 @@ def moe_cases(size: int, dtype: torch.dtype, device: torch.device, quick: bool, 
     for P, C, Hd in shapes:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(P, C, generator=g).to(device, dtype)
-        weights, indices = moe.topk_softmax_ref(torch.randn(P, N_EXPERTS, generator=g), TOP_K)
+        weights, indices = topk_softmax_ref(torch.randn(P, N_EXPERTS, generator=g), TOP_K)
         weights, indices = weights.to(device), indices.to(device)
         w1 = (torch.randn(N_EXPERTS, C, Hd, generator=g) / C ** 0.5).to(device, dtype)
         b1 = (0.1 * torch.randn(N_EXPERTS, Hd, generator=g)).to(device, dtype)
@@ -93,20 +92,20 @@ def moe_cases(size: int, dtype: torch.dtype, device: torch.device, quick: bool, 
         b2 = (0.1 * torch.randn(N_EXPERTS, C, generator=g)).to(device, dtype)
         args = (x, weights, indices, w1, b1, w2, b2, "logsumexp", dtype)
         label = f"moe P={P} C={C} hidden={Hd} {str(dtype)[6:]}"
-        fwd_default = moe._tile_config(TOP_K * P, N_EXPERTS, C, Hd, device, dtype)
-        bwd_default = moe._tile_config(TOP_K * P, N_EXPERTS, C, Hd, device, dtype, backward=True)
+        fwd_default = moe.default_config(TOP_K * P, N_EXPERTS, C, Hd, device, dtype)
+        bwd_default = moe.default_config(TOP_K * P, N_EXPERTS, C, Hd, device, dtype, backward=True)
         axes = ((16, 32, 64, 128), (16, 32, 64), (4, 8), (2, 3)) if full else ((32, 64, 128), (32, 64), (4, 8), (2,))
         grid = ([replace(fwd_default, block_m=32)] if quick else
                 [replace(fwd_default, block_m=m, block_h=h, num_warps=w, num_stages=s)
-                 for m, h, w, s in itertools.product(*axes) if h <= moe._pow2_at_least_16(Hd)])
-        yield run_grid(label + " fwd", grid, fwd_default, lambda cfg: moe._moe_fwd_triton(*args, cfg=cfg)[0],
+                 for m, h, w, s in itertools.product(*axes) if h <= moe.pow2_at_least(Hd, moe.MIN_DOT)])
+        yield run_grid(label + " fwd", grid, fwd_default, lambda cfg: moe.moe_mlp_fwd(*args, config=cfg)[0],
                        _tol(dtype), device)
-        _, out, order, offsets = moe._moe_fwd_triton(*args)
+        _, out, order, offsets = moe.moe_mlp_fwd(*args)
         dy = torch.randn(P, C, generator=g).to(device, dtype)
         bwd_grid = [replace(cfg, dw_split=bwd_default.dw_split) for cfg in grid]
         yield run_grid(label + " bwd", bwd_grid, bwd_default,
-                       lambda cfg: moe._moe_bwd_triton(dy, x, weights, order, offsets, w1, b1, w2, out, "logsumexp",
-                                                       cfg=cfg)[0], _tol(dtype), device)
+                       lambda cfg: moe.moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, "logsumexp",
+                                                   config=cfg)[0], _tol(dtype), device)
 
 
 def scan_cases(size: int, dtype: torch.dtype, device: torch.device, quick: bool, full: bool) -> Iterator[list[dict]]:
@@ -117,20 +116,21 @@ def scan_cases(size: int, dtype: torch.dtype, device: torch.device, quick: bool,
     B, C = (torch.randn(1, n, l, generator=g).to(device, dtype) for _ in range(2))
     D, bias = torch.randn(d, generator=g).to(device), torch.randn(d, generator=g).to(device)
     args = (u, delta, A, B, C, D, z, bias, True)
-    default = scan._config_for(u, B, C, n)
+    default = scan.config_for(u, B, C, n)
     label = f"scan d={d} L={l} n={n} {str(dtype)[6:]}"
     axes = ((1, 2, 4, 8, 16), (16, 32, 64), (2, 4, 8)) if full else ((2, 4, 8), (32, 64), (4, 8))
     grid = ([replace(default, block_d=max(1, default.block_d // 2))] if quick else
             [replace(default, block_d=bd, chunk=ck, fwd_warps=w, bwd_warps=w) for bd, ck, w in itertools.product(*axes)])
-    yield run_grid(label + " fwd", grid, default, lambda cfg: scan._scan_fwd_triton(*args, cfg=cfg)[0],
+    yield run_grid(label + " fwd", grid, default, lambda cfg: scan.selective_scan_fwd(*args, config=cfg)[0],
                    _tol(dtype), device)
     dout = torch.randn(1, d, l, generator=g).to(device, dtype)
     saved = {}
 
     def backward(cfg):
         if cfg.chunk not in saved:  # the checkpoints' spacing is the chunk
-            saved[cfg.chunk] = scan._scan_fwd_triton(*args, cfg=cfg)[2]
-        return scan._scan_bwd_triton(dout, None, u, delta, A, B, C, D, z, bias, saved[cfg.chunk], True, cfg=cfg)[0]
+            saved[cfg.chunk] = scan.selective_scan_fwd(*args, config=cfg)[2]
+        return scan.selective_scan_bwd(dout, None, u, delta, A, B, C, D, z, bias, saved[cfg.chunk], True,
+                                       config=cfg)[0]
 
     yield run_grid(label + " bwd", grid, default, backward, _tol(dtype), device)
 

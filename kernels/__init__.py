@@ -1,16 +1,26 @@
 """m2restore_kernels: Triton kernels (with PyTorch references) for M2Restore.
 
-Every op takes ``backend="auto"|"triton"|"torch"`` (see ``_backend.resolve_backend``) and has a
-``*_ref`` plain-PyTorch reference beside it.
+Every op takes ``backend="auto"|"triton"|"torch"`` (``_backend.resolve_impl`` turns it into the
+implementation that runs) and has a ``*_ref`` plain-PyTorch reference beside it. Each op is a
+package of one layout: ``__init__`` (public API, custom ops), ``reference``, ``triton_impl``,
+``torch_impl`` and, where a C loop exists, ``native_impl``. Launch configurations are data:
+``m2restore_kernels.tuning``.
 """
+from importlib import metadata as _metadata
+
 from ._backend import BACKENDS, resolve_backend
 from .causal_conv1d import causal_conv1d, causal_conv1d_ref
 from .gated_fusion import gated_fusion, gated_fusion_ref
 from .moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
 from .selective_scan import selective_scan, selective_scan_ref
 
+try:
+    __version__ = _metadata.version("m2restore")  # the distribution that installs this package
+except _metadata.PackageNotFoundError:  # run from a source tree (PYTHONPATH), not installed
+    __version__ = "0+unknown"
+
 __all__ = [
-    "BACKENDS", "resolve_backend",
+    "BACKENDS", "resolve_backend", "__version__",
     "topk_softmax", "topk_softmax_ref", "moe_mlp", "moe_mlp_ref",
     "gated_fusion", "gated_fusion_ref",
     "selective_scan", "selective_scan_ref",

@@ -1,8 +1,22 @@
 """The one place that decides which implementation an op runs.
 
-``backend="auto"`` picks Triton for CUDA tensors, and for CPU tensors when the Triton
-interpreter is on (``TRITON_INTERPRET=1``, which must be set before triton is imported);
-otherwise the PyTorch path. ``"triton"`` and ``"torch"`` force one path.
+Users ask for a backend, ``"auto" | "triton" | "torch"``; :func:`resolve_impl` turns that request,
+the op, the tensors' device and dtype and what this machine has into one implementation:
+
+* ``"extension"``: an optional CUDA package's own kernel (mamba-ssm, causal-conv1d), only for
+  ``"auto"`` on CUDA tensors, and only imported then;
+* ``"triton"``: the op's Triton kernels, on CUDA tensors, or CPU tensors when the Triton
+  interpreter is on (``TRITON_INTERPRET=1``, set before triton is imported);
+* ``"native"``: the op's C loop for CPU tensors (``csrc/``, built on first use by ``_native``);
+* ``"torch"``: PyTorch ops, which run everywhere.
+
+``"auto"`` takes the first of those that runs; ``"triton"`` insists on Triton (an op without
+Triton kernels, such as ``causal_conv1d``, then runs its PyTorch path); ``"torch"`` means "no
+Triton": the C loop on CPU where it builds, else PyTorch ops.
+
+One environment variable takes implementations away everywhere:
+``M2RESTORE_KERNELS_DISABLE=native,extension,triton`` (any subset; ``"torch"`` is the fallback and
+cannot be disabled). ``M2RESTORE_NATIVE=0`` is an alias for disabling ``native``.
 """
 from __future__ import annotations
 
@@ -10,10 +24,36 @@ import functools
 import importlib
 import importlib.util
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+IMPLS = ("triton", "native", "torch", "extension")
+DISABLE_ENV = "M2RESTORE_KERNELS_DISABLE"
+DISABLEABLE = ("triton", "native", "extension")
+
+
+@dataclass(frozen=True)
+class OpImpls:
+    """What one op has besides its PyTorch path: Triton kernels, a C library (``csrc/<native>.c``)
+    and the dtypes it serves, an optional CUDA package's function ``(module, name)``."""
+    triton: bool = True
+    native: Optional[str] = None
+    native_dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    extension: Optional[tuple] = None
+
+
+# The recurrence of the C scan runs in float32: float64 inputs keep the float64 PyTorch scan.
+OPS = {
+    "topk_softmax": OpImpls(native="moe_cpu"),
+    "moe_mlp": OpImpls(native="moe_cpu"),
+    "gated_fusion": OpImpls(),
+    "selective_scan": OpImpls(native="selective_scan_cpu", native_dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                              extension=("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")),
+    "causal_conv1d": OpImpls(triton=False, extension=("causal_conv1d", "causal_conv1d_fn")),
+}
 
 
 # Looked up once at import: a module constant is also what torch.compile traces through cleanly.
@@ -28,19 +68,33 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_on()))
-    if backend == "triton" and not runnable:
-        raise ValueError(
-            f"backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
-            f"got tensors on {device}, triton installed: {triton_available()}"
-        )
-    return "triton" if runnable else "torch"
+def disabled_impls() -> frozenset:
+    """The implementations switched off by ``M2RESTORE_KERNELS_DISABLE`` (and ``M2RESTORE_NATIVE=0``)."""
+    names = {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}
+    unknown = names - set(DISABLEABLE)
+    if unknown:
+        raise ValueError(f"{DISABLE_ENV} may name {DISABLEABLE}, got {sorted(unknown)}")
+    if os.environ.get("M2RESTORE_NATIVE", "1") == "0":
+        names.add("native")
+    return frozenset(names)
+
+
+@dataclass(frozen=True)
+class Available:
+    """What this machine offers, as far as the resolver needs it (the table tests pass their own)."""
+    triton: bool           # triton imports
+    interpreter: bool      # TRITON_INTERPRET=1
+    native: bool           # the op's C library builds and loads
+    extension: bool        # the op's CUDA package imports
+    disabled: frozenset = frozenset()
+
+
+@torch.compiler.assume_constant_result
+def native_ready(library: str) -> bool:
+    """Whether ``csrc/<library>.c`` builds (or is built) here; a constant for torch.compile."""
+    from . import _native  # imported late: _native reads disabled_impls from this module
+
+    return _native.load(library) is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,9 +107,48 @@ def optional_op(module: str, name: str):
         return None
 
 
-def extension_op(backend: str, device: torch.device, module: str, name: str):
-    """The extension's op where ``backend="auto"`` should run it (CUDA tensors, package importable),
-    else None and the caller runs its own path. Never imports the package for CPU tensors."""
-    if backend != "auto" or device.type != "cuda":
-        return None
-    return optional_op(module, name)
+def probe(op: str, device: torch.device, backend: str) -> Available:
+    """What runs ``op`` here. Builds the C library only for CPU tensors and imports an extension
+    package only for ``backend="auto"`` on CUDA tensors (mamba-ssm cannot import without its CUDA build)."""
+    spec = OPS[op]
+    disabled = disabled_impls()
+    native = (spec.native is not None and device.type == "cpu" and "native" not in disabled
+              and native_ready(spec.native))
+    extension = (spec.extension is not None and backend == "auto" and device.type == "cuda"
+                 and "extension" not in disabled and optional_op(*spec.extension) is not None)
+    return Available(triton=triton_available(), interpreter=interpreter_on(), native=native, extension=extension,
+                     disabled=disabled)
+
+
+def resolve_impl(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto",
+                 available: Optional[Available] = None, native_ok: bool = True) -> str:
+    """The implementation of ``op`` for tensors on ``device`` computed from ``dtype``:
+    ``"extension" | "triton" | "native" | "torch"``. ``available`` defaults to :func:`probe`'s;
+    ``native_ok=False`` when the C loop cannot take these arguments (a size over its limit).
+    Raises a one-line ValueError for an unknown backend or a forced one that cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    spec = OPS[op]
+    have = available if available is not None else probe(op, device, backend)
+    triton_runs = (have.triton and "triton" not in have.disabled
+                   and (device.type == "cuda" or (device.type == "cpu" and have.interpreter)))
+    if (backend == "auto" and spec.extension is not None and have.extension and "extension" not in have.disabled
+            and device.type == "cuda"):
+        return "extension"
+    if backend == "triton" and not triton_runs:
+        why = ("disabled by " + DISABLE_ENV if "triton" in have.disabled else
+               f"needs triton (installed: {have.triton}) and CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+        raise ValueError(f"{op}: backend='triton' cannot run on {device} tensors ({why}); "
+                         f"backend='torch' or 'auto' runs there")
+    if backend in ("auto", "triton") and triton_runs:
+        return "triton" if spec.triton else "torch"
+    if (native_ok and spec.native is not None and have.native and "native" not in have.disabled
+            and device.type == "cpu" and dtype in spec.native_dtypes):
+        return "native"
+    return "torch"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"``: whether Triton kernels run for ``backend`` on ``device``
+    (the user-level view of :func:`resolve_impl`)."""
+    return "triton" if resolve_impl("gated_fusion", device, torch.float32, backend) == "triton" else "torch"

@@ -1,11 +1,14 @@
 """C kernels for the CPU, compiled on first use and loaded with ctypes.
 
 Triton has no CPU backend, so the few loops that PyTorch runs poorly on a CPU (the selective
-scan's recurrence, the MoE's log-sum-exp combination) are plain C files under ``csrc/``. The first call compiles one with the system C
+scan's recurrence, the MoE's routing and log-sum-exp combination) are plain C files under
+``csrc/``; each op's ``native_impl.py`` declares its library's C signatures and limits. The first
+call compiles one with the system C
 compiler (``$CC``, else ``cc``; the same compiler Triton itself needs on a GPU machine) into a
 cache folder (``$M2RESTORE_KERNELS_CACHE``, else ``~/.cache/m2restore_kernels``), keyed by the
 source, the flags and this processor, so later processes load it at once. Where no compiler works,
-or ``M2RESTORE_NATIVE=0``, :func:`load` returns None and the callers run their PyTorch paths.
+or "native" is disabled (``_backend.disabled_impls``: ``M2RESTORE_KERNELS_DISABLE=native`` or
+``M2RESTORE_NATIVE=0``), :func:`load` returns None and the resolver picks the PyTorch paths.
 """
 from __future__ import annotations
 
@@ -23,15 +26,14 @@ from typing import Optional
 
 import torch
 
+from ._backend import disabled_impls
+
 CSRC = Path(__file__).with_name("csrc")
+BUILD_TIMEOUT_S = 120  # a build takes seconds; a hung compiler must not hang the first call forever
 # -march=native: built where it runs. -ffast-math lets the compiler vectorise expf/logf (glibc's
 # libmvec); -fno-associative-math keeps it from "simplifying" compensated expressions such as
 # ((1 + e) - 1) - e, while `omp simd reduction` still vectorises the sums it is asked to.
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fopenmp", "-fPIC", "-shared")
-
-
-def native_enabled() -> bool:
-    return os.environ.get("M2RESTORE_NATIVE", "1") != "0"
 
 
 def _cpu_signature() -> str:
@@ -51,7 +53,7 @@ def _cache_dir() -> Path:
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> Optional[ctypes.CDLL]:
     """``csrc/<name>.c`` as a loaded shared library, or None (disabled, no compiler, build failed)."""
-    if not native_enabled():
+    if "native" in disabled_impls():
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -68,10 +70,10 @@ def load(name: str) -> Optional[ctypes.CDLL]:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], check=True, capture_output=True,
-                           text=True, timeout=120)
+                           text=True, timeout=BUILD_TIMEOUT_S)
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError) as exc:
-            detail = str(getattr(exc, "stderr", None) or exc).strip()[-500:]  # the compiler's last words
+            detail = str(getattr(exc, "stderr", None) or exc).strip()[-500:]  # the compiler's last words, one warning's worth
             warnings.warn(f"m2restore_kernels: could not build {source.name} ({detail}); "
                           f"using the PyTorch path instead", RuntimeWarning, stacklevel=2)
             if tmp is not None and os.path.exists(tmp):

@@ -9,9 +9,102 @@ import pytest
 import torch
 
 import m2restore_kernels._backend as backend_module
-from m2restore_kernels._backend import extension_op, optional_op, resolve_backend
+from m2restore_kernels._backend import (DISABLE_ENV, Available, disabled_impls, optional_op, probe, resolve_backend,
+                                        resolve_impl)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+EVERYTHING = Available(triton=True, interpreter=True, native=True, extension=True)
+NO_INTERPRETER = Available(triton=True, interpreter=False, native=True, extension=True)
+NO_TRITON = Available(triton=False, interpreter=True, native=True, extension=False)
+NO_NATIVE = Available(triton=True, interpreter=False, native=False, extension=False)
+BARE = Available(triton=False, interpreter=False, native=False, extension=False)
+NATIVE_OFF = Available(triton=True, interpreter=False, native=True, extension=True, disabled=frozenset({"native"}))
+TRITON_OFF = Available(triton=True, interpreter=True, native=True, extension=True, disabled=frozenset({"triton"}))
+EXT_OFF = Available(triton=True, interpreter=False, native=True, extension=True, disabled=frozenset({"extension"}))
+
+
+# (op, device, dtype, backend, available) -> implementation, or the ValueError's message fragment.
+RESOLUTION_TABLE = [
+    # auto: extension on CUDA where it imports, else Triton where it runs, else C on CPU, else PyTorch
+    ("selective_scan", CUDA, F32, "auto", EVERYTHING, "extension"),
+    ("selective_scan", CUDA, F32, "auto", EXT_OFF, "triton"),
+    ("causal_conv1d", CUDA, BF16, "auto", EVERYTHING, "extension"),
+    ("causal_conv1d", CUDA, BF16, "auto", EXT_OFF, "torch"),
+    ("moe_mlp", CUDA, BF16, "auto", EVERYTHING, "triton"),  # no extension for the MoE
+    ("selective_scan", CPU, F32, "auto", EVERYTHING, "triton"),  # interpreter on
+    ("selective_scan", CPU, F32, "auto", NO_INTERPRETER, "native"),
+    ("selective_scan", CPU, F64, "auto", NO_INTERPRETER, "torch"),  # the C scan computes in float32
+    ("selective_scan", CPU, BF16, "auto", NO_NATIVE, "torch"),
+    ("moe_mlp", CPU, F64, "auto", NO_INTERPRETER, "native"),  # the C combination runs in float32 anyway
+    ("topk_softmax", CPU, F32, "auto", NO_TRITON, "native"),
+    ("gated_fusion", CPU, F32, "auto", NO_INTERPRETER, "torch"),  # no C loop
+    ("gated_fusion", CPU, F32, "auto", TRITON_OFF, "torch"),
+    ("gated_fusion", CUDA, F32, "auto", BARE, "torch"),
+    # torch: never Triton nor an extension; the C loop on CPU where it builds and is not switched off
+    ("selective_scan", CPU, F32, "torch", EVERYTHING, "native"),
+    ("selective_scan", CPU, F32, "torch", NATIVE_OFF, "torch"),
+    ("selective_scan", CUDA, F32, "torch", EVERYTHING, "torch"),
+    ("moe_mlp", CPU, BF16, "torch", NO_NATIVE, "torch"),
+    ("causal_conv1d", CUDA, F32, "torch", EVERYTHING, "torch"),
+    # triton: Triton where it runs (ops without kernels run PyTorch), else a one-line ValueError
+    ("moe_mlp", CUDA, F32, "triton", EVERYTHING, "triton"),
+    ("selective_scan", CUDA, F32, "triton", EVERYTHING, "triton"),
+    ("causal_conv1d", CPU, F32, "triton", EVERYTHING, "torch"),
+    ("topk_softmax", CPU, F32, "triton", NO_INTERPRETER, ValueError("TRITON_INTERPRET=1")),
+    ("moe_mlp", CUDA, F32, "triton", NO_TRITON, ValueError("installed: False")),
+    ("gated_fusion", CPU, F32, "triton", TRITON_OFF, ValueError(DISABLE_ENV)),
+    ("selective_scan", CPU, F32, "cuda", EVERYTHING, ValueError("backend must be one of")),
+]
+
+
+@pytest.mark.parametrize("op,device,dtype,backend,available,expected", RESOLUTION_TABLE,
+                         ids=[f"{r[0]}-{r[1].type}-{str(r[2])[6:]}-{r[3]}-{i}" for i, r in enumerate(RESOLUTION_TABLE)])
+def test_resolution_table(op, device, dtype, backend, available, expected):
+    if isinstance(expected, ValueError):
+        with pytest.raises(ValueError, match=str(expected)) as info:
+            resolve_impl(op, device, dtype, backend, available)
+        assert "\n" not in str(info.value)
+        return
+    assert resolve_impl(op, device, dtype, backend, available) == expected
+
+
+def test_forced_triton_error_names_what_works():
+    with pytest.raises(ValueError, match="backend='torch' or 'auto' runs there"):
+        resolve_impl("moe_mlp", CPU, F32, "triton", NO_INTERPRETER)
+
+
+def test_native_is_skipped_where_the_arguments_do_not_fit_it():
+    """topk_softmax's C loop takes rows of at most 64 logits: wider ones run PyTorch."""
+    assert resolve_impl("topk_softmax", CPU, F32, "torch", EVERYTHING, native_ok=False) == "torch"
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, set()),
+    ({"M2RESTORE_NATIVE": "0"}, {"native"}),
+    ({DISABLE_ENV: "native, extension"}, {"native", "extension"}),
+    ({DISABLE_ENV: "triton", "M2RESTORE_NATIVE": "0"}, {"triton", "native"}),
+])
+def test_disable_override_and_its_alias(env, expected, monkeypatch):
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    monkeypatch.delenv("M2RESTORE_NATIVE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert disabled_impls() == expected
+
+
+def test_disable_override_rejects_unknown_names(monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV, "torch")
+    with pytest.raises(ValueError, match=DISABLE_ENV):
+        disabled_impls()
+
+
+def test_probe_reads_the_machine_and_the_override(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(DISABLE_ENV, "native")
+    have = probe("selective_scan", CPU, "torch")
+    assert have.interpreter and not have.native and have.disabled == {"native"}
+    assert resolve_impl("selective_scan", CPU, F32, "torch") == "torch"
 
 
 def test_resolve_backend_picks_triton_on_cpu_only_under_the_interpreter(monkeypatch):
@@ -26,19 +119,18 @@ def test_resolve_backend_picks_triton_on_cpu_only_under_the_interpreter(monkeypa
         resolve_backend("cuda", CPU)
 
 
-def test_extension_ops_are_used_only_by_auto_on_cuda(monkeypatch):
+def test_extension_packages_are_imported_only_for_auto_on_cuda(monkeypatch):
     assert optional_op("math", "sqrt") is math.sqrt
     assert optional_op("no_such_package_m2r", "fn") is None
-    assert extension_op("auto", CUDA, "math", "sqrt") is math.sqrt
-    assert extension_op("torch", CUDA, "math", "sqrt") is None
-    assert extension_op("triton", CUDA, "math", "sqrt") is None
-    # CPU tensors never even try the import (mamba-ssm cannot import without its CUDA build).
+    # CPU tensors, or a backend other than "auto", never even try the import (mamba-ssm cannot
+    # import without its CUDA build).
     def no_import(module, name):
         raise AssertionError(f"tried to import {module}")
 
     monkeypatch.setattr(backend_module, "optional_op", no_import)
-    assert extension_op("auto", CPU, "math", "sqrt") is None
-
+    assert not probe("selective_scan", CPU, "auto").extension
+    assert not probe("selective_scan", CUDA, "torch").extension
+    assert not probe("causal_conv1d", CUDA, "triton").extension
 
 
 def test_kernels_import_and_run_their_torch_paths_without_triton():

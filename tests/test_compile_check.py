@@ -12,10 +12,11 @@ import pytest
 triton = pytest.importorskip("triton")
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 SCRIPT = Path(__file__).parents[1] / "bench" / "compile_check.py"
-KERNELS = ("_moe_expert_fwd_kernel", "_moe_expert_bwd_dx_kernel", "_moe_expert_bwd_dw_kernel",
+KERNELS = ("_moe_mlp_fwd_kernel", "_moe_mlp_bwd_dx_kernel", "_moe_mlp_bwd_dw_kernel",
            "_moe_combine_fwd_kernel", "_moe_combine_bwd_kernel", "_topk_softmax_fwd_kernel",
            "_topk_softmax_bwd_kernel", "_plan_count_kernel", "_plan_scan_kernel", "_plan_scatter_kernel",
-           "_scan_fwd_kernel", "_scan_bwd_kernel", "_fwd_kernel", "_bwd_gate_kernel", "_bwd_input_kernel")
+           "_selective_scan_fwd_kernel", "_selective_scan_bwd_kernel", "_gated_fusion_fwd_kernel",
+           "_gated_fusion_bwd_gate_kernel", "_gated_fusion_bwd_input_kernel")
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build carries no ptxas")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from m2restore_kernels import gated_fusion, gated_fusion_ref
 
-gf = importlib.import_module("m2restore_kernels.gated_fusion")  # the package re-exports a function of that name
+gf_triton = importlib.import_module("m2restore_kernels.gated_fusion.triton_impl")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # SPEC.md section 2
@@ -102,8 +102,8 @@ def test_triton_with_gpu_tiles(case, monkeypatch):
     """The interpreter normally gets one tile per image; here it runs the tile shapes a GPU would use
     (the forward's and the backward's, which differ)."""
     dtype = torch.float32
-    real = gf._launch_config
-    monkeypatch.setattr(gf, "_launch_config", lambda C, H, W, device, dtype, backward=False:
+    real = gf_triton.default_config
+    monkeypatch.setattr(gf_triton, "default_config", lambda C, H, W, device, dtype, backward=False:
                         real(C, H, W, torch.device("cuda"), dtype, backward))
     B, C, H, W, channels_last, residual, biases = case
     check_against_float64(make_inputs(B, C, H, W, dtype=dtype, channels_last=channels_last, residual=residual,
@@ -190,7 +190,7 @@ def test_triton_custom_op_passes_opcheck():
     """Schema, fake (meta) kernel, autograd registration and torch.compile tracing of the custom op."""
     args = [None if t is None else t.detach().requires_grad_(t.requires_grad)
             for t in make_inputs(2, 16, 5, 6, channels_last=True)]
-    torch.library.opcheck(torch.ops.m2restore_kernels.gated_fusion.default, tuple(args))
+    torch.library.opcheck(torch.ops.m2restore_kernels.gated_fusion.default, (*args, "triton"))
 
 
 def test_torch_compile_matches_eager():

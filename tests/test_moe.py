@@ -11,7 +11,11 @@ from hypothesis import given, settings, strategies as st
 
 from m2restore_kernels.moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
 
-moe = importlib.import_module("m2restore_kernels.moe")  # the package re-exports functions of the same names
+from m2restore_kernels._backend import DISABLE_ENV, native_ready
+
+moe_native = importlib.import_module("m2restore_kernels.moe.native_impl")
+moe_torch = importlib.import_module("m2restore_kernels.moe.torch_impl")
+moe_triton = importlib.import_module("m2restore_kernels.moe.triton_impl")
 
 BACKENDS = ("torch", "triton")
 # With CUDA the sweep runs there (Triton compiled for the GPU); else on CPU, Triton interpreted.
@@ -79,9 +83,9 @@ def topk_backend(request, monkeypatch):
     """Backends of topk_softmax; on CPU the torch path runs a C loop (csrc/moe_cpu.c) where it
     builds, so "torch-pytorch-ops" also covers the PyTorch ops it falls back to."""
     if request.param == "torch-pytorch-ops":
-        monkeypatch.setattr(moe, "_native_moe", lambda t: None)
+        monkeypatch.setenv(DISABLE_ENV, "native")
         return "torch"
-    if request.param == "torch" and DEVICE.type == "cpu" and moe._native_moe(torch.empty(0)) is None:
+    if request.param == "torch" and DEVICE.type == "cpu" and not native_ready(moe_native.LIBRARY):
         pytest.skip("the C top-K needs a working C compiler")
     return request.param
 
@@ -180,8 +184,8 @@ def test_triton_with_gpu_tiles(case, dtype, monkeypatch):
     tiles (16 rows in float32; in 16-bit 128 rows forward and 64 backward at these widths, 32 hidden
     units per step), so experts span several blocks and each program must find its own from the
     offsets."""
-    real = moe._tile_config
-    monkeypatch.setattr(moe, "_tile_config", lambda n_assign, n_experts, C, Hd, device, dtype, **kw:
+    real = moe_triton.default_config
+    monkeypatch.setattr(moe_triton, "default_config", lambda n_assign, n_experts, C, Hd, device, dtype, **kw:
                         real(n_assign, n_experts, C, Hd, torch.device("cuda"), dtype, shared_memory=232448, **kw))
     x, weights, indices, experts = _routing_case(case)
     check_moe("triton", dtype, x, weights, indices, experts, "logsumexp")
@@ -225,10 +229,10 @@ def test_moe_mlp_without_biases_and_repeated_experts(backend):
 def test_torch_path_both_combine_implementations(combine, native, monkeypatch):
     """On CPU the torch path combines the K outputs in C (csrc/moe_cpu.c) where it builds,
     else with PyTorch ops: both give the reference's forward and gradients, zero weights included."""
-    if native and (DEVICE.type != "cpu" or moe._native_moe(torch.empty(0)) is None):
+    if native and (DEVICE.type != "cpu" or not native_ready(moe_native.LIBRARY)):
         pytest.skip("the C combination serves CPU tensors and needs a working C compiler")
     if not native:
-        monkeypatch.setattr(moe, "_native_moe", lambda t: None)
+        monkeypatch.setenv(DISABLE_ENV, "native")
     x, weights, indices, experts = _routing_case("dder_like")
     check_moe("torch", torch.float32, x, weights, indices, experts, combine)
     # A softmax that underflowed: weight 0, log w = -inf on the logsumexp path. The float64
@@ -355,8 +359,8 @@ def test_triton_dispatch_plan_is_the_stable_sort(P, K, N, block):
     16 make 625 tiles, so the scan runs over several chunks of tiles; expert N-1 is never picked."""
     g = torch.Generator().manual_seed(P + K + N)
     indices = torch.randint(0, max(1, N - 1), (P, K), generator=g).to(DEVICE)
-    order, offsets = moe._plan_triton(indices, N, block=block)
-    ref_order, ref_offsets = moe._sort_assignments(indices, N)
+    order, offsets = moe_triton.dispatch_plan(indices, N, block=block)
+    ref_order, ref_offsets = moe_torch.sort_assignments(indices, N)
     assert torch.equal(offsets, ref_offsets)
     assert torch.equal(order, ref_order)
 

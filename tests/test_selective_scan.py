@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from m2restore_kernels import causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref
-from m2restore_kernels._backend import optional_op
+from m2restore_kernels._backend import DISABLE_ENV, native_ready, optional_op
 
 ss = importlib.import_module("m2restore_kernels.selective_scan")  # the package re-exports a function of that name
+ss_native = importlib.import_module("m2restore_kernels.selective_scan.native_impl")
+ss_torch = importlib.import_module("m2restore_kernels.selective_scan.torch_impl")
+ss_triton = importlib.import_module("m2restore_kernels.selective_scan.triton_impl")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # SPEC.md section 2
@@ -126,14 +129,14 @@ def torch_impl(request, monkeypatch):
     if request.param == "native":
         if DEVICE.type != "cpu":
             pytest.skip("the C scan serves CPU tensors")
-        if not ss.native_scan_ready():
+        if not native_ready(ss_native.LIBRARY):
             pytest.skip("no working C compiler here: backend='torch' runs the chunked scan")
-        native_fwd = ss._scan_fwd_native
-        monkeypatch.setattr(ss, "_scan_fwd_native", lambda *a: calls.append(1) or native_fwd(*a))
+        native_fwd = ss_native.selective_scan_fwd
+        monkeypatch.setattr(ss_native, "selective_scan_fwd", lambda *a: calls.append(1) or native_fwd(*a))
     else:
-        monkeypatch.setattr(ss, "native_scan_ready", lambda: False)
-        chunked = ss._selective_scan_torch
-        monkeypatch.setattr(ss, "_selective_scan_torch", lambda *a, **k: calls.append(1) or chunked(*a, **k))
+        monkeypatch.setenv(DISABLE_ENV, "native")
+        chunked = ss_torch.selective_scan_fwd
+        monkeypatch.setattr(ss_torch, "selective_scan_fwd", lambda *a, **k: calls.append(1) or chunked(*a, **k))
     yield request.param
     assert calls, f"the {request.param} implementation never ran"
 
@@ -169,14 +172,14 @@ def test_torch_without_last_state_grad_and_float16(torch_impl):
 
 
 @pytest.mark.parametrize("cfg", [
-    ss.ChunkedScanConfig(max_chunk=4, block_elements=1),   # many chunks, three levels, one channel per block
-    ss.ChunkedScanConfig(max_log_range=0.0),               # every step alone: the log-space scan
-    ss.ChunkedScanConfig(max_log_range_f64=0.0),           # chunks in float32, carries in log space
+    ss_torch.ChunkedScanConfig(max_chunk=4, block_elements=1),   # many chunks, three levels, one channel per block
+    ss_torch.ChunkedScanConfig(max_log_range=0.0),               # every step alone: the log-space scan
+    ss_torch.ChunkedScanConfig(max_log_range_f64=0.0),           # chunks in float32, carries in log space
 ], ids=["tiny-chunks", "log-space", "log-space-carries"])
 def test_torch_chunking_configs(cfg):
     """Every way the chunked path can split the work gives the reference's answer."""
     args = make_inputs(2, 6, 100, 4)
-    out, last = ss._selective_scan_torch(*[a.detach() for a in args], True, cfg)
+    out, last = ss_torch.selective_scan_fwd(*[a.detach() for a in args], True, cfg)
     ref, ref_last = selective_scan_ref(*[a.detach().double() for a in args], True, return_last_state=True)
     assert rel_err(out, ref) <= 1e-5 and rel_err(last, ref_last) <= 1e-5
 
@@ -193,7 +196,7 @@ def test_triton_all_options(l, n):
 def test_triton_long_sequence_crosses_checkpoints(reverse_scan, monkeypatch):
     """l = 300 spans several checkpoint chunks: the backward recomputes each one; with either way
     of running its reverse-time scan."""
-    monkeypatch.setattr(ss, "REVERSE_SCAN", reverse_scan)
+    monkeypatch.setattr(ss_triton, "REVERSE_SCAN", reverse_scan)
     check_against_float64(make_inputs(1, 2, 300, 16), "triton")
 
 
@@ -212,10 +215,10 @@ def test_triton_grouped_and_float16():
 @pytest.mark.parametrize("impl", ["triton", "native"])
 def test_custom_op_registration(impl):
     """Fake (meta) kernels, autograd registration and schema agree with the real op (both fused paths)."""
-    if impl == "native" and (DEVICE.type != "cpu" or not ss.native_scan_ready()):
+    if impl == "native" and (DEVICE.type != "cpu" or not native_ready(ss_native.LIBRARY)):
         pytest.skip("the C scan needs CPU tensors and a working C compiler")
     args = [None if t is None else t.detach() for t in make_inputs(1, 2, 70, 2)]
-    torch.library.opcheck(ss._scan_op, (*args, True, impl), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ss._selective_scan_op, (*args, True, impl), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_triton_compiles_without_graph_break():
@@ -367,7 +370,7 @@ def test_mixer_from_mamba_state_dict(backend):
 def test_cuda_triton(dtype, reverse_scan, monkeypatch):
     """Both ways of the backward's reverse-time scan (``REVERSE_SCAN``): the package keeps the one
     that passes here, and the faster if both do."""
-    monkeypatch.setattr(ss, "REVERSE_SCAN", reverse_scan)
+    monkeypatch.setattr(ss_triton, "REVERSE_SCAN", reverse_scan)
     check_against_float64(make_inputs(2, 64, 300, 16, dtype=dtype), "triton")
     check_against_float64(make_inputs(2, 64, 300, 16, groups=2, dtype=dtype), "triton")
 

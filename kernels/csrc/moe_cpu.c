@@ -1,12 +1,13 @@
 /* The MoE's CPU loops that PyTorch runs poorly: top-K routing and the K-way combination of
  * moe_mlp's expert outputs, each one pass over the rows.
  *
- * Built and loaded like selective_scan_cpu.c (kernels/_native.py). float32, contiguous:
+ * Built and loaded like selective_scan_cpu.c (kernels/_native.py); the C signatures are declared
+ * in kernels/moe/native_impl.py. float32, contiguous:
  *   logits : (P, N);  w : (P, K) gate weights;  idx : (P, K) int64 expert indices
  *   out : (K, P, C) expert outputs, row k*P + p;  y, dy : (P, C);  dout : (K, P, C);  dw : (P, K)
  * Combination, lse = 0: y = sum_k w_k o_k.  lse = 1: y = log sum_k w_k exp(o_k), as a
  * log-sum-exp of o_k + log w_k (stable for any o). The same formulas as _combine_rows in
- * kernels/moe.py; here the point is that expf/logf vectorise (libmvec), where PyTorch's CPU
+ * kernels/moe/triton_impl.py; here the point is that expf/logf vectorise (libmvec), where PyTorch's CPU
  * log/logaddexp run scalar, and that a (P, 6) top-2 costs PyTorch ~4 ms of small-op overhead.
  */
 #include <float.h>
@@ -23,10 +24,9 @@ static inline float log_weight(float w) { return w > 0.0f ? logf(w) : -FLT_MAX; 
  * softmax of the kept logits (slot 0 holds their max). Everything runs on a transposed block of
  * rows with the row innermost, so every loop vectorises (fixed-size arrays: GCC does not
  * vectorise over variable-length ones) and nothing branches on a comparison that random logits
- * make unpredictable: a selection loop per row took ~40 ns per row of 6 logits on the project's
- * EPYC, this ~4 ns. */
+ * make unpredictable (a selection loop per row was ten times slower, bench/RESULTS.md). */
 #define TOPK_ROWS 64
-#define TOPK_MAX_N 64 /* the caller checks N <= TOPK_MAX_N */
+#define TOPK_MAX_N 64 /* the caller checks N <= TOPK_MAX_N (moe/native_impl.py) */
 void topk_softmax_fwd(int64_t P, int64_t N, int64_t K, int threads, const float *logits, float *w, int64_t *idx) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p0 = 0; p0 < P; p0 += TOPK_ROWS) {

@@ -1,7 +1,8 @@
-/* Selective scan on the CPU: the recurrence of kernels/selective_scan.py as one fused loop.
+/* Selective scan on the CPU: the recurrence of kernels/selective_scan/ as one fused loop.
  *
  * Compiled on first use by kernels/_native.py (cc -O3 -march=native -ffast-math -fopenmp) and
- * called through ctypes; no Python or torch headers. Every tensor is float32 and contiguous:
+ * called through ctypes (signatures in kernels/selective_scan/native_impl.py); no Python or torch
+ * headers. Every tensor is float32 and contiguous:
  *   u, delta, z, out, du, ddelta, dz, dout : (b, d, l)
  *   A : (d, n);  D, bias : (d)
  *   Bt, Ct : (b, g, l, n), time-major so the n states of one step are adjacent (one vector)

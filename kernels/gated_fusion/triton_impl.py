@@ -1,41 +1,20 @@
-"""Fused depthwise 3x3 conv + per-pixel gate + blend (the DGF of M2Restore's MCDB).
+"""Triton path of the gated fusion: forward and backward kernels, launch configuration, launchers.
 
-For every pixel p of y (B, C, H, W), with W1 = g1_weight (C, C) and w2 = g2_weight (1, C):
+Forward: one program per 2-D tile of BLOCK_P pixels (BLOCK_P // BLOCK_W rows of BLOCK_W columns,
+masked where the image border cuts it) and one image. It computes the gate's C x C product with
+``tl.dot`` in channel blocks of BLOCK_N, then, per channel block of BLOCK_C, the depthwise conv
+from the tile and its one-pixel halo (nine shifted, border-masked loads that hit cache), the blend
+and the residual, and stores ``out`` once. Only y (plus halo), mamba, residual and out touch DRAM.
+Configs are fixed per shape (:func:`default_config`), not autotuned.
 
-    h    = W1 y_p + g1_bias + prompt_bias[b]          (C,)
-    G    = sigmoid(w2 . GELU(h) + g2_bias)            scalar, one per pixel
-    cnn  = GELU(dwconv3x3(y)_p + dw_bias)              (C,), zero padding at the image border
-    out  = G * cnn + (1 - G) * mamba_p (+ residual_p)
+Backward (all in Triton except the C x C weight gradient): kernel 1 recomputes the gate and the
+conv per tile and writes dmamba, dz = dL/d(conv pre-activation) and dh = dL/dh to workspaces, plus
+per-tile partial sums for the small parameter gradients (summed afterwards with torch:
+deterministic, no atomics); kernel 2 forms dy = dh W1 + conv_transpose(dz) with ``tl.dot`` and the
+halo of dz. dW1 = sum_p dh_p y_p^T is one cuBLAS GEMM over the workspace.
 
-GELU is the exact (erf) one. Three implementations share this contract: ``gated_fusion_ref``
-(plain float reference), a PyTorch path (one 1x1 conv for the C x C gate product, cuDNN/oneDNN
-depthwise conv, autograd by PyTorch) and a Triton path registered as the custom op
-``m2restore_kernels::gated_fusion`` with its backward ``m2restore_kernels::gated_fusion_backward``.
-
-Triton forward: one program per 2-D tile of BLOCK_P pixels (BLOCK_P // BLOCK_W rows of BLOCK_W
-columns, masked where the image border cuts it) and one image. It computes the gate's C x C
-product with ``tl.dot`` in channel blocks of BLOCK_N, then, per channel block of BLOCK_C, the
-depthwise conv from the tile and its one-pixel halo (nine shifted, border-masked loads that hit
-cache), the blend and the residual, and stores ``out`` once. Only y (plus halo), mamba, residual
-and out touch DRAM. Configs are fixed per shape (``_launch_config``), not autotuned.
-
-Triton backward (all in Triton except the C x C weight gradient): kernel 1 recomputes the gate
-and the conv per tile and writes dmamba, dz = dL/d(conv pre-activation) and dh = dL/dh to
-workspaces, plus per-tile partial sums for the small parameter gradients (summed afterwards with
-torch: deterministic, no atomics); kernel 2 forms dy = dh W1 + conv_transpose(dz) with
-``tl.dot`` and the halo of dz. dW1 = sum_p dh_p y_p^T is one cuBLAS GEMM over the workspace.
-
-Layouts: every feature map is addressed through its own strides, so NCHW-contiguous and
-channels-last inputs both run without a copy. In the model, MCDB passes all three channels-last
-(the Restormer blocks before it run channels-last, and mamba is the permuted pixel sequence); they
-are read in place. ``out`` and dy take y's memory format, dmamba mamba's.
-
-Dtypes: float32, float16, bfloat16. The compute dtype is y's, or the autocast dtype when autocast
-is on for y's device; the parameters are cast to it (they are small), the Triton kernels read
-y, mamba and residual in whatever dtype they have and convert in registers (no cast pass over the
-maps; the PyTorch path casts them). ``out`` is in the compute dtype; every gradient in its input's
-dtype. Accumulation is float32 everywhere. float32 gate products run as ``_triton.dot_precision``
-says: float32-accurate 3xTF32 by default, TF32 once torch's float32 matmul precision allows it.
+Public but advanced (``m2restore_kernels.tuning``): :class:`LaunchConfig`, :func:`default_config`,
+:func:`gated_fusion_fwd` and :func:`gated_fusion_bwd` with ``config=``, ``KERNELS``.
 """
 from __future__ import annotations
 
@@ -43,39 +22,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from ._backend import resolve_backend
-from ._triton import dot_precision, gelu, gelu_grad, jit, tl, triton
 
+from .._triton import dot_precision, gelu, gelu_grad, jit, tl, triton
 
-def gated_fusion_ref(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual=None):
-    """G = sigmoid(g2 . GELU(g1 . y + g1_bias + prompt_bias) + g2_bias);
-    out = G * GELU(dwconv3x3(y) + dw_bias) + (1 - G) * mamba (+ residual)."""
-    C = y.shape[1]
-    h = torch.einsum("oc,bchw->bohw", g1_weight, y) + prompt_bias[:, :, None, None]
-    if g1_bias is not None:
-        h = h + g1_bias[None, :, None, None]
-    g = torch.einsum("oc,bchw->bohw", g2_weight, F.gelu(h))
-    if g2_bias is not None:
-        g = g + g2_bias[None, :, None, None]
-    g = torch.sigmoid(g)
-    cnn = F.gelu(F.conv2d(y, dw_weight, dw_bias, padding=1, groups=C))
-    out = g * cnn + (1 - g) * mamba
-    return out if residual is None else out + residual
-
-
-def _gated_fusion_torch(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual):
-    """PyTorch path: the same math in the fewest framework ops (autograd and torch.compile native)."""
-    hidden_bias = prompt_bias if g1_bias is None else prompt_bias + g1_bias
-    h = F.conv2d(y, g1_weight[:, :, None, None]) + hidden_bias[:, :, None, None]
-    gate_logit = F.conv2d(F.gelu(h), g2_weight[:, :, None, None], g2_bias)
-    cnn = F.gelu(F.conv2d(y, dw_weight, dw_bias, padding=1, groups=y.shape[1]))
-    # G cnn + (1 - G) mamba in one pass, as cnn + sigmoid(-s) (mamba - cnn): cnn leads, so out keeps y's layout.
-    out = torch.lerp(cnn, mamba, torch.sigmoid(-gate_logit))
-    return out if residual is None else out + residual
-
-
-# ----------------------------------------------------------------------------- Triton kernels
 
 
 @jit
@@ -156,7 +105,7 @@ def _gate(y_ptr, w1_ptr, b1_ptr, pb_ptr, w2_ptr, b2_ptr, pix, mask_p, C, s_c,
 
 
 @jit
-def _fwd_kernel(
+def _gated_fusion_fwd_kernel(
     y_ptr, m_ptr, r_ptr, o_ptr, pb_ptr, dw_ptr, dwb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     C, H, W,
     s_yb, s_yc, s_yh, s_yw, s_mb, s_mc, s_mh, s_mw, s_rb, s_rc, s_rh, s_rw, s_ob, s_oc, s_oh, s_ow,
@@ -189,7 +138,7 @@ def _fwd_kernel(
 
 
 @jit
-def _bwd_gate_kernel(
+def _gated_fusion_bwd_gate_kernel(
     go_ptr, y_ptr, m_ptr, dm_ptr, dz_ptr, dh_ptr, pb_ptr, dw_ptr, dwb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     part_c_ptr, part_dw_ptr, part_b2_ptr,
     C, H, W, n_tiles,
@@ -254,7 +203,7 @@ def _bwd_gate_kernel(
 
 
 @jit
-def _bwd_input_kernel(
+def _gated_fusion_bwd_input_kernel(
     dz_ptr, dh_ptr, dy_ptr, dw_ptr, w1_ptr,
     C, H, W,
     s_db, s_dc, s_dh, s_dw, s_yb, s_yc, s_yh, s_yw,
@@ -288,6 +237,11 @@ def _bwd_input_kernel(
 
 
 # ----------------------------------------------------------------------------- launch code
+MIN_DOT = 16  # tl.dot's smallest operand dimension on NVIDIA
+# The interpreter runs programs one after another at a fixed cost each, so CPU tensors get few, big
+# tiles: a whole small image, capped at these sizes.
+INTERPRETER_MAX_PIXELS = 2048
+INTERPRETER_MAX_CHANNELS = 128
 
 
 @dataclass(frozen=True)
@@ -310,20 +264,21 @@ class LaunchConfig:
                     num_warps=self.num_warps)
 
 
-def _launch_config(C: int, H: int, W: int, device: torch.device, dtype: torch.dtype,
+def default_config(C: int, H: int, W: int, device: torch.device, dtype: torch.dtype,
                    backward: bool = False) -> LaunchConfig:
+    """The tiles for a (B, C, H, W) problem on ``device`` in ``dtype`` (the forward's, or with
+    ``backward`` the backward kernels')."""
     block_w = triton.next_power_of_2(W)
     if device.type != "cuda":
-        # The interpreter runs programs one after another at a fixed cost each: few, big ones.
-        block_p = max(min(triton.next_power_of_2(H) * block_w, 2048), 16, block_w)
-        block_c = min(max(triton.next_power_of_2(C), 16), 128)
+        block_p = max(min(triton.next_power_of_2(H) * block_w, INTERPRETER_MAX_PIXELS), MIN_DOT, block_w)
+        block_c = min(max(triton.next_power_of_2(C), MIN_DOT), INTERPRETER_MAX_CHANNELS)
         return LaunchConfig(block_p=block_p, block_w=block_w, block_c=block_c, block_n=block_c)
     # Wide gate blocks for the tensor cores, dividing C where C is a multiple of 16 (no masked lanes);
     # float32 dots (3xTF32) hold more registers, so half as wide. The conv keeps nine shifted tiles in
     # flight: 16 channels keep it clear of register spills (checked with ptxas for sm_90, 8 warps).
     widest = 32 if dtype == torch.float32 else 64
     block_n = next((bn for bn in (64, 32, 16) if bn <= widest and C % bn == 0),
-                   min(max(triton.next_power_of_2(C), 16), widest))
+                   min(max(triton.next_power_of_2(C), MIN_DOT), widest))
     # The backward kernels hold more per pixel (the gate's recomputation and its gradients): at 128
     # pixels they spilled 40-576 B per thread, at 64 none (bench/compile_check.py, sm_90).
     block_p = 64 if backward else 128
@@ -338,20 +293,17 @@ def _flag_args(dw_bias, g1_bias, g2_bias):
     return dict(HAS_DWB=dw_bias is not None, HAS_B1=g1_bias is not None, HAS_B2=g2_bias is not None)
 
 
-@torch.library.custom_op("m2restore_kernels::gated_fusion", mutates_args=())
-def _gated_fusion_op(y: torch.Tensor, mamba: torch.Tensor, prompt_bias: torch.Tensor, dw_weight: torch.Tensor,
-                     dw_bias: Optional[torch.Tensor], g1_weight: torch.Tensor, g1_bias: Optional[torch.Tensor],
-                     g2_weight: torch.Tensor, g2_bias: Optional[torch.Tensor],
-                     residual: Optional[torch.Tensor]) -> torch.Tensor:
+def gated_fusion_fwd(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual,
+                     config: Optional[LaunchConfig] = None) -> torch.Tensor:
     """Triton forward. The parameters are contiguous and in the compute dtype, which ``out`` takes; y, mamba
     and residual are read in their own dtypes and strides (the public wrapper ensures this)."""
     B, C, H, W = y.shape
     out = torch.empty_like(y, dtype=g1_weight.dtype)
     if out.numel() == 0:
         return out
-    cfg = _launch_config(C, H, W, y.device, g1_weight.dtype)
+    cfg = config or default_config(C, H, W, y.device, g1_weight.dtype)
     grid = (cfg.n_tiles(H, W), B)
-    _fwd_kernel[grid](
+    _gated_fusion_fwd_kernel[grid](
         y, mamba, residual if residual is not None else y, out, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias,
         g2_weight, g2_bias, C, H, W,
         *y.stride(), *mamba.stride(), *_strides(residual), *out.stride(),
@@ -361,23 +313,13 @@ def _gated_fusion_op(y: torch.Tensor, mamba: torch.Tensor, prompt_bias: torch.Te
     return out
 
 
-@_gated_fusion_op.register_fake
-def _(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual):
-    return torch.empty_like(y, dtype=g1_weight.dtype)
-
-
-@torch.library.custom_op("m2restore_kernels::gated_fusion_backward", mutates_args=())
-def _gated_fusion_backward_op(
-    grad_out: torch.Tensor, y: torch.Tensor, mamba: torch.Tensor, prompt_bias: torch.Tensor, dw_weight: torch.Tensor,
-    dw_bias: Optional[torch.Tensor], g1_weight: torch.Tensor, g1_bias: Optional[torch.Tensor],
-    g2_weight: torch.Tensor, g2_bias: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
+def gated_fusion_bwd(grad_out, y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias,
+                     config: Optional[LaunchConfig] = None):
     """Gradients (y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias), each in
     its input's dtype; bias gradients are returned even for absent biases (the autograd formula drops them)."""
     B, C, H, W = y.shape
     dtype = g1_weight.dtype
-    cfg = _launch_config(C, H, W, y.device, dtype, backward=True)
+    cfg = config or default_config(C, H, W, y.device, dtype, backward=True)
     n_tiles = cfg.n_tiles(H, W)
     dy, dmamba = torch.empty_like(y), torch.empty_like(mamba)
     # Workspaces with y's strides in the compute dtype (dh feeds tl.dot and the dW1 GEMM), fully written.
@@ -388,14 +330,14 @@ def _gated_fusion_backward_op(
     if y.numel() > 0:
         grid = (n_tiles, B)
         precision = dot_precision(dtype)
-        _bwd_gate_kernel[grid](
+        _gated_fusion_bwd_gate_kernel[grid](
             grad_out, y, mamba, dmamba, dz, dh, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias,
             part_c, part_dw, part_b2, C, H, W, n_tiles,
             *grad_out.stride(), *y.stride(), *mamba.stride(), *dmamba.stride(), *dz.stride(),
             **_flag_args(dw_bias, g1_bias, g2_bias),
             DOT_PRECISION=precision, **cfg.launch_args(),
         )
-        _bwd_input_kernel[grid](
+        _gated_fusion_bwd_input_kernel[grid](
             dz, dh, dy, dw_weight, g1_weight, C, H, W, *dz.stride(), *dy.stride(),
             DOT_PRECISION=precision, **cfg.launch_args(),
         )
@@ -408,81 +350,6 @@ def _gated_fusion_backward_op(
     )
 
 
-@_gated_fusion_backward_op.register_fake
-def _(grad_out, y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias):
-    vec = g1_weight.new_empty(y.shape[1])
-    return (torch.empty_like(y), torch.empty_like(mamba), torch.empty_like(prompt_bias), torch.empty_like(dw_weight),
-            vec, torch.empty_like(g1_weight), vec.clone(), torch.empty_like(g2_weight), g1_weight.new_empty(1))
 
-
-def _setup_context(ctx, inputs, output):
-    *saved, residual = inputs
-    ctx.save_for_backward(*saved)
-    ctx.has_bias = tuple(t is not None for t in (saved[4], saved[6], saved[8]))
-    ctx.residual_dtype = None if residual is None else residual.dtype
-
-
-def _backward(ctx, grad_out):
-    dy, dm, dpb, ddw, ddwb, dg1w, dg1b, dg2w, dg2b = _gated_fusion_backward_op(grad_out, *ctx.saved_tensors)
-    has_dwb, has_b1, has_b2 = ctx.has_bias
-    return (dy, dm, dpb, ddw, ddwb if has_dwb else None, dg1w, dg1b if has_b1 else None, dg2w,
-            dg2b if has_b2 else None, None if ctx.residual_dtype is None else grad_out.to(ctx.residual_dtype))
-
-
-_gated_fusion_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------- public entry point
-
-
-def _validate(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual):
-    if not isinstance(y, torch.Tensor) or y.dim() != 4 or not y.is_floating_point():
-        raise ValueError(f"y must be a floating-point (B, C, H, W) tensor, got "
-                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
-    B, C = y.shape[:2]
-    expected = {
-        "mamba": (mamba, tuple(y.shape), False), "residual": (residual, tuple(y.shape), True),
-        "prompt_bias": (prompt_bias, (B, C), False), "dw_weight": (dw_weight, (C, 1, 3, 3), False),
-        "dw_bias": (dw_bias, (C,), True), "g1_weight": (g1_weight, (C, C), False), "g1_bias": (g1_bias, (C,), True),
-        "g2_weight": (g2_weight, (1, C), False), "g2_bias": (g2_bias, (1,), True),
-    }
-    for name, (t, shape, optional) in expected.items():
-        if t is None:
-            if optional:
-                continue
-            raise ValueError(f"{name} is required (shape {shape})")
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} for y of shape {tuple(y.shape)}, got {tuple(t.shape)}")
-        if t.device != y.device:
-            raise ValueError(f"{name} is on {t.device} but y is on {y.device}")
-
-
-def gated_fusion(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias,
-                 residual=None, backend: str = "auto"):
-    """The MCDB gated fusion (see the module docstring for the formula).
-
-    Args:
-        y, mamba: (B, C, H, W) float32/float16/bfloat16, any strides (NCHW-contiguous and channels-last
-            run without copies); y is the LayerNormed feature, mamba the Mamba branch output.
-        prompt_bias: (B, C) the prompt half of the first gate conv, already applied to p.
-        dw_weight: (C, 1, 3, 3) depthwise kernel; dw_bias: (C,) or None.
-        g1_weight: (C, C) the feature half of the first gate conv; g1_bias: (C,) or None.
-        g2_weight: (1, C) the second gate conv; g2_bias: (1,) or None.
-        residual: (B, C, H, W) or None, added to the output.
-        backend: "auto" | "triton" | "torch" (see ``_backend.resolve_backend``).
-
-    Returns:
-        out (B, C, H, W) in the compute dtype (y's, or the autocast dtype), in y's memory format.
-    """
-    _validate(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual)
-    device_type = y.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else y.dtype
-    params = [t if t is None else t.to(dtype).contiguous()
-              for t in (prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias)]
-    if resolve_backend(backend, y.device) == "torch":
-        y, mamba, residual = (t if t is None else t.to(dtype) for t in (y, mamba, residual))
-        return _gated_fusion_torch(y, mamba, *params, residual)
-    # The kernel converts y, mamba and residual as it loads them: no cast pass over the feature maps.
-    return _gated_fusion_op(y, mamba, *params, residual)
+KERNELS = {"gated_fusion_fwd": _gated_fusion_fwd_kernel, "gated_fusion_bwd_gate": _gated_fusion_bwd_gate_kernel,
+           "gated_fusion_bwd_input": _gated_fusion_bwd_input_kernel}

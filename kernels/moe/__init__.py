@@ -1,0 +1,243 @@
+"""Pixel-wise top-K routing and sparse expert MLPs (the DDER of M2Restore).
+
+Two ops, each with a plain reference (``*_ref``), a sparse PyTorch path and a Triton path:
+
+* ``topk_softmax(logits, k) -> (weights, indices)``: softmax over the K largest logits per row.
+* ``moe_mlp(x, weights, indices, w1, b1, w2, b2, combine)``: every row runs only its K chosen
+  experts ``GELU(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` and combines them with the gate weights.
+
+Both sparse paths share one dispatch plan: the K*P (row, slot) assignments are sorted once by
+expert (stable, so each expert's rows stay in row order) and each expert then works on one
+contiguous segment of that order; the forward keeps the plan for the backward. The PyTorch path
+sorts with ``torch.sort``; the Triton path with a counting sort of its own (three small kernels, no
+host sync), so its whole dispatch can be captured in a CUDA graph. On CPU the PyTorch path runs
+the routing and the K-way combination as C loops (``csrc/moe_cpu.c``) and the expert MLPs in
+cache-sized row chunks. The per-assignment expert outputs ``O`` (K*P, C) go to a buffer in the
+compute dtype (bf16 under autocast: half the bytes of float32), one row per assignment, and a
+separate combine step reduces the K slots in float32. The buffer costs one extra write and read of
+K*P*C values but keeps the result deterministic (no atomics), serves ``sum`` and ``logsumexp``
+alike, and is exactly what the backward needs (``logsumexp`` gradients and the gate-weight
+gradient both need the unweighted expert outputs).
+
+Autocast: the op gets x and the expert parameters as they are (float32 parameters, activations
+of any float dtype) and the compute dtype as an argument; the kernels round each tile to it as
+they load it. Casting beforehand costs a launch per tensor (five per call) and a cast copy of x:
+6 bytes of traffic per float32 element, 75 MB for the first DDER of a 512x512 image, where the
+whole forward's lower bound is about 100 MB.
+
+Layout: ``reference.py`` (``*_ref``), ``triton_impl.py`` (kernels, launch configs, launchers),
+``torch_impl.py`` (PyTorch path), ``native_impl.py`` (the C loops); this module validates the
+arguments, asks ``_backend.resolve_impl`` which implementation runs and registers the custom ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._backend import resolve_impl
+from . import native_impl, torch_impl, triton_impl
+from .reference import COMBINES, moe_mlp_ref, topk_softmax_ref
+
+__all__ = ["topk_softmax", "topk_softmax_ref", "moe_mlp", "moe_mlp_ref", "COMBINES"]
+
+
+# --------------------------------------------------------------------------------------------
+# topk_softmax
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("m2restore_kernels::topk_softmax", mutates_args=())
+def _topk_softmax_op(logits: Tensor, k: int, impl: str) -> tuple[Tensor, Tensor]:
+    if impl == "triton":
+        return triton_impl.topk_softmax_fwd(logits, k)
+    return torch_impl.topk_softmax_fwd(logits, k, native=impl == "native")
+
+
+@_topk_softmax_op.register_fake
+def _(logits, k, impl):
+    P = logits.shape[0]
+    return logits.new_empty(P, k), logits.new_empty(P, k, dtype=torch.int64)
+
+
+@torch.library.custom_op("m2restore_kernels::topk_softmax_bwd", mutates_args=())
+def _topk_softmax_bwd_op(grad_weights: Tensor, weights: Tensor, indices: Tensor, n: int, impl: str) -> Tensor:
+    path = triton_impl if impl == "triton" else torch_impl
+    return path.topk_softmax_bwd(grad_weights, weights, indices, n)
+
+
+@_topk_softmax_bwd_op.register_fake
+def _(grad_weights, weights, indices, n, impl):
+    return weights.new_empty(weights.shape[0], n)
+
+
+def _topk_setup_context(ctx, inputs, output):
+    logits, _, impl = inputs
+    ctx.n, ctx.impl = logits.shape[1], impl
+    ctx.save_for_backward(*output)
+
+
+def _topk_backward(ctx, grad_weights, _grad_indices):
+    weights, indices = ctx.saved_tensors
+    return _topk_softmax_bwd_op(grad_weights, weights, indices, ctx.n, ctx.impl), None, None
+
+
+_topk_softmax_op.register_autograd(_topk_backward, setup_context=_topk_setup_context)
+
+
+def _check_topk_args(logits, k):
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"topk_softmax: logits must be a floating (P, N) tensor, got "
+                         f"{getattr(logits, 'dtype', type(logits))} of shape {tuple(getattr(logits, 'shape', ()))}")
+    N = logits.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+        raise ValueError(f"topk_softmax: k must be an int in [1, N={N}], got {k!r}")
+
+
+def topk_softmax(logits: Tensor, k: int, backend: str = "auto"):
+    """Top-K routing: softmax over the K largest logits of each row.
+
+    logits: (P, N) floating. Returns ``weights`` (P, K), logits' dtype, softmax of the kept
+    logits sorted descending, and ``indices`` (P, K) int64; ties go to the lower expert index.
+    Differentiable in ``logits`` (the dropped logits get zero gradient).
+    """
+    _check_topk_args(logits, k)
+    impl = resolve_impl("topk_softmax", logits.device, logits.dtype, backend,
+                        native_ok=logits.shape[1] <= native_impl.TOPK_MAX_N)
+    return _topk_softmax_op(logits, k, impl)
+
+
+# --------------------------------------------------------------------------------------------
+# moe_mlp
+# --------------------------------------------------------------------------------------------
+def _check_index_range(indices: Tensor, n_experts: int):
+    # Data-dependent (a host sync on CUDA), so it lives in the op body, not in the traced wrapper,
+    # and is skipped while a CUDA graph is being captured.
+    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if indices.numel() and bool(((indices < 0) | (indices >= n_experts)).any()):
+        raise ValueError(f"moe_mlp: indices must lie in [0, N={n_experts}), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+
+
+@torch.library.custom_op("m2restore_kernels::moe_mlp", mutates_args=())
+def _moe_mlp_op(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
+                w2: Tensor, b2: Optional[Tensor], combine: str, impl: str, check_indices: bool,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GEMMs in ``dtype`` whatever the inputs' dtypes (autocast). -> (y (P, C) dtype, and for the
+    backward: expert outputs (K*P, C) dtype, row k*P + p; the dispatch plan, order (K*P,) int64 and
+    offsets (N+1,) int64, see ``torch_impl.sort_assignments``)."""
+    if check_indices:
+        _check_index_range(indices, w1.shape[0])
+    if impl == "triton":
+        return triton_impl.moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype)
+    return torch_impl.moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, native=impl == "native")
+
+
+@_moe_mlp_op.register_fake
+def _(x, weights, indices, w1, b1, w2, b2, combine, impl, check_indices, dtype):
+    KP = indices.numel()
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(KP, x.shape[1], dtype=dtype),
+            indices.new_empty(KP, dtype=torch.int64), indices.new_empty(w1.shape[0] + 1, dtype=torch.int64))
+
+
+@torch.library.custom_op("m2restore_kernels::moe_mlp_bwd", mutates_args=())
+def _moe_mlp_bwd_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, w1: Tensor,
+                    b1: Optional[Tensor], w2: Tensor, out: Tensor, combine: str, impl: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype (w1's for b1 and w2's for
+    b2, which are computed even when the bias is None); GEMMs in ``out``'s dtype."""
+    if impl == "triton":
+        return triton_impl.moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine)
+    return torch_impl.moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, native=impl == "native")
+
+
+@_moe_mlp_bwd_op.register_fake
+def _(dy, x, weights, order, offsets, w1, b1, w2, out, combine, impl):
+    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1),
+            w1.new_empty(w1.shape[0], w1.shape[2]), torch.empty_like(w2), w2.new_empty(w2.shape[0], w2.shape[2]))
+
+
+def _moe_setup_context(ctx, inputs, output):
+    x, weights, indices, w1, b1, w2, b2, combine, impl, _check, _dtype = inputs
+    ctx.combine, ctx.impl, ctx.has_b1, ctx.has_b2 = combine, impl, b1 is not None, b2 is not None
+    _, out, order, offsets = output
+    ctx.save_for_backward(x, weights, order, offsets, w1, b1, w2, out)
+
+
+def _moe_backward(ctx, dy, *_grads_of_saved_outputs):
+    x, weights, order, offsets, w1, b1, w2, out = ctx.saved_tensors
+    dx, dweights, dw1, db1, dw2, db2 = _moe_mlp_bwd_op(
+        dy, x, weights, order, offsets, w1, b1, w2, out, ctx.combine, ctx.impl)
+    return (dx, dweights, None, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
+            None, None, None, None)
+
+
+_moe_mlp_op.register_autograd(_moe_backward, setup_context=_moe_setup_context)
+
+
+def _check_args(x, weights, indices, w1, b1, w2, b2, combine, autocast: bool):
+    named = dict(x=x, weights=weights, indices=indices, w1=w1, b1=b1, w2=w2, b2=b2)
+    for name, t in named.items():
+        if t is None and name in ("b1", "b2"):
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"moe_mlp: {name} must be a tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"moe_mlp: {name} is on {t.device} but x is on {x.device}")
+    if combine not in COMBINES:
+        raise ValueError(f"moe_mlp: combine must be one of {COMBINES}, got {combine!r}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"moe_mlp: x must be a floating (P, C) tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    P, C = x.shape
+    if indices.dim() != 2 or indices.shape[0] != P or indices.shape[1] < 1:
+        raise ValueError(f"moe_mlp: indices must have shape (P={P}, K>=1), got {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"moe_mlp: indices must be int64 or int32, got {indices.dtype}")
+    if weights.shape != indices.shape or not weights.is_floating_point():
+        raise ValueError(f"moe_mlp: weights must be a floating tensor of shape {tuple(indices.shape)} like indices, "
+                         f"got {weights.dtype} of shape {tuple(weights.shape)}")
+    if w1.dim() != 3 or w1.shape[1] != C:
+        raise ValueError(f"moe_mlp: w1 must have shape (N, C={C}, Hd), got {tuple(w1.shape)}")
+    N, _, Hd = w1.shape
+    expected = dict(w2=(N, Hd, C), b1=(N, Hd), b2=(N, C))
+    for name, shape in expected.items():
+        t = named[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"moe_mlp: {name} must have shape {shape}, got {tuple(t.shape)}")
+    for name in ("w1", "b1", "w2", "b2"):
+        t = named[name]
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"moe_mlp: {name} must be floating, got {t.dtype}")
+        if t is not None and t.dtype != x.dtype and not autocast:
+            raise ValueError(f"moe_mlp: {name} has dtype {t.dtype} but x has {x.dtype} (mixed dtypes only "
+                             f"under autocast)")
+
+
+def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+            b2: Optional[Tensor], combine: str = "sum", backend: str = "auto", *,
+            check_indices: bool = True) -> Tensor:
+    """Sparse mixture of expert MLPs; only the K experts chosen per row are computed.
+
+    x (P, C) floating; weights (P, K) floating gate weights; indices (P, K) int64/int32 in [0, N);
+    w1 (N, C, Hd), b1 (N, Hd) or None, w2 (N, Hd, C), b2 (N, C) or None, all in x's dtype.
+    Returns y (P, C) in x's dtype:
+    ``y[p] = sum_k weights[p,k] * (GELU(x[p] @ w1[e] + b1[e]) @ w2[e] + b2[e])``, e = indices[p,k],
+    or with ``combine="logsumexp"`` ``y[p] = log sum_k weights[p,k] * exp(expert output)``.
+    Differentiable in every floating input. Under autocast (CUDA, or CPU where bf16 GEMMs are
+    fast) the GEMMs take the autocast dtype and y comes in it, as if x and the expert parameters
+    had been cast first; x and the parameters may then differ in dtype. The casts happen as the
+    kernels load their tiles (no cast copies), and each gradient comes in its input's dtype. The
+    kernels accumulate in float32 and the K-way combination runs in float32.
+
+    ``check_indices=False`` skips the ValueError check that every index lies in [0, N): on CUDA
+    that check reads a flag back to the host, a sync on every call. Pass it for indices that
+    :func:`topk_softmax` made; an out-of-range index then leaves its row undefined (it is never
+    used to read or write out of bounds).
+    """
+    autocast = (isinstance(x, Tensor) and x.device.type in ("cuda", "cpu")
+                and torch.is_autocast_enabled(x.device.type))
+    _check_args(x, weights, indices, w1, b1, w2, b2, combine, autocast)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    args = [t.contiguous() if t is not None else None for t in (x, weights, indices.long(), w1, b1, w2, b2)]
+    impl = resolve_impl("moe_mlp", x.device, dtype, backend)
+    return _moe_mlp_op(*args, combine, impl, check_indices, dtype)[0]

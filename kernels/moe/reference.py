@@ -1,0 +1,40 @@
+"""Plain PyTorch references of the MoE ops: obviously right, no speed ambitions."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+COMBINES = ("sum", "logsumexp")
+
+
+def topk_softmax_ref(logits: Tensor, k: int):
+    """logits (P, N) -> (weights (P, K) softmax of the K largest, sorted descending; indices (P, K) int64).
+    Ties go to the lower expert index (stable descending sort)."""
+    vals, idx = torch.sort(logits, dim=-1, descending=True, stable=True)
+    return torch.softmax(vals[:, :k], dim=-1), idx[:, :k]
+
+
+def moe_mlp_ref(x, weights, indices, w1, b1, w2, b2, combine: str = "sum"):
+    """y[p] = sum_k weights[p,k] * (GELU(x[p] @ w1[e] + b1[e]) @ w2[e] + b2[e]), e = indices[p,k];
+    combine="logsumexp": y[p] = log sum_k weights[p,k] * exp(expert output)."""
+    P, C = x.shape
+    K = indices.shape[1]
+    outs = x.new_zeros(P, K, w2.shape[2])
+    for e in range(w1.shape[0]):
+        for k in range(K):
+            rows = (indices[:, k] == e).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            h = x[rows] @ w1[e]
+            if b1 is not None:
+                h = h + b1[e]
+            o = F.gelu(h) @ w2[e]
+            if b2 is not None:
+                o = o + b2[e]
+            # .to: under autocast the expert GEMMs come out in the autocast dtype.
+            outs = outs.index_put((rows, torch.full_like(rows, k)), o.to(outs.dtype))
+    if combine == "sum":
+        return (weights.unsqueeze(-1) * outs).sum(1)
+    return torch.logsumexp(outs + torch.log(weights).unsqueeze(-1), dim=1)
+

@@ -1,0 +1,187 @@
+"""PyTorch path of the MoE ops (C loops from ``native_impl`` where the resolver picked "native").
+
+Both sparse paths share one dispatch plan: the K*P (row, slot) assignments are sorted once by
+expert (stable, so each expert's rows stay in row order) and each expert then works on one
+contiguous segment of that order; the forward keeps the plan for the backward. This path sorts
+with ``torch.sort`` and runs the expert MLPs in cache-sized row chunks on a CPU.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import native_impl
+
+def sort_assignments(indices: Tensor, n_experts: int):
+    """Sort the K*P assignments by expert: (order (K*P,), offsets (N+1,)), both int64.
+
+    Assignment a = k*P + p (slot-major), so per-assignment buffers viewed as (K, P, C) combine
+    with contiguous elementwise ops over whole (P, C) slabs."""
+    experts, order = torch.sort(indices.t().reshape(-1), stable=True)
+    # searchsorted rather than bincount: no host sync (bincount sizes its output from the data).
+    offsets = torch.searchsorted(experts, torch.arange(n_experts + 1, device=indices.device))
+    return order, offsets
+
+
+def topk_softmax_fwd(logits: Tensor, k: int, native: bool = False):
+    """logits (P, N) -> (weights (P, k) in logits' dtype, indices (P, k) int64); ``native``: the C loop."""
+    if native:
+        return native_impl.topk_softmax_fwd(logits, k)
+    # K rounds of "take the max" (as the Triton kernel): among equal values the lowest free column
+    # wins (argmax returns the first maximum), which settles ties and repeated -inf alike.
+    free = torch.ones_like(logits, dtype=torch.bool)
+    vals, idxs = [], []
+    for _ in range(k):
+        cand = logits.masked_fill(~free, float("-inf"))
+        m = cand.amax(dim=1, keepdim=True)
+        i = ((cand == m) & free).to(torch.uint8).argmax(dim=1, keepdim=True)
+        free.scatter_(1, i, False)
+        vals.append(m)
+        idxs.append(i)
+    return torch.softmax(torch.cat(vals, 1), dim=1), torch.cat(idxs, 1)
+
+
+def topk_softmax_bwd(grad_weights: Tensor, weights: Tensor, indices: Tensor, n: int) -> Tensor:
+    """d logits (P, n) in weights' dtype; zero for the logits that were not kept."""
+    dlogits = torch.zeros(weights.shape[0], n, dtype=weights.dtype, device=weights.device)
+    g, w = grad_weights.float(), weights.float()
+    d = w * (g - (w * g).sum(1, keepdim=True))
+    return dlogits.scatter_(1, indices, d.to(dlogits.dtype))
+
+
+def _combine(out: Tensor, weights: Tensor, combine: str, native: bool) -> Tensor:
+    """out (K, P, C) float32, weights (P, K) -> float32 y (P, C)."""
+    if native:
+        return native_impl.combine_fwd(out, weights, combine)
+    # Fused two-operand ops over whole (P, C) slabs: on CPU this is several times faster than a
+    # reduction over the K axis (torch.logsumexp adds extra passes for its inf handling).
+    w = weights.float().t().unsqueeze(-1)
+    if combine == "sum":
+        y = out[0] * w[0]
+        for k in range(1, out.shape[0]):
+            y.addcmul_(out[k], w[k])
+        return y
+    log_w = w.log()
+    y = out[0] + log_w[0]
+    for k in range(1, out.shape[0]):
+        y = torch.logaddexp(y, out[k] + log_w[k])
+    return y
+
+
+HIDDEN_MULTIPLE = 16
+
+
+def _pad_hidden(w1, b1, w2, multiple: int = HIDDEN_MULTIPLE):
+    """Zero-pad the hidden width to a multiple of ``multiple``: CPU BLAS (MKL) runs GEMMs with an
+    odd output width (127, 255, 510) several times slower (bench/RESULTS.md). Padded units see zero weights and
+    bias, so they are GELU(0) = 0 and meet zero rows of w2."""
+    pad = -w1.shape[2] % multiple
+    if pad == 0:
+        return w1, b1, w2
+    return F.pad(w1, (0, pad)), F.pad(b1, (0, pad)) if b1 is not None else None, F.pad(w2, (0, 0, 0, pad))
+
+
+def _segments(offsets: Tensor):
+    """(expert, first, end) of every expert that has rows in the sorted order."""
+    bounds = offsets.tolist()
+    return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+
+
+def _inverse(order: Tensor) -> Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    return torch.mm(x, w, out=out) if b is None else torch.addmm(b, x, w, out=out)
+
+
+# A CPU runs an expert's rows in chunks whose (rows, hidden) activation stays in cache between the
+# GEMM that writes it and the one that reads it; the budget is in bytes, with a floor on the rows
+# because bf16 GEMMs on a CPU want tall operands (timings in bench/RESULTS.md).
+ROW_CHUNK_BYTES = 1 << 21
+MIN_ROW_CHUNK = 256
+
+
+def _row_chunks(lo: int, hi: int, hidden: int, like: Tensor):
+    """[lo, hi) cut, on a CPU, into chunks of about ROW_CHUNK_BYTES of hidden activation (at least
+    MIN_ROW_CHUNK rows). A GPU gets the whole segment: there chunks would only multiply the launches."""
+    if like.device.type != "cpu":
+        rows = max(1, hi - lo)
+    else:
+        rows = max(MIN_ROW_CHUNK, ROW_CHUNK_BYTES // (hidden * like.element_size()))
+    return ((s, min(s + rows, hi)) for s in range(lo, hi, rows))
+
+
+def _cast(dtype: torch.dtype, *tensors):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, native: bool = False):
+    """-> (y (P, C) dtype, expert outputs (K*P, C) dtype, order (K*P,), offsets (N+1,)); GEMMs in
+    ``dtype``; ``native``: the K-way combination in C."""
+    P, K = indices.shape
+    w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2))
+    (b2,) = _cast(dtype, b2)
+    order, offsets = sort_assignments(indices, w1.shape[0])
+    tokens = order % P
+    # GEMM2 writes straight into its expert's slice of the sorted order; one row gather then
+    # restores (K, P) order. Per-expert row scatters (index_copy_, index_add_) are far slower on CPU.
+    out = x.new_empty(K * P, w2.shape[2], dtype=dtype)
+    for e, lo, hi in _segments(offsets):
+        b1e, b2e = (None if b is None else b[e] for b in (b1, b2))
+        for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
+            h = F.gelu(_linear(x.index_select(0, tokens[s:t]).to(dtype), w1[e], b1e))
+            _linear(h, w2[e], b2e, out=out[s:t])
+    out = out.index_select(0, _inverse(order))
+    return _combine(out.view(K, P, x.shape[1]).float(), weights, combine, native).to(dtype), out, order, offsets
+
+
+def _combine_bwd(dy, out, weights, combine, native: bool):
+    """out (K, P, C) -> (dout (K, P, C) float32, dweights (P, K) float32)."""
+    if native:
+        return native_impl.combine_bwd(dy, out, weights, combine)
+    dy, w = dy.float(), weights.float().t().unsqueeze(-1)
+    if combine == "sum":
+        return (dy * w).contiguous(), (out * dy).sum(-1).t()
+    # d y / d o_k = w_k exp(o_k - y): one buffer, updated in place (these passes dominate on CPU).
+    grad = (out - _combine(out, weights, combine, native)).exp_().mul_(dy)
+    dweights = grad.sum(-1).t()
+    return grad.mul_(w), dweights
+
+
+def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, native: bool = False):
+    """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype; GEMMs in out's dtype."""
+    P, K = weights.shape
+    Hd, dtype, w1_dtype, w2_dtype = w1.shape[2], out.dtype, w1.dtype, w2.dtype  # before the casts below
+    dout, dweights = _combine_bwd(dy, out.view(K, P, x.shape[1]).float(), weights, combine, native)
+    w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2))
+    tokens = order % P
+    dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(dtype)
+    dx_sorted = torch.empty_like(dout)
+    # Parameter gradients sum over row chunks in float32, so 16-bit ones are rounded once, at the end.
+    f32 = dict(dtype=torch.float32)
+    dw1, dw2 = torch.zeros_like(w1, **f32), torch.zeros_like(w2, **f32)
+    db1 = w1.new_zeros(w1.shape[0], w1.shape[2], **f32)
+    db2 = w2.new_zeros(w2.shape[0], w2.shape[2], **f32)
+    for e, lo, hi in _segments(offsets):
+        for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
+            xe, de = x.index_select(0, tokens[s:t]).to(dtype), dout[s:t]
+            hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
+            dw2[e] += F.gelu(hpre).t() @ de
+            db2[e] += de.sum(0, **f32)
+            dh = torch.ops.aten.gelu_backward(de @ w2[e].t(), hpre)
+            dw1[e] += xe.t() @ dh
+            db1[e] += dh.sum(0, **f32)
+            torch.mm(dh, w1[e].t(), out=dx_sorted[s:t])
+    dx_slots = dx_sorted.index_select(0, _inverse(order)).view(K, P, x.shape[1])
+    dx = dx_slots[0].to(torch.float32, copy=True)
+    for k in range(1, K):
+        dx += dx_slots[k]
+    # Gradients in each input's own dtype (autocast's casts are inside the op); custom-op outputs
+    # must have the fake's (contiguous) strides; the hidden padding comes off here.
+    return tuple(t.contiguous() for t in (dx.to(x.dtype), dweights.to(weights.dtype), dw1[:, :, :Hd].to(w1_dtype),
+                                          db1[:, :Hd].to(w1_dtype), dw2[:, :Hd].to(w2_dtype), db2.to(w2_dtype)))
+

@@ -1,0 +1,130 @@
+"""Selective scan (Mamba's S6 recurrence) with the signature and semantics of mamba_ssm's ``selective_scan_fn``.
+
+Per batch b, channel d and state n (delta' = softplus(delta + delta_bias) or delta + delta_bias):
+
+    x_t = exp(delta'_t A[d, n]) x_{t-1} + delta'_t B[n, t] u_t,    x_{-1} = 0
+    y_t = sum_n C[n, t] x_t[n];    out = (y + D u) * silu(z)
+
+B and C are shared by all channels, (b, n, l), or by the channels of one of g groups, (b, g, n, l)
+(channel d reads group d // (d_inner / g)). A is real, (d, n).
+
+Implementations, chosen by ``_backend.resolve_impl`` (one module each):
+
+* ``reference.py``: ``selective_scan_ref``, the recurrence one step at a time, the float reference
+  of the tests, and the argument checks.
+* ``torch_impl.py`` (``"torch"``: non-CPU tensors without Triton, float64, or no C compiler): a
+  chunked scan in PyTorch ops, autograd through them.
+* ``native_impl.py`` (``"native"``: ``backend="torch"`` or ``"auto"`` without Triton, on CPU,
+  float32/16/bf16): the recurrence as one fused C loop, ``csrc/selective_scan_cpu.c``.
+* ``triton_impl.py`` (``"triton"``): chunk-parallel scans in Triton, forward and backward.
+* ``"extension"``: ``backend="auto"`` on CUDA uses mamba_ssm's own kernel when that package
+  imports (it is imported lazily, never on CPU).
+
+The C loop and the Triton kernels run as the custom op ``m2restore_kernels::selective_scan`` (with
+its backward ``selective_scan_bwd``), which receives the resolved implementation as ``impl``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._backend import OPS, optional_op, resolve_impl
+from . import native_impl, torch_impl, triton_impl
+from .reference import _check_args, selective_scan_ref
+
+__all__ = ["selective_scan", "selective_scan_ref"]
+
+MAMBA_SELECTIVE_SCAN_FN = OPS["selective_scan"].extension
+_FUSED = {"triton": triton_impl, "native": native_impl}  # the implementations behind the custom op
+
+# --------------------------------------------------------------------------------------------
+# Custom ops (torch.compile / torch.export see them as single nodes)
+# --------------------------------------------------------------------------------------------
+def _checkpoint_chunk(impl: str, u: Tensor, B: Tensor, C: Tensor, n: int) -> int:
+    return native_impl.NATIVE_CHUNK if impl == "native" else triton_impl.config_for(u, B, C, n).chunk
+
+
+@torch.library.custom_op("m2restore_kernels::selective_scan", mutates_args=())
+def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], delta_softplus: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward of the fused kernels (``impl`` "triton" or "native") -> (out (b, d, l), last state
+    (b, d, n) f32, checkpoints (b, chunks, d, n) f32)."""
+    return _FUSED[impl].selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@_selective_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
+    b, d, l = u.shape
+    n = A.shape[1]
+    n_chunks = -(-l // _checkpoint_chunk(impl, u, B, C, n))
+    return (torch.empty_like(u), u.new_empty(b, d, n, dtype=torch.float32),
+            u.new_empty(b, n_chunks, d, n, dtype=torch.float32))
+
+
+@torch.library.custom_op("m2restore_kernels::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd_op(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], ckpt: Tensor,
+                 delta_softplus: bool, impl: str
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (empty where the input is None)."""
+    return _FUSED[impl].selective_scan_bwd(dout.contiguous(), None if dlast is None else dlast.contiguous(), u, delta,
+                                           A, B, C, D, z, delta_bias, ckpt, delta_softplus)
+
+
+@_selective_scan_bwd_op.register_fake
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus, impl):
+    def like(x):
+        return torch.empty_like(x) if x is not None else u.new_empty(0)
+
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), like(D), like(z), like(delta_bias))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl = inputs
+    ctx.delta_softplus, ctx.impl = delta_softplus, impl
+    ctx.present = (D is not None, z is not None, delta_bias is not None)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+
+
+def _scan_backward(ctx, dout, dlast, _dckpt):
+    u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_bwd_op(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt,
+                                                         ctx.delta_softplus, ctx.impl)
+    has_D, has_z, has_bias = ctx.present
+    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
+            None, None)
+
+
+_selective_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry
+# --------------------------------------------------------------------------------------------
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, backend: str = "auto"):
+    """Mamba's selective scan; mamba_ssm ``selective_scan_fn`` semantics (see the module docstring).
+
+    u, delta, z: (b, d, l); A: (d, n) real; B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,).
+    Any float dtype; the recurrence runs in float32 (float64 for float64 inputs on the torch path).
+    Returns out (b, d, l) in u's dtype, plus with ``return_last_state`` the last state (b, d, n) in
+    that compute dtype. Gradients reach every floating input (and flow from the last state).
+    ``backend``: "auto" (mamba_ssm's kernel on CUDA when installed, else Triton where it runs, else
+    PyTorch), "triton" or "torch".
+    """
+    _check_args(u, delta, A, B, C, D, z, delta_bias)
+    impl = resolve_impl("selective_scan", u.device, delta.dtype, backend)
+    if impl == "extension":
+        # mamba_ssm wants A, D and delta_bias in float32 (casts are differentiable)
+        return optional_op(*MAMBA_SELECTIVE_SCAN_FN)(
+            u, delta, A.float(), B, C, None if D is None else D.float(), z,
+            None if delta_bias is None else delta_bias.float(), delta_softplus, return_last_state)
+    if impl == "torch":
+        out, last = torch_impl.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    else:
+        args = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
+        out, last, _ = _selective_scan_op(*args, delta_softplus, impl)
+    return (out, last) if return_last_state else out

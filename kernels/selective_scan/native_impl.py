@@ -1,0 +1,101 @@
+"""The selective scan's C loop for CPU tensors (``csrc/selective_scan_cpu.c`` through ctypes).
+
+The recurrence as one fused loop, channels in parallel, each channel's states in registers; the
+backward recomputes each chunk of NATIVE_CHUNK states from checkpoints and runs the adjoint
+recurrence backwards, like the Triton kernels. The C side reads float32, contiguous tensors.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from .reference import group_sizes
+
+LIBRARY = "selective_scan_cpu"
+NATIVE_CHUNK = 64  # steps per checkpoint: the backward's per-thread buffer is (NATIVE_CHUNK + 1, n)
+
+
+class _ScanShape(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_int64) for f in ("b", "d", "l", "n", "gB", "gC", "chunk", "nck")] + \
+               [(f, ctypes.c_int) for f in ("has_D", "has_z", "has_bias", "softplus")]
+
+
+
+_PTR = ctypes.POINTER(_ScanShape), ctypes.c_int
+# (shape, threads, u, delta, A, Bt, Ct, D, z, bias, out, last, ckpt)
+_SCAN_FWD = [*_PTR] + [ctypes.c_void_p] * 11
+# (shape, threads, u, delta, A, Bt, Ct, D, z, bias, ckpt, dout, dlast,
+#  du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part)
+_SCAN_BWD = [*_PTR] + [ctypes.c_void_p] * 19
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library with its C signatures declared (the resolver picked "native", so it builds)."""
+    lib = _native.load(LIBRARY)
+    lib.scan_fwd.argtypes = _SCAN_FWD
+    lib.scan_bwd.argtypes = _SCAN_BWD
+    return lib
+
+
+def _native_shape(u, A, B, C, D, z, delta_bias, delta_softplus) -> _ScanShape:
+    b, d, l = u.shape
+    return _ScanShape(b, d, l, A.shape[1], group_sizes(B, d)[0], group_sizes(C, d)[0], NATIVE_CHUNK,
+                      -(-l // NATIVE_CHUNK), D is not None, z is not None, delta_bias is not None,
+                      delta_softplus)
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _state_minor(X: Tensor, l: int) -> Tensor:
+    """B or C, (b, n, l) or (b, g, n, l) -> (b, g, l, n) float32: one step's states adjacent."""
+    b, g, n = X.shape[0], X.shape[1] if X.dim() == 4 else 1, X.shape[-2]
+    return X.reshape(b, g, n, l).transpose(-1, -2).to(torch.float32).contiguous()
+
+
+def _native_inputs(u, delta, A, B, C, D, z, delta_bias, *extra) -> list:
+    """The arguments both C entry points read, in their order: float32, contiguous, B and C state-minor;
+    ``extra`` tensors (or None) follow. Kept in a list so every copy outlives the call."""
+    l = u.shape[2]
+    return [_f32(t) for t in (u, delta, A)] + [_state_minor(B, l), _state_minor(C, l)] + \
+           [_f32(t) for t in (D, z, delta_bias, *extra)]
+
+
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    shape = _native_shape(u, A, B, C, D, z, delta_bias, delta_softplus)
+    b, d, l, n = shape.b, shape.d, shape.l, shape.n
+    ins = _native_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out = torch.empty(b, d, l)
+    last, ckpt = torch.empty(b, d, n), torch.empty(b, shape.nck, d, n)
+    library().scan_fwd(
+        ctypes.byref(shape), ctypes.c_int(torch.get_num_threads()), *map(_native.ptr, ins + [out, last, ckpt]))
+    return out.to(u.dtype), last, ckpt
+
+
+def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus):
+    shape = _native_shape(u, A, B, C, D, z, delta_bias, delta_softplus)
+    b, d, l, n = shape.b, shape.d, shape.l, shape.n
+    threads = torch.get_num_threads()
+    ins = _native_inputs(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast)
+    du, ddelta = torch.empty(b, d, l), torch.empty(b, d, l)
+    dz = torch.empty(b, d, l) if z is not None else None
+    dA_part, dD_part, dbias_part = torch.empty(b, d, n), torch.empty(b, d), torch.empty(b, d)
+    # Per-thread partial sums of the gradients every channel of a group adds to.
+    dB_part, dC_part = torch.zeros(threads, b, shape.gB, l, n), torch.zeros(threads, b, shape.gC, l, n)
+    library().scan_bwd(
+        ctypes.byref(shape), ctypes.c_int(threads),
+        *map(_native.ptr, ins + [du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part]))
+
+    def per_group(part: Tensor, X: Tensor) -> Tensor:
+        return part.sum(0).transpose(-1, -2).reshape(X.shape).to(X.dtype).contiguous()
+
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA_part.sum(0).to(A.dtype), per_group(dB_part, B),
+            per_group(dC_part, C), dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0),
+            dz.to(z.dtype) if z is not None else u.new_empty(0),
+            dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0))
+
