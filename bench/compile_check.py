@@ -86,7 +86,8 @@ def moe_cases(quick: bool, shared_memory: int):
     for dtype, note, inputs in runs:
         for level, (C, Hd) in enumerate(widths):
             p = P >> (2 * level)
-            cfg, bwd = (moe.default_config(K * p, N, C, Hd, CUDA, dtype, shared_memory, backward=b) for b in (False, True))
+            cfg, bwd = (moe.default_config(K * p, N, C, Hd, CUDA, dtype, shared_memory, backward=b)
+                        for b in (False, True))
             label = f"C={C} hidden={Hd}{note}"
             yield Case("moe", moe.KERNELS["moe_mlp_fwd"], label, dtype,
                        dict(HAS_B1=True, HAS_B2=True, BLOCK_N=block_n, **_moe_tiles(cfg, dtype)),
@@ -113,7 +114,8 @@ def moe_cases(quick: bool, shared_memory: int):
     plan = dict(K=K, BLOCK=moe.plan_block(CUDA), BLOCK_N=block_n)
     ints = dict(counts_ptr="i32", base_ptr="i32", **i64)
     yield Case("moe", moe.KERNELS["plan_count"], f"N={N}", torch.float32, plan, 4, ptrs=ints)
-    yield Case("moe", moe.KERNELS["plan_scan"], f"N={N}", torch.float32, dict(BLOCK_T=moe.PLAN_SCAN_TILES, BLOCK_N=block_n), 4, ptrs=ints)
+    yield Case("moe", moe.KERNELS["plan_scan"], f"N={N}", torch.float32,
+               dict(BLOCK_T=moe.PLAN_SCAN_TILES, BLOCK_N=block_n), 4, ptrs=ints)
     yield Case("moe", moe.KERNELS["plan_scatter"], f"N={N}", torch.float32, plan, 4, ptrs=ints)
 
 
@@ -132,8 +134,8 @@ def scan_cases(quick: bool):
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
     params = dict(A_ptr="fp32", D_ptr="fp32", bias_ptr="fp32")
     for dtype in _dtypes(quick):
-        yield Case("selective_scan", scan.KERNELS["selective_scan_fwd"], "d=768 L=784 n=16", dtype, dict(**flags, **tiles),
-                   cfg.fwd_warps, ptrs=dict(last_ptr="fp32", ckpt_ptr="fp32", **params))
+        yield Case("selective_scan", scan.KERNELS["selective_scan_fwd"], "d=768 L=784 n=16", dtype,
+                   dict(**flags, **tiles), cfg.fwd_warps, ptrs=dict(last_ptr="fp32", ckpt_ptr="fp32", **params))
         f32 = {f"{g}_ptr": "fp32" for g in ("ckpt", "dlast", "dA", "dD", "dbias", "dB", "dC")}
         for flip in (False, True):  # the two ways of the reverse-time scan (scan.REVERSE_SCAN)
             yield Case("selective_scan", scan.KERNELS["selective_scan_bwd"], "d=768 L=784 n=16" + " flip" * flip, dtype,
@@ -149,11 +151,14 @@ def gated_fusion_cases(quick: bool):
             flags = dict(HAS_DWB=True, HAS_B1=True, HAS_B2=True)
             label = f"C={C} {side}x{side}"
             fwd, bwd = (dgf.default_config(C, side, side, CUDA, dtype, backward=b) for b in (False, True))
-            yield Case("gated_fusion", dgf.KERNELS["gated_fusion_fwd"], label, dtype, dict(HAS_RES=True, **flags, **_dgf_tiles(fwd, dtype)),
+            yield Case("gated_fusion", dgf.KERNELS["gated_fusion_fwd"], label, dtype,
+                       dict(HAS_RES=True, **flags, **_dgf_tiles(fwd, dtype)),
                        fwd.num_warps)
-            yield Case("gated_fusion", dgf.KERNELS["gated_fusion_bwd_gate"], label, dtype, dict(**flags, **_dgf_tiles(bwd, dtype)),
+            yield Case("gated_fusion", dgf.KERNELS["gated_fusion_bwd_gate"], label, dtype,
+                       dict(**flags, **_dgf_tiles(bwd, dtype)),
                        bwd.num_warps, ptrs=dict(part_c_ptr="fp32", part_dw_ptr="fp32", part_b2_ptr="fp32"))
-            yield Case("gated_fusion", dgf.KERNELS["gated_fusion_bwd_input"], label, dtype, _dgf_tiles(bwd, dtype), bwd.num_warps)
+            yield Case("gated_fusion", dgf.KERNELS["gated_fusion_bwd_input"], label, dtype, _dgf_tiles(bwd, dtype),
+                       bwd.num_warps)
 
 
 def _dgf_tiles(cfg, dtype) -> dict:

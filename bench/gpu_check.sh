@@ -109,9 +109,8 @@ export PYTHONPATH="/tmp/site:/tmp/m2path:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Every kernel's whole test file (its CPU and CUDA cases), then the tests marked cuda elsewhere.
 parity() {
   local files=() ignore=() f op rc=0
-  for op in kernels/*.py; do
-    op=$(basename "$op" .py)
-    [[ $op == _* ]] && continue
+  for op in kernels/*/__init__.py; do  # one package per op
+    op=$(basename "$(dirname "$op")")
     for f in tests/test_"$op"*.py; do [[ -e $f ]] && files+=("$f") && ignore+=("--ignore=$f"); done
   done
   echo "kernel test files: ${files[*]:-none}"

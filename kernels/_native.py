@@ -73,7 +73,7 @@ def load(name: str) -> Optional[ctypes.CDLL]:
                            text=True, timeout=BUILD_TIMEOUT_S)
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError) as exc:
-            detail = str(getattr(exc, "stderr", None) or exc).strip()[-500:]  # the compiler's last words, one warning's worth
+            detail = str(getattr(exc, "stderr", None) or exc).strip()[-500:]  # the compiler's last words
             warnings.warn(f"m2restore_kernels: could not build {source.name} ({detail}); "
                           f"using the PyTorch path instead", RuntimeWarning, stacklevel=2)
             if tmp is not None and os.path.exists(tmp):

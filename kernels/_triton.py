@@ -1,8 +1,8 @@
 """Triton, imported once for every op, and the device functions the ops share.
 
 Triton is Linux-only: without it the package still imports and runs its PyTorch paths
-(``resolve_backend`` never picks Triton then), so kernels are decorated with ``jit``, which is a
-no-op when triton is missing.
+(``_backend.resolve_impl`` never picks Triton then), so kernels are decorated with ``jit``, which
+is a no-op when triton is missing.
 """
 import os
 

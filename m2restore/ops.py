@@ -1,7 +1,7 @@
 """The one place where the model's backend string becomes a kernel call.
 
 Model backends: ``"auto" | "triton" | "torch"`` go straight to the ops of ``m2restore_kernels``
-(which pick Triton or PyTorch per device); ``"reference"`` runs their plain ``*_ref`` versions
+(whose resolver, ``m2restore_kernels._backend``, picks the implementation); ``"reference"`` runs their plain ``*_ref`` versions
 (sequential scan, expert loop), and the modules that have a literal form (DGF's concatenation and
 1×1 convolutions) use it. Nothing else in the model looks at devices.
 """

@@ -180,3 +180,22 @@ def test_float32_dot_precision_follows_torch_and_the_override(monkeypatch):
     monkeypatch.setattr(triton_helpers, "interpreter_on", lambda: True)
     monkeypatch.delenv("M2RESTORE_FP32_DOT")
     assert triton_helpers.dot_precision(torch.float32) == "ieee"
+
+
+def test_version_follows_the_distribution():
+    """``m2restore_kernels.__version__`` is the installed m2restore distribution's version (pyproject's),
+    or a marker that says it is not installed."""
+    import re
+    from importlib import metadata
+    from pathlib import Path
+
+    import m2restore_kernels
+
+    try:
+        installed = metadata.version("m2restore")
+    except metadata.PackageNotFoundError:
+        assert m2restore_kernels.__version__ == "0+unknown"
+        return
+    assert m2restore_kernels.__version__ == installed
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == installed

@@ -74,7 +74,7 @@ def _(grad_out, y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g
             vec, torch.empty_like(g1_weight), vec.clone(), torch.empty_like(g2_weight), g1_weight.new_empty(1))
 
 
-def _setup_context(ctx, inputs, output):
+def _gated_fusion_setup_context(ctx, inputs, output):
     *saved, residual, impl = inputs
     ctx.save_for_backward(*saved)
     ctx.impl = impl
@@ -82,14 +82,14 @@ def _setup_context(ctx, inputs, output):
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
-def _backward(ctx, grad_out):
+def _gated_fusion_backward(ctx, grad_out):
     dy, dm, dpb, ddw, ddwb, dg1w, dg1b, dg2w, dg2b = _gated_fusion_bwd_op(grad_out, *ctx.saved_tensors, ctx.impl)
     has_dwb, has_b1, has_b2 = ctx.has_bias
     return (dy, dm, dpb, ddw, ddwb if has_dwb else None, dg1w, dg1b if has_b1 else None, dg2w,
             dg2b if has_b2 else None, None if ctx.residual_dtype is None else grad_out.to(ctx.residual_dtype), None)
 
 
-_gated_fusion_op.register_autograd(_backward, setup_context=_setup_context)
+_gated_fusion_op.register_autograd(_gated_fusion_backward, setup_context=_gated_fusion_setup_context)
 
 
 def _check_args(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual):

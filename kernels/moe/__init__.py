@@ -70,18 +70,18 @@ def _(grad_weights, weights, indices, n, impl):
     return weights.new_empty(weights.shape[0], n)
 
 
-def _topk_setup_context(ctx, inputs, output):
+def _topk_softmax_setup_context(ctx, inputs, output):
     logits, _, impl = inputs
     ctx.n, ctx.impl = logits.shape[1], impl
     ctx.save_for_backward(*output)
 
 
-def _topk_backward(ctx, grad_weights, _grad_indices):
+def _topk_softmax_backward(ctx, grad_weights, _grad_indices):
     weights, indices = ctx.saved_tensors
     return _topk_softmax_bwd_op(grad_weights, weights, indices, ctx.n, ctx.impl), None, None
 
 
-_topk_softmax_op.register_autograd(_topk_backward, setup_context=_topk_setup_context)
+_topk_softmax_op.register_autograd(_topk_softmax_backward, setup_context=_topk_softmax_setup_context)
 
 
 def _check_topk_args(logits, k):
@@ -157,14 +157,14 @@ def _(dy, x, weights, order, offsets, w1, b1, w2, out, combine, impl):
             w1.new_empty(w1.shape[0], w1.shape[2]), torch.empty_like(w2), w2.new_empty(w2.shape[0], w2.shape[2]))
 
 
-def _moe_setup_context(ctx, inputs, output):
+def _moe_mlp_setup_context(ctx, inputs, output):
     x, weights, indices, w1, b1, w2, b2, combine, impl, _check, _dtype = inputs
     ctx.combine, ctx.impl, ctx.has_b1, ctx.has_b2 = combine, impl, b1 is not None, b2 is not None
     _, out, order, offsets = output
     ctx.save_for_backward(x, weights, order, offsets, w1, b1, w2, out)
 
 
-def _moe_backward(ctx, dy, *_grads_of_saved_outputs):
+def _moe_mlp_backward(ctx, dy, *_grads_of_saved_outputs):
     x, weights, order, offsets, w1, b1, w2, out = ctx.saved_tensors
     dx, dweights, dw1, db1, dw2, db2 = _moe_mlp_bwd_op(
         dy, x, weights, order, offsets, w1, b1, w2, out, ctx.combine, ctx.impl)
@@ -172,7 +172,7 @@ def _moe_backward(ctx, dy, *_grads_of_saved_outputs):
             None, None, None, None)
 
 
-_moe_mlp_op.register_autograd(_moe_backward, setup_context=_moe_setup_context)
+_moe_mlp_op.register_autograd(_moe_mlp_backward, setup_context=_moe_mlp_setup_context)
 
 
 def _check_args(x, weights, indices, w1, b1, w2, b2, combine, autocast: bool):

@@ -102,7 +102,8 @@ def default_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch
         block_m = 128 if block_c <= 64 else 64 if block_c <= 128 else 32
         block_m = block_m // 2 if backward else block_m
     block_h, num_stages = min(32, pow2_at_least(Hd, MIN_DOT)), 2
-    if dtype == torch.float32 and block_c > 128 and (shared_memory or _shared_memory_per_block(device)) < LARGE_SHARED_MEMORY:
+    small_shared = (shared_memory or _shared_memory_per_block(device)) < LARGE_SHARED_MEMORY
+    if dtype == torch.float32 and block_c > 128 and small_shared:
         # 192 float32 channels took up to 164 KB per block: over the 99 KiB of an RTX 3090 or 4090.
         # Half-width hidden chunks in a single stage need at most 96 KiB (compiled for sm_86).
         block_h, num_stages = 16, 1

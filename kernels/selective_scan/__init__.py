@@ -39,6 +39,7 @@ __all__ = ["selective_scan", "selective_scan_ref"]
 MAMBA_SELECTIVE_SCAN_FN = OPS["selective_scan"].extension
 _FUSED = {"triton": triton_impl, "native": native_impl}  # the implementations behind the custom op
 
+
 # --------------------------------------------------------------------------------------------
 # Custom ops (torch.compile / torch.export see them as single nodes)
 # --------------------------------------------------------------------------------------------
@@ -47,8 +48,9 @@ def _checkpoint_chunk(impl: str, u: Tensor, B: Tensor, C: Tensor, n: int) -> int
 
 
 @torch.library.custom_op("m2restore_kernels::selective_scan", mutates_args=())
-def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], delta_softplus: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                       impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """Forward of the fused kernels (``impl`` "triton" or "native") -> (out (b, d, l), last state
     (b, d, n) f32, checkpoints (b, chunks, d, n) f32)."""
     return _FUSED[impl].selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -64,10 +66,10 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
 
 
 @torch.library.custom_op("m2restore_kernels::selective_scan_bwd", mutates_args=())
-def _selective_scan_bwd_op(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                 D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], ckpt: Tensor,
-                 delta_softplus: bool, impl: str
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _selective_scan_bwd_op(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                           C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                           ckpt: Tensor, delta_softplus: bool, impl: str
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (empty where the input is None)."""
     return _FUSED[impl].selective_scan_bwd(dout.contiguous(), None if dlast is None else dlast.contiguous(), u, delta,
                                            A, B, C, D, z, delta_bias, ckpt, delta_softplus)
@@ -82,23 +84,23 @@ def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus, im
             torch.empty_like(C), like(D), like(z), like(delta_bias))
 
 
-def _scan_setup_context(ctx, inputs, output):
+def _selective_scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl = inputs
     ctx.delta_softplus, ctx.impl = delta_softplus, impl
     ctx.present = (D is not None, z is not None, delta_bias is not None)
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
 
 
-def _scan_backward(ctx, dout, dlast, _dckpt):
+def _selective_scan_backward(ctx, dout, dlast, _dckpt):
     u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_bwd_op(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt,
-                                                         ctx.delta_softplus, ctx.impl)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_bwd_op(dout, dlast, u, delta, A, B, C, D, z, delta_bias,
+                                                                   ckpt, ctx.delta_softplus, ctx.impl)
     has_D, has_z, has_bias = ctx.present
     return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
             None, None)
 
 
-_selective_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+_selective_scan_op.register_autograd(_selective_scan_backward, setup_context=_selective_scan_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
