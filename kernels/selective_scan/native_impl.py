@@ -20,9 +20,9 @@ NATIVE_CHUNK = 64  # steps per checkpoint: the backward's per-thread buffer is (
 
 
 class _ScanShape(ctypes.Structure):
+    """``scan_shape`` of csrc/selective_scan_cpu.c, field for field."""
     _fields_ = [(f, ctypes.c_int64) for f in ("b", "d", "l", "n", "gB", "gC", "chunk", "nck")] + \
                [(f, ctypes.c_int) for f in ("has_D", "has_z", "has_bias", "softplus")]
-
 
 
 _PTR = ctypes.POINTER(_ScanShape), ctypes.c_int
