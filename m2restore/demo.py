@@ -25,8 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .restore import DEMO_WEIGHTS
-
 SAMPLES = Path(__file__).resolve().parent / "assets" / "samples"
 # Photographs bundled with scikit-image (no download). Held-out ones are never trained on.
 TRAIN_PHOTOS = ("astronaut", "chelsea", "immunohistochemistry", "hubble_deep_field", "brick", "grass",
@@ -68,8 +66,9 @@ def held_out_set(size: int = HELD_OUT_SIZE) -> list[tuple[str, str, np.ndarray, 
 
 
 def _held_out_seed(photo: int, kind: int) -> int:
-    """The degradation seed of held-out photo ``photo`` under kind ``kind``: one per pair, kept
-    apart from the training run's seeds (small integers)."""
+    """The degradation seed of held-out photo number ``photo`` under kind number ``kind``:
+    distinct for up to 10 kinds. Other values would make another held-out set, and other
+    numbers than the README's."""
     return 1000 + 10 * photo + kind
 
 

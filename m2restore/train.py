@@ -187,7 +187,8 @@ def setup_run(model, num_items: int, out_dir: str | Path, opts: TrainOptions, de
             (out_dir / name).unlink(missing_ok=True)
     return TrainRun(model, opts, device, out_dir, optimizer, schedule, scaler, use_amp, amp_dtype,
                     state, batches_per_epoch, groups, total_steps,
-                    _CsvLog(out_dir / "train_log.csv", TRAIN_LOG_FIELDS), _CsvLog(out_dir / "val_log.csv", VAL_LOG_FIELDS))
+                    train_log=_CsvLog(out_dir / "train_log.csv", TRAIN_LOG_FIELDS),
+                    val_log=_CsvLog(out_dir / "val_log.csv", VAL_LOG_FIELDS))
 
 
 def save_checkpoint(run: TrainRun) -> None:

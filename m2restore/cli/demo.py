@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: fitted to --minutes)")
     parser.add_argument("--crop", type=int, default=CROP, help="training crop size")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (cosine decay to {100 // LR_DECAY}%%)")
+    parser.add_argument("--lr", type=float, default=LR,
+                        help=f"peak learning rate (cosine decay to {100 // LR_DECAY}%%)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is much faster than the default on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
