@@ -3,19 +3,17 @@
 PyTorch's CPU allocator does not cache: every tensor is a fresh ``malloc``. glibc serves blocks
 above its mmap threshold (128 KiB, raised on the fly up to 32 MiB) straight from the kernel and
 hands them back on ``free``, so every large activation (a 96-channel 224x224 float32 feature map
-is 19 MB) is page-faulted in again, one 4 KiB page at a time. On the project's 2-core EPYC that
-made GELU over a 51 MB tensor take 18.8 ms instead of 5.0 ms, and the full 224x224 model (torch
-backend, no prior) 4218 instead of 3109 ms in float32 and 2330 instead of 2025 ms in bf16, with
-18 s instead of 1 s of kernel time over the run.
+is 19 MB) is page-faulted in again, one 4 KiB page at a time (bench/RESULTS.md has what that
+costs the full model on a CPU).
 
 :func:`retain_freed_memory` raises the mmap and trim thresholds (``mallopt``) so freed blocks stay
 in the heap for the next allocation, as a caching allocator would. The price is memory: freed
 blocks are not returned to the system between calls, and PyTorch's 64-byte-aligned requests do
 not fit exactly into the block just freed, so the heap grows for a few steps before it reuses
-them (peak resident memory of that model run: 1610 -> 1648 MB in float32, 1502 -> 1655 MB in bf16). It changes the whole process, so the library
-never calls it by itself: the ``m2restore`` command and the benchmark suite do, and programs that
-import the model can. ``M2RESTORE_MALLOC=system`` turns it off. A no-op where the C library is not
-glibc (macOS, musl, Windows).
+them. It changes the whole process, so the library never calls it by itself: the ``m2restore``
+command and the benchmark suite do, and programs that import the model can.
+``M2RESTORE_MALLOC=system`` turns it off. A no-op where the C library is not glibc (macOS, musl,
+Windows).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``m2restore bench``: time the whole network per backend against the paper's 0.17 s per image.
+"""Time the whole network per backend against the paper's 0.17 s per image (``m2restore bench``).
 
 The paper (Table III) reports 0.17 s for M2Restore and 0.13 s for AdaIR per 224×224 image on an
 RTX 3090. This module times ``M2Restore`` (batch 1, eval, ``torch.inference_mode``) for each
@@ -12,7 +12,6 @@ answer. ``bench/test_bench_model.py`` reuses ``BenchSession`` and ``time_fn`` wi
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -401,95 +400,18 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def report_json(results: Sequence[Result], args: argparse.Namespace, device: torch.device) -> dict:
+def report_json(results: Sequence[Result], device: torch.device, config: str, rounds: int, warmup: int) -> dict:
+    """The results of a run on ``device`` with the ``config`` model, with the machine, versions and
+    commit that produced them."""
     return {
         "machine": machine_name(device),
         "device": str(device),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),
-        "config": args.config,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
+        "config": config,
+        "rounds": rounds,
+        "warmup": warmup,
         "paper_seconds_per_image": {**PAPER_SECONDS, "setup": PAPER_SETUP},
         "results": [r.to_dict() for r in results],
     }
-
-
-# --------------------------------------------------------------------------------------- CLI
-
-def _csv(kind: Callable[[str], object]):
-    def parse(text: str) -> list:
-        items = [kind(s.strip()) for s in text.split(",") if s.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        return items
-
-    return parse
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", choices=("paper", "tiny"), default="paper",
-                        help="model size (default: paper)")
-    parser.add_argument("--size", type=_csv(int), default=[224],
-                        help="image side(s) in pixels, comma-separated (default: 224, the paper's)")
-    parser.add_argument("--backends", type=_csv(str), default=None,
-                        help=f"comma-separated from {MODEL_BACKENDS} (default: reference plus ours: "
-                             "'torch' on CPU, 'triton' on CUDA)")
-    parser.add_argument("--dtypes", type=_csv(str), default=None,
-                        help="comma-separated from fp32,bf16,fp16 (default: fp32,bf16 on CPU, all on CUDA)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 5 CPU, 30 CUDA)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 2 CPU, 5 CUDA)")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); on a busy machine 1 avoids "
-                             "threads spinning while they wait for each other")
-    parser.add_argument("--no-prior", action="store_true", help="skip the DA-CLIP pass (a null prior instead)")
-    parser.add_argument("--compile", action="store_true", help="also time each backend under torch.compile")
-    parser.add_argument("--graph", action="store_true",
-                        help="also time the triton backend as a captured CUDA graph (the only capturable one)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results here as JSON")
-
-
-def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case]:
-    cuda = device.type == "cuda"
-    backends = args.backends or ["reference", "triton" if cuda else "torch"]
-    dtypes = args.dtypes or (["fp32", "bf16", "fp16"] if cuda else ["fp32", "bf16"])
-    modes = ["eager"] + ["compile"] * args.compile + ["graph"] * args.graph
-    # Modes outermost: a graph capture that fails can leave CUDA unusable, so captures come last.
-    return [Case(b, m, d, not args.no_prior, s)
-            for m in modes for s in args.size for d in dtypes for b in backends
-            if m != "graph" or b in CAPTURABLE]
-
-
-def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("m2restore bench: --device cuda, but torch sees no CUDA device")
-        return 2
-    limits = (("--threads", args.threads, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0))
-    for flag, value, least in limits:
-        if value is not None and value < least:
-            print(f"m2restore bench: {flag} must be at least {least}, got {value}")
-            return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    cuda = device.type == "cuda"
-    args.rounds = args.rounds or (30 if cuda else 5)
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
-    try:
-        cases = cases_from_args(args, device)
-    except ValueError as exc:
-        print(f"m2restore bench: {exc}")
-        return 2
-    machine = machine_name(device)
-    print(f"m2restore bench: config {args.config}, batch 1, {len(cases)} case(s) on {machine}, "
-          f"{args.warmup} warm-up + {args.rounds} timed rounds")
-    session = BenchSession(args.config, device)
-    results = run_cases(session, cases, args.rounds, args.warmup, n_inputs=4 if cuda else 2)
-    print(format_table(results, machine))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report_json(results, args, device), indent=2))
-        print(f"wrote {args.json}")
-    return 1 if any(r.error for r in results) else 0

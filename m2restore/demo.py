@@ -1,4 +1,4 @@
-"""``m2restore demo``: the shipped tiny model on synthetic weather, and how it was trained.
+"""The shipped tiny demo model on synthetic weather, and how it was trained (``m2restore demo``).
 
 ``m2restore demo [--out DIR]`` restores the bundled degraded samples (``assets/samples``) into a
 before/after grid (``DIR/demo_grid.png``) and prints PSNR/SSIM before and after restoration on
@@ -17,7 +17,6 @@ data set, a GPU and DA-CLIP.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import tempfile
@@ -26,8 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .restore import DEMO_WEIGHTS
-
 SAMPLES = Path(__file__).resolve().parent / "assets" / "samples"
 # Photographs bundled with scikit-image (no download). Held-out ones are never trained on.
 TRAIN_PHOTOS = ("astronaut", "chelsea", "immunohistochemistry", "hubble_deep_field", "brick", "grass",
@@ -35,6 +32,11 @@ TRAIN_PHOTOS = ("astronaut", "chelsea", "immunohistochemistry", "hubble_deep_fie
 HELD_OUT_PHOTOS = ("rocket", "coffee", "camera")
 KINDS = ("rain", "haze", "snow", "raindrop")
 HELD_OUT_SIZE = 192
+# Defaults of the demo training run: small crops and a high peak rate, so that a CPU makes visible
+# progress in minutes; the rate decays by a cosine to 1/LR_DECAY of its peak.
+CROP, BATCH_SIZE, LR, LR_DECAY = 64, 4, 2e-3, 100
+BATCHES_PER_EPOCH = 64
+CKPT_EVERY = 100  # optimizer steps between checkpoints of a --train run
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -59,8 +61,15 @@ def held_out_set(size: int = HELD_OUT_SIZE) -> list[tuple[str, str, np.ndarray, 
         top, left = (photo.shape[0] - size) // 2, (photo.shape[1] - size) // 2
         clean = np.ascontiguousarray(photo[top:top + size, left:left + size])
         for k, kind in enumerate(KINDS):
-            items.append((name, kind, clean, degrade(clean, kind, seed=1000 + 10 * p + k)))
+            items.append((name, kind, clean, degrade(clean, kind, seed=_held_out_seed(p, k))))
     return items
+
+
+def _held_out_seed(photo: int, kind: int) -> int:
+    """The degradation seed of held-out photo number ``photo`` under kind number ``kind``:
+    distinct for up to 10 kinds. Other values would make another held-out set, and other
+    numbers than the README's."""
+    return 1000 + 10 * photo + kind
 
 
 @torch.no_grad()
@@ -126,8 +135,8 @@ def write_samples(folder: Path = SAMPLES, size: int = 160) -> list[Path]:
     return paths
 
 
-def train_demo(out: Path, minutes: float, steps: int | None = None, crop: int = 64, batch_size: int = 4,
-               lr: float = 2e-3, seed: int = 0, resume: bool = False, progress: bool = True) -> dict:
+def train_demo(out: Path, minutes: float, steps: int | None = None, crop: int = CROP, batch_size: int = BATCH_SIZE,
+               lr: float = LR, seed: int = 0, resume: bool = False, progress: bool = True) -> dict:
     """Train the demo model (see the module docstring); returns fit()'s summary plus the
     held-out measurement and the measured speed."""
     from .data.datasets import SyntheticPairs
@@ -139,9 +148,9 @@ def train_demo(out: Path, minutes: float, steps: int | None = None, crop: int = 
     config = M2RestoreConfig.tiny(backend="torch")
     model = M2Restore(config, prior=NullPrior(config.num_degradations, config.prior_dim))
     photos = [load_photo(name) for name in TRAIN_PHOTOS]
-    train_set = SyntheticPairs(photos, KINDS, crop=crop, length=64 * batch_size, seed=seed)
-    opts = TrainOptions(epochs=1, batch_size=batch_size, accum=1, lr=lr, min_lr=lr / 100, seed=seed,
-                        max_seconds=minutes * 60.0, ckpt_every=100)
+    train_set = SyntheticPairs(photos, KINDS, crop=crop, length=BATCHES_PER_EPOCH * batch_size, seed=seed)
+    opts = TrainOptions(epochs=1, batch_size=batch_size, accum=1, lr=lr, min_lr=lr / LR_DECAY, seed=seed,
+                        max_seconds=minutes * 60.0, ckpt_every=CKPT_EVERY)
     if resume:
         steps = load_checkpoint(out / "run" / CHECKPOINT)["options"]["total_steps"]
     elif steps is None:
@@ -169,43 +178,15 @@ def _seconds_per_step(model, train_set, opts, trial_steps: int = 4) -> float:
     return (total - first) / trial_steps
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: demo)")
-    parser.add_argument("--weights", type=Path, default=DEMO_WEIGHTS, help="weights to show (default: shipped)")
-    parser.add_argument("--train", action="store_true", help="train the demo model instead of showing it")
-    parser.add_argument("--minutes", type=float, default=25.0, help="training time budget (with --train)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: fitted to --minutes)")
-    parser.add_argument("--crop", type=int, default=64, help="training crop size")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine decay to 1%%)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 is much faster than the default on a busy machine)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted --train run in OUT/run")
+def restore_samples(model) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(kind, degraded, restored) for each bundled sample, restored by ``model`` on the CPU;
+    images are (H, W, 3) float32 in [0, 1]."""
+    from .data.io import find_images, read_image
+    from .restore import restore_tensor
 
-
-def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.train:
-        s = train_demo(args.out, args.minutes, args.steps, args.crop, args.batch_size, args.lr, args.seed,
-                       args.resume)
-        print(f"trained {s['steps']} steps in {s['seconds']:.0f} s ({s['steps_per_s']:.2f} steps/s, "
-              f"batch {args.batch_size} of {args.crop}×{args.crop}); weights in {args.out}")
-        print(format_measure(s["held_out"]))
-        return 0
-    from .data.io import read_image
-    from .restore import load_model, restore_tensor
-
-    model = load_model(args.weights, "cpu", "torch")
-    samples = sorted(SAMPLES.glob("*.png"))
     pairs = []
-    for path in samples:
+    for path in find_images(SAMPLES):
         before = read_image(path).rgb
         after = restore_tensor(model, torch.from_numpy(before).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
         pairs.append((path.stem.split("_")[0], before, after))
-    grid = args.out / "demo_grid.png"
-    before_after_grid(pairs, grid)
-    print(f"before/after grid of {len(pairs)} bundled samples: {grid}")
-    print(format_measure(measure(model)))
-    return 0
+    return pairs

@@ -1,4 +1,4 @@
-"""``m2restore eval``: PSNR and SSIM of trained weights on test sets, laid out like Table I.
+"""PSNR and SSIM of a trained model on test sets, laid out like Table I (``m2restore eval``).
 
 Protocol (the paper's, as in TransWeather's evaluation): outputs clamped to [0, 1] and
 quantised to 8 bits, as if saved as PNG; PSNR and SSIM on the RGB channels with data range 1
@@ -8,13 +8,14 @@ protocol) use the BT.601 luma of ``rgb2ycbcr``, in [16, 235] with data range 255
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .restore import TILE_OVERLAP, restore_tensor
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
 
@@ -58,13 +59,11 @@ class SetResult:
     ssim_y: float
 
 
-def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int = 32,
+def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int = TILE_OVERLAP,
                  limit: int | None = None, progress: bool = True) -> SetResult:
     """Restore every pair of ``dataset`` (items with whole-image ``input``/``gt`` tensors, and
     cached priors ``d_g``/``P_f`` when it has them) and average the per-image metrics."""
     from tqdm import tqdm
-
-    from .restore import restore_tensor
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
@@ -100,44 +99,15 @@ def format_table(results: list[SetResult], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def parse_set(spec: str) -> tuple[str, Path]:
-    """``name=path`` or ``path`` (named after the folder, or the list file's stem)."""
-    name, sep, path = spec.partition("=")
-    if sep:
-        return name, Path(path)
-    p = Path(spec)
-    return (p.stem if p.is_file() else p.name), p
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .restore import add_model_arguments
-
-    parser.add_argument("--data", nargs="+", required=True, metavar="[NAME=]PATH",
-                        help="test sets: All-weather list files or folders with input/ and gt/")
-    parser.add_argument("--out", type=Path, default=Path("eval"), help="folder for metrics.csv/json (default: eval)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many images per set")
-    add_model_arguments(parser, weights_default=None)
-
-
-def run(args: argparse.Namespace) -> int:
-    from .data import PairedImages, open_pairs
-    from .restore import autocast, default_device, load_model
-
-    sets = [parse_set(s) for s in args.data]
-    datasets = [(name, PairedImages(open_pairs(path), crop=None, flip=False)) for name, path in sets]
-    device = default_device(args.device)
-    model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
-    with autocast(device, args.dtype):
-        results = [evaluate_set(model, ds, name, device, args.tile, args.tile_overlap, args.limit)
-                   for name, ds in datasets]
-    print(format_table(results, title=f"M2Restore ({args.weights})"))
+def save_metrics(results: list[SetResult], out: Path, weights: str | Path) -> tuple[Path, Path]:
+    """Write ``results`` (and their average when there are several) to ``out/metrics.csv`` and
+    ``out/metrics.json`` (which also names ``weights``); returns the two paths."""
     rows = results + ([average(results)] if len(results) > 1 else [])
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "metrics.csv", "w", newline="") as f:
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / "metrics.csv", out / "metrics.json"
+    with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["name", "count", *METRICS])
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    (args.out / "metrics.json").write_text(json.dumps(
-        {"weights": str(args.weights), "sets": [asdict(r) for r in rows]}, indent=2))
-    print(f"metrics written to {args.out / 'metrics.csv'} and {args.out / 'metrics.json'}")
-    return 0
+    json_path.write_text(json.dumps({"weights": str(weights), "sets": [asdict(r) for r in rows]}, indent=2))
+    return csv_path, json_path

@@ -1,14 +1,15 @@
-"""``m2restore restore INPUT... -o OUTDIR``: restore image files and folders.
+"""Running a trained model on images: loading it, its precision and device, tiled restoration.
 
-Each output keeps its input's size, format, bit depth, grayscale-ness and alpha channel (alpha
-is passed through untouched; the network sees RGB). ``--tile N`` restores big images in
-overlapping N×N tiles blended with linear ramps, with the degradation prior computed once on the
-whole image so every tile is routed alike. Also home of the helpers the other commands share:
-:func:`load_model` and :func:`restore_tensor`.
+:func:`load_model` gives a trained M2Restore in eval mode; :data:`PRECISIONS` and :func:`autocast`
+name the precisions it can run at, :func:`default_device` picks the device. :func:`restore_tensor`
+restores a batch, whole or in overlapping tiles blended with linear ramps (the degradation prior
+computed once on the whole image, so every tile is routed alike). :func:`restore_file` restores
+one image file into another that keeps its size, format, bit depth, grayscale-ness and alpha
+channel (alpha is passed through untouched; the network sees RGB); :func:`collect_inputs` maps
+files and folders to the outputs ``m2restore restore`` writes.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 from pathlib import Path
@@ -19,26 +20,13 @@ import torch
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "demo_tiny"
 # The model's precision by name: autocast to that dtype, or (fp32) none.
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Pixels shared by neighbouring tiles: the linear blend over this width hides seams, for
+# (tile / (tile - overlap))² times the work of restoring the image whole.
+TILE_OVERLAP = 32
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path | None = DEMO_WEIGHTS) -> None:
-    """Options every command that runs a trained model shares."""
-    parser.add_argument("--weights", type=Path, default=weights_default, required=weights_default is None,
-                        help="folder with config.json and model.safetensors"
-                             + (" (default: the shipped demo weights)" if weights_default else ""))
-    parser.add_argument("--prior-checkpoint", type=Path, default=None,
-                        help="DA-CLIP checkpoint (daclip_ViT-B-32.pt) for weights trained with the prior")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default=None,
-                        help="kernel backend (default: the one saved with the weights)")
-    parser.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp32",
-                        help="run the network under autocast to this dtype (default fp32: none); bf16 is the "
-                             "fast mode on GPUs and on CPUs with AVX512-BF16 or AMX")
-    parser.add_argument("--tile", type=int, default=0, help="restore in tiles of this size (0: whole image)")
-    parser.add_argument("--tile-overlap", type=int, default=32, help="overlap between tiles in pixels")
-
-
-def default_device(device: str | None) -> torch.device:
+def default_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else cuda when torch sees a GPU, else cpu."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -71,7 +59,7 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu", backend:
 
 
 @torch.no_grad()
-def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int = 32,
+def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int = TILE_OVERLAP,
                    prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Restore x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1], in x's dtype (also under autocast).
 
@@ -117,12 +105,12 @@ def _ramp(n: int, overlap: int, like: torch.Tensor) -> torch.Tensor:
 
 def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
     """(image file, its output path relative to OUTDIR) for files and folders (recursive)."""
-    from .data.io import is_image_file
+    from .data.io import find_images, is_image_file
 
     found: list[tuple[Path, Path]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += [(p, p.relative_to(item)) for p in sorted(item.rglob("*")) if p.is_file() and is_image_file(p)]
+            found += [(p, p.relative_to(item)) for p in find_images(item)]
         elif item.is_file():
             if not is_image_file(item):
                 raise ValueError(f"not a PNG or JPEG file: {item}")
@@ -137,32 +125,15 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
     return found
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (PNG/JPEG)")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
-    add_model_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def restore_file(model, src: Path, dst: Path, device: torch.device, precision: str = "fp32", tile: int = 0,
+                 overlap: int = TILE_OVERLAP) -> None:
+    """Restore the image file ``src`` into ``dst`` (format by its extension) with ``model`` on
+    ``device`` at ``precision``; ``dst`` keeps ``src``'s alpha, bit depth and grayscale-ness."""
     from .data.io import ImageData, read_image, write_image
 
-    jobs = collect_inputs(args.inputs)
-    if not jobs:
-        raise ValueError("no PNG or JPEG images in the given inputs")
-    device = default_device(args.device)
-    model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
-    out_dir = args.out.resolve()
-    for src, rel in tqdm(jobs, desc="restore", unit="img", disable=len(jobs) == 1):
-        dst = out_dir / rel
-        if dst.resolve() == src.resolve():
-            raise ValueError(f"refusing to overwrite the input {src}; choose another --out")
-        image = read_image(src)
-        x = torch.from_numpy(image.rgb).permute(2, 0, 1)[None].to(device)
-        with autocast(device, args.dtype):
-            y = restore_tensor(model, x, args.tile, args.tile_overlap)
-        y = y[0].permute(1, 2, 0).cpu().numpy()
-        write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale))
-    print(f"restored {len(jobs)} image(s) into {out_dir}")
-    return 0
+    image = read_image(src)
+    x = torch.from_numpy(image.rgb).permute(2, 0, 1)[None].to(device)
+    with autocast(device, precision):
+        y = restore_tensor(model, x, tile, overlap)
+    y = y[0].permute(1, 2, 0).cpu().numpy()
+    write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale))

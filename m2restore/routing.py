@@ -1,4 +1,4 @@
-"""``m2restore routing``: the expert-selection study of the paper's Fig. 8.
+"""The expert-selection study of the paper's Fig. 8 (``m2restore routing``).
 
 For every image, each DDER's dense gate weights (B, N, H_l, W_l) are averaged over pixels into
 the share of routing mass each expert receives; the three levels' vectors are concatenated into
@@ -10,12 +10,14 @@ vectors themselves; also the mean Euclidean distance within and between types (p
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# The paper's t-SNE perplexity for Fig. 8.
+PERPLEXITY = 30.0
 
 
 @torch.no_grad()
@@ -25,7 +27,7 @@ def routing_vector(model, x: torch.Tensor) -> np.ndarray:
     return torch.cat([g.float().mean(dim=(2, 3))[0] for g in aux.routing]).cpu().numpy()
 
 
-def analyse(vectors: np.ndarray, labels: list[str], seed: int = 0, perplexity: float = 30.0) -> dict:
+def analyse(vectors: np.ndarray, labels: list[str], seed: int = 0, perplexity: float = PERPLEXITY) -> dict:
     """t-SNE embedding and cluster scores of routing vectors (n, d) with one label each."""
     from sklearn.manifold import TSNE
     from sklearn.metrics import pairwise_distances, silhouette_samples
@@ -74,70 +76,61 @@ def plot(embedding: np.ndarray, labels: list[str], path: Path, title: str) -> No
     plt.close(fig)
 
 
-def _images_of(path: Path) -> list[Path]:
+def images_of(path: Path) -> list[Path]:
     """Degraded images of a set: a folder (its ``input/`` when it has one) or a list file."""
     from .data.datasets import allweather_pairs
-    from .data.io import is_image_file
+    from .data.io import find_images
 
     if path.is_file():
         return [p.input for p in allweather_pairs(path)]
     if not path.is_dir():
         raise FileNotFoundError(f"data not found: {path}")
-    folder = path / "input" if (path / "input").is_dir() else path
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    return find_images(path / "input" if (path / "input").is_dir() else path)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .restore import add_model_arguments
+def sample_images(sets: list[tuple[str, Path]], per_type: int, seed: int = 0) -> list[tuple[str, Path]]:
+    """(type, image file) of up to ``per_type`` images drawn without replacement from each
+    (type, path) set, in file order within a type."""
+    rng = np.random.default_rng(seed)
+    jobs: list[tuple[str, Path]] = []
+    for kind, path in sets:
+        files = images_of(path)
+        if not files:
+            raise ValueError(f"no images for type {kind!r} in {path}")
+        picks = sorted(rng.choice(len(files), size=min(per_type, len(files)), replace=False))
+        jobs += [(kind, files[i]) for i in picks]
+    return jobs
 
-    parser.add_argument("--data", nargs="+", required=True, metavar="[TYPE=]PATH",
-                        help="degraded images per degradation type: folders (or their input/) or list files")
-    parser.add_argument("--per-type", type=int, default=50, help="images sampled per type (paper: 50)")
-    parser.add_argument("--crop", type=int, default=None, help="centre-crop images to this size first")
-    parser.add_argument("--perplexity", type=float, default=30.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("routing"), help="folder for the plot and JSON")
-    add_model_arguments(parser)
 
-
-def run(args: argparse.Namespace) -> int:
+def routing_vectors(model, files: list[Path], device: torch.device, precision: str = "fp32",
+                    crop: int | None = None, progress: bool = True) -> np.ndarray:
+    """(len(files), Σ_levels N) routing vectors of image files, each centre-cropped to
+    ``crop × crop`` first when ``crop`` is given, the model run at ``precision``."""
     from tqdm import tqdm
 
     from .data.io import read_image
-    from .evaluate import parse_set
-    from .restore import autocast, default_device, load_model
+    from .restore import autocast
 
-    rng = np.random.default_rng(args.seed)
-    jobs: list[tuple[str, Path]] = []
-    for spec in args.data:
-        kind, path = parse_set(spec)
-        files = _images_of(path)
-        if not files:
-            raise ValueError(f"no images for type {kind!r} in {path}")
-        picks = sorted(rng.choice(len(files), size=min(args.per_type, len(files)), replace=False))
-        jobs += [(kind, files[i]) for i in picks]
-    device = default_device(args.device)
-    model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
     vectors = []
-    for _, file in tqdm(jobs, desc="routing", unit="img"):
+    for file in tqdm(files, desc="routing", unit="img", disable=not progress):
         x = torch.from_numpy(read_image(file).rgb).permute(2, 0, 1)[None]
-        if args.crop:
-            top, left = max(0, (x.shape[2] - args.crop) // 2), max(0, (x.shape[3] - args.crop) // 2)
-            x = x[:, :, top:top + args.crop, left:left + args.crop]
-        with autocast(device, args.dtype):
+        if crop:
+            top, left = max(0, (x.shape[2] - crop) // 2), max(0, (x.shape[3] - crop) // 2)
+            x = x[:, :, top:top + crop, left:left + crop]
+        with autocast(device, precision):
             vectors.append(routing_vector(model, x.to(device)))
+    return np.stack(vectors)
+
+
+def save_study(out: Path, weights: str | Path, jobs: list[tuple[str, Path]], vectors: np.ndarray,
+               result: dict) -> tuple[Path, Path]:
+    """The t-SNE plot ``out/routing_tsne.png`` and everything in ``out/routing.json``; returns both paths."""
     labels = [kind for kind, _ in jobs]
-    result = analyse(np.stack(vectors), labels, args.seed, args.perplexity)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     title = f"DDER routing, t-SNE (perplexity {result['perplexity']:.0f}); silhouette {result['silhouette']:.2f}"
-    plot(np.array(result["embedding"]), labels, args.out / "routing_tsne.png", title)
-    (args.out / "routing.json").write_text(json.dumps({
-        "weights": str(args.weights), "images": [str(f) for _, f in jobs], "labels": labels,
-        "vectors": np.stack(vectors).tolist(), **result}, indent=1))
-    print(f"silhouette (t-SNE): {result['silhouette']:.3f}  " + "  ".join(
-        f"{k}: {v:.3f}" for k, v in result["silhouette_per_type"].items()))
-    print(f"silhouette (routing vectors): {result['silhouette_vectors']:.3f}")
-    print("distance within types {:.2f} ± {:.2f}, between types {:.2f} ± {:.2f}".format(
-        *result["intra_distance"], *result["inter_distance"]))
-    print(f"plot: {args.out / 'routing_tsne.png'}  numbers: {args.out / 'routing.json'}")
-    return 0
+    plot_path, json_path = out / "routing_tsne.png", out / "routing.json"
+    plot(np.array(result["embedding"]), labels, plot_path, title)
+    json_path.write_text(json.dumps({
+        "weights": str(weights), "images": [str(f) for _, f in jobs], "labels": labels,
+        "vectors": vectors.tolist(), **result}, indent=1))
+    return plot_path, json_path

@@ -1,4 +1,4 @@
-"""``m2restore train --data ... --out RUN_DIR``: train M2Restore with the paper's recipe.
+"""Train M2Restore with the paper's recipe (``m2restore train --data ... --out RUN_DIR``).
 
 Defaults are the paper's (§IV-A): Adam, learning rate 2e-4, 200 epochs, batch 2 with gradient
 accumulation over 4 batches (effective batch 8), random 224×224 crops with horizontal and
@@ -15,9 +15,9 @@ restored from the checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -25,15 +25,22 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.pt"
+CROP = 224  # side of the random training crops (paper §IV-A)
 TRAIN_LOG_FIELDS = ("step", "epoch", "loss", "l1", "balance", "lr", "images_per_s", "seconds")
 VAL_LOG_FIELDS = ("step", "epoch", "psnr", "ssim")
 # Options that define the optimisation trajectory; on --resume they come from the checkpoint.
 _TRAJECTORY = ("epochs", "batch_size", "accum", "lr", "min_lr", "schedule", "seed", "total_steps")
+# The seed of epoch e's data order is seed × stride + e: a prime above any epoch count, so that
+# no two (seed, epoch) pairs of a run share an order.
+_EPOCH_SEED_STRIDE = 100003
+# Weight of the previous value in the progress bar's moving average of the loss (~ the last 10 steps).
+_LOSS_SMOOTHING = 0.9
 
 
 @dataclass
@@ -71,29 +78,91 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint (as a dict) and restored on resume."""
+
+    epoch: int = 0  # the epoch in progress (= epochs completed)
+    micro: int = 0  # batches of that epoch already trained on
+    step: int = 0  # optimizer steps taken
+    seconds: float = 0.0  # training time so far, over all sessions of the run
+    best_psnr: float = -math.inf  # best validation PSNR (dB), whose weights are in best/
+
+
+@dataclass
+class TrainRun:
+    """A run between steps: the model and what optimises it, the position, the logs.
+
+    An epoch is ``batches_per_epoch`` batches of ``opts.batch_size`` items; ``groups`` cuts it
+    into optimizer steps of ``opts.accum`` batches, (first batch, number of batches) each.
+    """
+
+    model: torch.nn.Module
+    opts: TrainOptions
+    device: torch.device
+    out_dir: Path
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    use_amp: bool  # the forward pass runs under autocast to amp_dtype
+    amp_dtype: torch.dtype
+    state: TrainState
+    batches_per_epoch: int
+    groups: list[tuple[int, int]]
+    total_steps: int
+    train_log: "_CsvLog"
+    val_log: "_CsvLog"
+    started: float = 0.0  # time.perf_counter() at which state.seconds was 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.groups)
+
+
 def fit(model, train_set, out_dir: str | Path, opts: TrainOptions, device: str | torch.device = "cpu",
         val_set=None, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``model`` on ``train_set`` (items: dicts with ``input``/``gt`` (3, h, w) tensors,
-    optionally ``d_g``/``P_f``); returns a summary: steps, epoch, seconds, steps_per_epoch, total_steps."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
+    """Train ``model`` on ``train_set`` (items: dicts with ``input``/``gt`` (3, h, w) float32
+    tensors in [0, 1], optionally the cached priors ``d_g`` (D,) and ``P_f`` (E,)), validating on
+    ``val_set`` (whole images) every ``opts.val_every`` epochs; with ``resume``, continue the run
+    in ``out_dir`` from its checkpoint. Returns a summary: steps, epoch, seconds,
+    steps_per_epoch, total_steps."""
+    run = setup_run(model, len(train_set), out_dir, opts, device, resume)
+    state = run.state
+    bar = _Progress(run.opts.max_steps or run.total_steps, state.step, progress)
+    stop = run.opts.max_steps is not None and state.step >= run.opts.max_steps
+    run.started = time.perf_counter() - state.seconds
+    while state.epoch < run.opts.epochs and not stop:
+        stop = train_epoch(run, train_set, bar)
+        if stop:
+            break
+        end_epoch(run, val_set, bar)
+    bar.close()
+    model.save_pretrained(run.out_dir / "weights")
+    return {"steps": state.step, "epoch": state.epoch, "seconds": state.seconds,
+            "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps}
 
+
+def setup_run(model, num_items: int, out_dir: str | Path, opts: TrainOptions, device: str | torch.device = "cpu",
+              resume: bool = False) -> TrainRun:
+    """Move ``model`` to ``device`` in train mode and build its optimizer, learning-rate schedule
+    and loss scaler for a training set of ``num_items`` items; with ``resume``, restore them, the
+    position, the RNG states and the options that define the trajectory from
+    ``out_dir/checkpoint.pt`` and drop log rows written after it; else start empty logs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     model.to(device).train()
-    micro_per_epoch = len(train_set) // opts.batch_size
-    if micro_per_epoch == 0:
-        raise ValueError(f"the training set has {len(train_set)} image(s), fewer than one batch of {opts.batch_size}")
-    groups = _accumulation_groups(micro_per_epoch, opts.accum)
-    steps_per_epoch = len(groups)
+    batches_per_epoch = num_items // opts.batch_size
+    if batches_per_epoch == 0:
+        raise ValueError(f"the training set has {num_items} image(s), fewer than one batch of {opts.batch_size}")
+    groups = _accumulation_groups(batches_per_epoch, opts.accum)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=opts.lr)
     use_amp = opts.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    state = {"epoch": 0, "micro": 0, "step": 0, "seconds": 0.0, "best_psnr": -math.inf}
+    state = TrainState()
 
     if resume:
         ckpt = load_checkpoint(out_dir / CHECKPOINT)
@@ -102,95 +171,152 @@ def fit(model, train_set, out_dir: str | Path, opts: TrainOptions, device: str |
         if changed:
             print(f"resume: keeping the checkpoint's {', '.join(f'{k}={getattr(saved, k)}' for k in changed)}")
         opts = dataclasses.replace(opts, **{k: getattr(saved, k) for k in _TRAJECTORY})
-    total_steps = opts.total_steps or opts.epochs * steps_per_epoch
+    total_steps = opts.total_steps or opts.epochs * len(groups)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(opts, total_steps))
     if resume:
         model.load_weights(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["state"]
+        state = TrainState(**ckpt["state"])
         _set_rng_state(ckpt["rng"])
-        _truncate_log(out_dir / "train_log.csv", state["step"])
-        _truncate_log(out_dir / "val_log.csv", state["step"])
+        _truncate_log(out_dir / "train_log.csv", state.step)
+        _truncate_log(out_dir / "val_log.csv", state.step)
     else:
         for name in ("train_log.csv", "val_log.csv"):
             (out_dir / name).unlink(missing_ok=True)
+    return TrainRun(model, opts, device, out_dir, optimizer, schedule, scaler, use_amp, amp_dtype,
+                    state, batches_per_epoch, groups, total_steps,
+                    train_log=_CsvLog(out_dir / "train_log.csv", TRAIN_LOG_FIELDS),
+                    val_log=_CsvLog(out_dir / "val_log.csv", VAL_LOG_FIELDS))
 
-    train_log = _CsvLog(out_dir / "train_log.csv", TRAIN_LOG_FIELDS)
-    val_log = _CsvLog(out_dir / "val_log.csv", VAL_LOG_FIELDS)
 
-    def save():
-        _save_checkpoint(out_dir / CHECKPOINT, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "state": dict(state),
-            "rng": _rng_state(), "options": dataclasses.asdict(opts), "config": model.config.to_dict()})
+def save_checkpoint(run: TrainRun) -> None:
+    """Write ``run``'s complete state to ``out_dir/checkpoint.pt``, atomically."""
+    _save_checkpoint(run.out_dir / CHECKPOINT, {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict(), "scaler": run.scaler.state_dict(),
+        "state": dataclasses.asdict(run.state), "rng": _rng_state(), "options": dataclasses.asdict(run.opts),
+        "config": run.model.config.to_dict()})
 
-    bar = tqdm(total=opts.max_steps or total_steps, initial=state["step"], desc="train", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    smoothed = None
-    stop = opts.max_steps is not None and state["step"] >= opts.max_steps
-    start_time = time.perf_counter() - state["seconds"]
-    while state["epoch"] < opts.epochs and not stop:
-        epoch = state["epoch"]
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(opts.seed * 100003 + epoch))
-        batches = order[:micro_per_epoch * opts.batch_size].view(micro_per_epoch, opts.batch_size).tolist()
-        # The loader gets its own generator: creating an iterator would otherwise draw from
-        # the global torch RNG and shift the router noise of a resumed run.
-        loader = iter(DataLoader(train_set, batch_sampler=batches[state["micro"]:], num_workers=opts.workers,
-                                 generator=torch.Generator().manual_seed(0)))
-        for first, size in groups:
-            if first < state["micro"]:
-                continue
-            t0 = time.perf_counter()
-            sums = torch.zeros(3)
-            for _ in range(size):
-                batch = next(loader)
-                x, gt = batch["input"].to(device), batch["gt"].to(device)
-                prior = (batch["d_g"].to(device), batch["P_f"].to(device)) if "d_g" in batch else None
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    out, aux = model(x, prior=prior, return_aux=True)
-                    loss, l1, balance = _loss(model, out.float(), gt, aux)
-                scaler.scale(loss / size).backward()
-                sums += torch.stack([loss.detach(), l1.detach(), balance.detach()]).float().cpu()
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            state["step"] += 1
-            state["micro"] = first + size
-            state["seconds"] = time.perf_counter() - start_time
-            loss_v, l1_v, bal_v = (sums / size).tolist()
-            ips = size * opts.batch_size / (time.perf_counter() - t0)
-            train_log.write(step=state["step"], epoch=epoch, loss=loss_v, l1=l1_v, balance=bal_v,
-                            lr=lr, images_per_s=ips, seconds=state["seconds"])
-            smoothed = loss_v if smoothed is None else 0.9 * smoothed + 0.1 * loss_v
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{smoothed:.4f}", img_s=f"{ips:.1f}")
-            stop = (opts.max_steps is not None and state["step"] >= opts.max_steps) or (
-                opts.max_seconds is not None and state["seconds"] >= opts.max_seconds)
-            if stop or (opts.ckpt_every and state["step"] % opts.ckpt_every == 0):
-                save()
-            if stop:
-                break
+
+def epoch_batches(opts: TrainOptions, num_items: int, epoch: int) -> list[list[int]]:
+    """The item indices of every batch of ``epoch``: (num_items // batch_size, batch_size), a
+    permutation that depends on (seed, epoch) only; the last num_items % batch_size items of
+    it are left out."""
+    per_epoch = num_items // opts.batch_size
+    generator = torch.Generator().manual_seed(opts.seed * _EPOCH_SEED_STRIDE + epoch)
+    order = torch.randperm(num_items, generator=generator)
+    return order[:per_epoch * opts.batch_size].view(per_epoch, opts.batch_size).tolist()
+
+
+def train_epoch(run: TrainRun, train_set, bar: "_Progress") -> bool:
+    """Train the epoch ``run.state.epoch`` from its batch ``run.state.micro`` on, one optimizer
+    step per group of batches, logging and checkpointing as the options say. Returns True when
+    ``max_steps`` or ``max_seconds`` stopped it (after a checkpoint), False at the epoch's end."""
+    from torch.utils.data import DataLoader
+
+    opts, state, epoch = run.opts, run.state, run.state.epoch
+    if hasattr(train_set, "set_epoch"):
+        train_set.set_epoch(epoch)
+    batches = epoch_batches(opts, len(train_set), epoch)
+    # The loader gets its own generator: creating an iterator would otherwise draw from
+    # the global torch RNG and shift the router noise of a resumed run.
+    loader = iter(DataLoader(train_set, batch_sampler=batches[state.micro:], num_workers=opts.workers,
+                             generator=torch.Generator().manual_seed(0)))
+    for first, size in run.groups:
+        if first < state.micro:
+            continue
+        t0 = time.perf_counter()
+        lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        loss, l1, balance = train_step(run, itertools.islice(loader, size), size)
+        state.micro = first + size
+        state.seconds = time.perf_counter() - run.started
+        ips = size * opts.batch_size / (time.perf_counter() - t0)
+        run.train_log.write(step=state.step, epoch=epoch, loss=loss, l1=l1, balance=balance,
+                            lr=lr, images_per_s=ips, seconds=state.seconds)
+        bar.update(epoch, loss, ips)
+        stop = _should_stop(run)
+        if stop or (opts.ckpt_every and state.step % opts.ckpt_every == 0):
+            save_checkpoint(run)
         if stop:
-            break
-        if val_set is not None and (epoch + 1) % opts.val_every == 0:
-            result = _validate(model, val_set, device)
-            val_log.write(step=state["step"], epoch=epoch, psnr=result.psnr, ssim=result.ssim)
-            bar.write(f"epoch {epoch}: validation PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f}")
-            if result.psnr > state["best_psnr"]:
-                state["best_psnr"] = result.psnr
-                model.save_pretrained(out_dir / "best")
-        state["epoch"], state["micro"] = epoch + 1, 0
-        save()
-    bar.close()
-    model.save_pretrained(out_dir / "weights")
-    return {"steps": state["step"], "epoch": state["epoch"], "seconds": state["seconds"],
-            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+            return True
+    return False
+
+
+def train_step(run: TrainRun, batches: Iterable[dict], count: int) -> tuple[float, float, float]:
+    """One optimizer step on the gradient of the mean loss over ``count`` batches (loader
+    batches: ``input`` and ``gt`` (B, 3, h, w), optionally ``d_g`` (B, D) and ``P_f`` (B, E)),
+    drawn from ``batches`` one at a time; then the schedule's step. Returns the batches' mean
+    (loss, L1, Σ balance)."""
+    sums = torch.zeros(3)
+    for batch in batches:
+        sums += accumulate_gradients(run, batch, count)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.schedule.step()
+    run.state.step += 1
+    loss, l1, balance = (sums / count).tolist()
+    return loss, l1, balance
+
+
+def accumulate_gradients(run: TrainRun, batch: dict, count: int) -> torch.Tensor:
+    """Forward ``batch`` (as in :func:`train_step`) and add the gradient of its loss / ``count``
+    to the parameters' ``.grad``, so that ``count`` calls accumulate the gradient of their mean.
+    Returns (3,) float32 on the CPU: loss, L1, Σ balance."""
+    device = run.device
+    x, gt = batch["input"].to(device), batch["gt"].to(device)
+    prior = (batch["d_g"].to(device), batch["P_f"].to(device)) if "d_g" in batch else None
+    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+        out, aux = run.model(x, prior=prior, return_aux=True)
+        loss, l1, balance = _loss(run.model, out.float(), gt, aux)
+    run.scaler.scale(loss / count).backward()
+    return torch.stack([loss.detach(), l1.detach(), balance.detach()]).float().cpu()
+
+
+def end_epoch(run: TrainRun, val_set, bar: "_Progress") -> None:
+    """Close the epoch ``run.state.epoch``: validate when due (keeping the best weights in
+    ``best/``), move on to the next epoch and save a checkpoint."""
+    state, epoch = run.state, run.state.epoch
+    if val_set is not None and (epoch + 1) % run.opts.val_every == 0:
+        result = _validate(run.model, val_set, run.device)
+        run.val_log.write(step=state.step, epoch=epoch, psnr=result.psnr, ssim=result.ssim)
+        bar.write(f"epoch {epoch}: validation PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f}")
+        if result.psnr > state.best_psnr:
+            state.best_psnr = result.psnr
+            run.model.save_pretrained(run.out_dir / "best")
+    state.epoch, state.micro = epoch + 1, 0
+    save_checkpoint(run)
+
+
+def _should_stop(run: TrainRun) -> bool:
+    opts, state = run.opts, run.state
+    return (opts.max_steps is not None and state.step >= opts.max_steps) or (
+        opts.max_seconds is not None and state.seconds >= opts.max_seconds)
+
+
+class _Progress:
+    """The progress bar: optimizer steps, with the epoch, a smoothed loss and images per second."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled,
+                        dynamic_ncols=True)
+        self.smoothed: float | None = None
+
+    def update(self, epoch: int, loss: float, images_per_s: float) -> None:
+        decay = _LOSS_SMOOTHING
+        self.smoothed = loss if self.smoothed is None else decay * self.smoothed + (1 - decay) * loss
+        self.bar.update(1)
+        self.bar.set_postfix(epoch=epoch, loss=f"{self.smoothed:.4f}", img_s=f"{images_per_s:.1f}")
+
+    def write(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _loss(model, out, gt, aux):
@@ -323,70 +449,3 @@ def _make_config(cls, spec):
     if not path.is_file():
         raise FileNotFoundError(f"--config must be tiny, paper or a JSON file; {spec} not found")
     return cls.from_dict(json.loads(path.read_text()))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainOptions()
-    parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                        help="training data: All-weather list files and/or folders with input/ and gt/")
-    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, weights)")
-    parser.add_argument("--val-data", nargs="*", default=(), metavar="PATH", help="validation data (whole images)")
-    parser.add_argument("--val-limit", type=int, default=None, help="validate on at most this many images")
-    parser.add_argument("--config", default="paper", help="tiny, paper or a JSON file of M2RestoreConfig fields")
-    parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default=None)
-    parser.add_argument("--prior-checkpoint", type=Path, default=None, help="DA-CLIP checkpoint (default: no prior)")
-    parser.add_argument("--prior-cache", type=Path, default=None, help="precomputed priors (m2restore prior-cache)")
-    parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--accum", type=int, default=d.accum, help="batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--min-lr", type=float, default=d.min_lr)
-    parser.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
-    parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints (0: per epoch)")
-    parser.add_argument("--val-every", type=int, default=d.val_every, help="epochs between validations")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--no-amp", dest="amp", action="store_false", help="no autocast on CUDA")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .data import PairedImages, open_pairs
-    from .restore import default_device
-
-    opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=args.lr,
-                        min_lr=args.min_lr, schedule=args.schedule, seed=args.seed, workers=args.workers,
-                        ckpt_every=args.ckpt_every, val_every=args.val_every, max_steps=args.max_steps,
-                        amp=args.amp)
-    config = args.config
-    if args.resume:
-        ckpt = load_checkpoint(args.out / CHECKPOINT)
-        config, seed = ckpt["config"], ckpt["options"]["seed"]
-        del ckpt
-    else:
-        seed = opts.seed
-    seed_everything(seed)
-    model = build_model(config, args.backend, args.prior_checkpoint, quiet=args.prior_cache is not None)
-    prior_cache = None
-    if args.prior_cache is not None:
-        from .prior.cache import PriorCache
-
-        prior_cache = PriorCache(args.prior_cache)
-    pairs = [p for spec in args.data for p in open_pairs(spec)]
-    train_set = PairedImages(pairs, crop=args.crop, flip=True, prior_cache=prior_cache, seed=seed)
-    val_set = None
-    if args.val_data:
-        val_pairs = [p for spec in args.val_data for p in open_pairs(spec)][:args.val_limit]
-        val_set = PairedImages(val_pairs, crop=None, flip=False, prior_cache=prior_cache)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "run.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                   for k, v in vars(args).items() if not k.startswith("_")},
-                                                  indent=2, default=str))
-    summary = fit(model, train_set, args.out, opts, default_device(args.device), val_set, args.resume, args.progress)
-    print(f"trained {summary['steps']} steps ({summary['epoch']} epochs) in {summary['seconds']:.1f} s; "
-          f"weights in {args.out / 'weights'}")
-    return 0

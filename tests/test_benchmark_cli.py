@@ -151,7 +151,7 @@ def test_graph_mode_is_only_asked_of_the_capturable_backend():
     """A failed capture can leave CUDA unusable, so ``--graph`` adds triton cases only (after eager)."""
     import argparse
 
-    from m2restore.benchmark import add_arguments, cases_from_args
+    from m2restore.cli.bench import add_arguments, cases_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import is_image_file, read_image
+from .io import find_images, read_image
 from .synthetic import degrade
 
 
@@ -59,9 +59,9 @@ def paired_folder_pairs(root: str | Path) -> list[Pair]:
     inp, gt = root / "input", root / "gt"
     if not inp.is_dir() or not gt.is_dir():
         raise FileNotFoundError(f"paired folder layout needs {inp} and {gt}")
-    gt_by_stem = {p.relative_to(gt).with_suffix("").as_posix(): p for p in _images_under(gt)}
+    gt_by_stem = {p.relative_to(gt).with_suffix("").as_posix(): p for p in find_images(gt)}
     pairs = []
-    for p in _images_under(inp):
+    for p in find_images(inp):
         rel = p.relative_to(inp)
         match = gt / rel if (gt / rel).is_file() else gt_by_stem.get(rel.with_suffix("").as_posix())
         if match is None:
@@ -192,7 +192,3 @@ def _checked(pairs: list[Pair]) -> list[Pair]:
             if not path.is_file():
                 raise FileNotFoundError(f"image file not found: {path}")
     return pairs
-
-
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))

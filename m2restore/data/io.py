@@ -41,6 +41,11 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def find_images(root: str | Path) -> list[Path]:
+    """PNG and JPEG files under ``root``, recursively, sorted by path; [] when ``root`` is not a folder."""
+    return sorted(p for p in Path(root).rglob("*") if p.is_file() and is_image_file(p))
+
+
 def read_image(path: str | Path) -> ImageData:
     """Decode a PNG or JPEG file. Missing files raise FileNotFoundError, undecodable ones
     ValueError; both messages name the path."""

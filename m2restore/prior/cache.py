@@ -7,13 +7,12 @@ safetensors file, keyed by the file's path relative to ``DIR`` (POSIX separators
 degradation names and the CLIP model (name and open_clip config), so a reader can check they
 match its model config.
 Point ``DIR`` at the data root the training set's keys are relative to.
+:func:`~m2restore.data.io.find_images` lists the images a cache is written for.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path, PurePath
 from typing import Iterable, Mapping
 
@@ -22,10 +21,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..config import DEGRADATIONS
-from ..data.io import is_image_file, read_image
+from ..data.io import find_images, read_image
+
+__all__ = ["BATCH_SIZE", "FORMAT", "PriorCache", "find_images", "write_prior_cache"]
 
 FORMAT = "m2restore-prior-cache/1"
+# Images per CLIP forward: ViT-B/32 at 224² fills a GPU with a few dozen, and stays small on a CPU.
+BATCH_SIZE = 32
 _D_G, _P_F = "d_g/", "P_f/"
 
 
@@ -38,17 +40,12 @@ def _read_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(read_image(path).rgb).permute(2, 0, 1).unsqueeze(0)
 
 
-def find_images(root: str | os.PathLike) -> list[Path]:
-    """Image files under ``root``, recursively, in sorted order."""
-    return sorted(p for p in Path(root).rglob("*") if p.is_file() and is_image_file(p))
-
-
 def write_prior_cache(
     prior,
     image_paths: Iterable[str | os.PathLike],
     root: str | os.PathLike,
     out: str | os.PathLike,
-    batch_size: int = 32,
+    batch_size: int = BATCH_SIZE,
     metadata: Mapping[str, str] | None = None,
     progress: bool = True,
 ) -> int:
@@ -126,36 +123,3 @@ class PriorCache:
         if _D_G + key not in self._tensors:
             raise KeyError(f"{key!r} is not in prior cache {self.path} ({len(self)} images)")
         return self._tensors[_D_G + key], self._tensors[_P_F + key]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="DA-CLIP weights, e.g. daclip_ViT-B-32.pt from Algolzw/daclip-uir")
-    parser.add_argument("--images", required=True, type=Path,
-                        help="folder of images (searched recursively); cache keys are paths relative to it")
-    parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--names", default=",".join(DEGRADATIONS),
-                        help="comma-separated degradation names, as in the model config (default: %(default)s)")
-    parser.add_argument("--model", default="ViT-B-32", help="open_clip config name of the DA-CLIP (default: %(default)s)")
-    parser.add_argument("--model-config", type=Path, default=None,
-                        help="JSON file of open_clip model config overrides (for non-standard DA-CLIPs)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .daclip import DAClipPrior
-
-    images = find_images(args.images)
-    if not images:
-        print(f"prior-cache: no image files under {args.images}", file=sys.stderr)
-        return 2
-    model_cfg = json.loads(args.model_config.read_text()) if args.model_config else None
-    names = [n.strip() for n in args.names.split(",") if n.strip()]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    prior = DAClipPrior.from_checkpoint(args.checkpoint, names=names, model_name=args.model, model_cfg=model_cfg)
-    prior.to(device)
-    count = write_prior_cache(prior, images, args.images, args.out, batch_size=args.batch_size,
-                              metadata={"checkpoint": args.checkpoint.name})
-    print(f"prior-cache: {count} images -> {args.out} (names: {', '.join(names)})")
-    return 0

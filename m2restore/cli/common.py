@@ -1,0 +1,55 @@
+"""Options and argument parsing the subcommands share.
+
+The helpers behind them are library code, so that programs reach them without the command line:
+:func:`m2restore.restore.load_model`, :data:`~m2restore.restore.PRECISIONS` (``--dtype``),
+:func:`~m2restore.restore.default_device` (``--device``) and the one image-folder walker,
+:func:`m2restore.data.io.find_images`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import MODEL_BACKENDS
+from ..restore import DEMO_WEIGHTS, PRECISIONS, TILE_OVERLAP
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+def add_backend_argument(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    parser.add_argument("--backend", choices=MODEL_BACKENDS, default=None, help=help_text)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path | None = DEMO_WEIGHTS) -> None:
+    """Options every command that runs a trained model shares (read by :func:`load_model_from_args`)."""
+    parser.add_argument("--weights", type=Path, default=weights_default, required=weights_default is None,
+                        help="folder with config.json and model.safetensors"
+                             + (" (default: the shipped demo weights)" if weights_default else ""))
+    parser.add_argument("--prior-checkpoint", type=Path, default=None,
+                        help="DA-CLIP checkpoint (daclip_ViT-B-32.pt) for weights trained with the prior")
+    add_device_argument(parser)
+    add_backend_argument(parser, "kernel backend (default: the one saved with the weights)")
+    parser.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp32",
+                        help="run the network under autocast to this dtype (default fp32: none); bf16 is the "
+                             "fast mode on GPUs and on CPUs with AVX512-BF16 or AMX")
+    parser.add_argument("--tile", type=int, default=0, help="restore in tiles of this size (0: whole image)")
+    parser.add_argument("--tile-overlap", type=int, default=TILE_OVERLAP, help="overlap between tiles in pixels")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """(model, device) from the options of :func:`add_model_arguments`."""
+    from ..restore import default_device, load_model
+
+    device = default_device(args.device)
+    return load_model(args.weights, device, args.backend, args.prior_checkpoint), device
+
+
+def parse_set(spec: str) -> tuple[str, Path]:
+    """``name=path`` or ``path`` (named after the folder, or the list file's stem)."""
+    name, sep, path = spec.partition("=")
+    if sep:
+        return name, Path(path)
+    p = Path(spec)
+    return (p.stem if p.is_file() else p.name), p

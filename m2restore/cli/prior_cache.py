@@ -1,0 +1,46 @@
+"""``m2restore prior-cache``: precompute DA-CLIP priors for a folder of images (see :mod:`m2restore.prior.cache`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..config import DEGRADATIONS
+from ..prior.cache import BATCH_SIZE
+from .common import add_device_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="DA-CLIP weights, e.g. daclip_ViT-B-32.pt from Algolzw/daclip-uir")
+    parser.add_argument("--images", required=True, type=Path,
+                        help="folder of images (searched recursively); cache keys are paths relative to it")
+    parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    add_device_argument(parser)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--names", default=",".join(DEGRADATIONS),
+                        help="comma-separated degradation names, as in the model config (default: %(default)s)")
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip config name of the DA-CLIP (default: %(default)s)")
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="JSON file of open_clip model config overrides (for non-standard DA-CLIPs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.io import find_images
+    from ..prior.cache import write_prior_cache
+    from ..prior.daclip import DAClipPrior
+    from ..restore import default_device
+
+    images = find_images(args.images)
+    if not images:
+        print(f"prior-cache: no image files under {args.images}", file=sys.stderr)
+        return 2
+    model_cfg = json.loads(args.model_config.read_text()) if args.model_config else None
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    prior = DAClipPrior.from_checkpoint(args.checkpoint, names=names, model_name=args.model, model_cfg=model_cfg)
+    prior.to(default_device(args.device))
+    count = write_prior_cache(prior, images, args.images, args.out, batch_size=args.batch_size,
+                              metadata={"checkpoint": args.checkpoint.name})
+    print(f"prior-cache: {count} images -> {args.out} (names: {', '.join(names)})")
+    return 0

@@ -1,0 +1,78 @@
+"""``m2restore train --data ... --out RUN_DIR``: train M2Restore with the paper's recipe (see
+:mod:`m2restore.train` for the defaults and what RUN_DIR holds)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..train import CROP, TrainOptions
+from .common import add_backend_argument, add_device_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainOptions()
+    parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                        help="training data: All-weather list files and/or folders with input/ and gt/")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, weights)")
+    parser.add_argument("--val-data", nargs="*", default=(), metavar="PATH", help="validation data (whole images)")
+    parser.add_argument("--val-limit", type=int, default=None, help="validate on at most this many images")
+    parser.add_argument("--config", default="paper", help="tiny, paper or a JSON file of M2RestoreConfig fields")
+    add_backend_argument(parser)
+    parser.add_argument("--prior-checkpoint", type=Path, default=None, help="DA-CLIP checkpoint (default: no prior)")
+    parser.add_argument("--prior-cache", type=Path, default=None, help="precomputed priors (m2restore prior-cache)")
+    parser.add_argument("--crop", type=int, default=CROP)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--accum", type=int, default=d.accum, help="batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--min-lr", type=float, default=d.min_lr)
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints (0: per epoch)")
+    parser.add_argument("--val-every", type=int, default=d.val_every, help="epochs between validations")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    add_device_argument(parser)
+    parser.add_argument("--no-amp", dest="amp", action="store_false", help="no autocast on CUDA")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import PairedImages, open_pairs
+    from ..restore import default_device
+    from ..train import CHECKPOINT, build_model, fit, load_checkpoint, seed_everything
+
+    opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=args.lr,
+                        min_lr=args.min_lr, schedule=args.schedule, seed=args.seed, workers=args.workers,
+                        ckpt_every=args.ckpt_every, val_every=args.val_every, max_steps=args.max_steps,
+                        amp=args.amp)
+    config = args.config
+    if args.resume:
+        ckpt = load_checkpoint(args.out / CHECKPOINT)
+        config, seed = ckpt["config"], ckpt["options"]["seed"]
+        del ckpt
+    else:
+        seed = opts.seed
+    seed_everything(seed)
+    model = build_model(config, args.backend, args.prior_checkpoint, quiet=args.prior_cache is not None)
+    prior_cache = None
+    if args.prior_cache is not None:
+        from ..prior.cache import PriorCache
+
+        prior_cache = PriorCache(args.prior_cache)
+    pairs = [p for spec in args.data for p in open_pairs(spec)]
+    train_set = PairedImages(pairs, crop=args.crop, flip=True, prior_cache=prior_cache, seed=seed)
+    val_set = None
+    if args.val_data:
+        val_pairs = [p for spec in args.val_data for p in open_pairs(spec)][:args.val_limit]
+        val_set = PairedImages(val_pairs, crop=None, flip=False, prior_cache=prior_cache)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "run.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                   for k, v in vars(args).items() if not k.startswith("_")},
+                                                  indent=2, default=str))
+    summary = fit(model, train_set, args.out, opts, default_device(args.device), val_set, args.resume, args.progress)
+    print(f"trained {summary['steps']} steps ({summary['epoch']} epochs) in {summary['seconds']:.1f} s; "
+          f"weights in {args.out / 'weights'}")
+    return 0
