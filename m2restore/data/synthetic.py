@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage, signal
 
-# Degradation kind -> the DA-CLIP degradation name (SPEC §3) it stands for.
+# Degradation kind -> the DA-CLIP degradation name (docs/design.md#daclip-prior) it stands for.
 DEGRADATIONS = {"rain": "rainy", "haze": "hazy", "snow": "snowy", "raindrop": "raindrop"}
 
 
