@@ -34,8 +34,8 @@ TOLERANCES: dict[tuple[str, torch.dtype], float] = {
     ("model", torch.float32): 1e-5,
     ("model", torch.bfloat16): 2e-2,
     ("model", torch.float16): 2e-2,  # 11 mantissa bits: never worse than bf16 at these magnitudes
-    # Random-weight ViT-B/32 DA-CLIP against its float64 copy, 224² and 1024² inputs, on the 2-core
-    # EPYC: at most 6.7e-7 (d_g's scale of 100 amplifies the cosine's rounding).
+    # Random-weight ViT-B/32 DA-CLIP against its float64 copy, 224² and 1024² inputs, on CPU: at
+    # most 6.7e-7 (d_g's scale of 100 amplifies the cosine's rounding).
     ("daclip_prior", torch.float32): 1e-5,
     ("daclip_prior", torch.float16): 1e-2,  # the towers' own float16 autocast on CUDA
 }
