@@ -7,12 +7,14 @@ float16 autocast. ``--quick`` uses the tiny open_clip config of ``m2restore.benc
 """
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
 
 from m2restore.benchmark import make_inputs, make_prior
+from m2restore_kernels.testing import assert_close_rel
 
 pytest.importorskip("open_clip", reason="the DA-CLIP prior needs open_clip_torch")
 
@@ -40,3 +42,10 @@ def test_daclip_prior(bench, benchmark, prior, device, size):
     benchmark.extra_info.update(size=size, clip_image_size=prior.image_size)
     assert d_g.shape == (1, len(prior.names)) and p_f.shape == (1, prior.embed_dim)
     torch.testing.assert_close(d_g.sum(-1), torch.ones(1, device=device))
+    # One input again, against a float64 copy of the prior (autocast leaves float64 tensors alone).
+    with torch.inference_mode():
+        got = prior(inputs[0])
+        expected = copy.deepcopy(prior).double()(inputs[0].double())
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # the towers' compute dtype
+    for name, g, e in zip(("d_g", "P_f"), got, expected):
+        assert_close_rel(g, e, "daclip_prior", dtype, name)

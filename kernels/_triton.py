@@ -40,7 +40,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     ("tf32x3"), float32-level error on the tensor cores, where an "ieee" dot falls back to FMA loops
     many times slower (bench/RESULTS.md); plain "tf32" once
     ``torch.set_float32_matmul_precision("high")`` allows TF32, as cuBLAS then does.
-    ``M2RESTORE_FP32_DOT=ieee|tf32x3|tf32`` overrides that (the parity tests run "ieee", as docs/design.md
+    ``M2RESTORE_FP32_DOT=ieee|tf32x3|tf32`` overrides that (the parity tests run "ieee", as docs/design.md#tolerances
     asks). The interpreter computes every dot in IEEE float32. Other dtypes ignore all of this.
     """
     if dtype != torch.float32 or interpreter_on():

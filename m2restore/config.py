@@ -1,11 +1,11 @@
-"""Every number of the M2Restore network, in one dataclass (SPEC §1).
+"""Every number of the M2Restore network, in one dataclass (docs/design.md#network-defaults).
 
 ``M2RestoreConfig.paper()`` is the network of the paper; ``M2RestoreConfig.tiny()`` keeps its
 structure with few channels and blocks, for tests and demos. Levels are numbered 1..3 from the full
 resolution down; per-level tuples are ordered (level 1, level 2, level 3).
 
 Where the paper and the authors' public code disagree, the paper is the default and the public code
-is reachable through a switch:
+is reachable through a switch (docs/design.md#paper-vs-public-code):
 
 =================  =====================  ==========================================
 field              paper (default)        public code

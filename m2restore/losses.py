@@ -5,9 +5,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import M2RestoreConfig
+
+# λ of the paper's loss, the one number shared with the config.
+BALANCE_WEIGHT = M2RestoreConfig.balance_weight
+
 
 def m2restore_loss(restored: torch.Tensor, target: torch.Tensor, balance_loss: torch.Tensor,
-                   balance_weight: float = 0.01) -> torch.Tensor:
+                   balance_weight: float = BALANCE_WEIGHT) -> torch.Tensor:
     """mean |restored − target| + balance_weight · balance_loss.
 
     restored, target (B, 3, H, W); balance_loss the scalar ``aux.balance_loss`` of
@@ -19,7 +24,7 @@ def m2restore_loss(restored: torch.Tensor, target: torch.Tensor, balance_loss: t
 class M2RestoreLoss(nn.Module):
     """``m2restore_loss`` as a module; ``balance_weight`` defaults to the config's λ (0.01)."""
 
-    def __init__(self, balance_weight: float = 0.01):
+    def __init__(self, balance_weight: float = BALANCE_WEIGHT):
         super().__init__()
         self.balance_weight = balance_weight
 

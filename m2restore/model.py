@@ -10,7 +10,7 @@
                                      → transformer blocks
          refinement transformer blocks → conv3×3 96→3 → + image → crop to H×W
 
-Channel widths and block counts come from ``M2RestoreConfig`` (``paper()`` is the table of SPEC §1).
+Channel widths and block counts come from ``M2RestoreConfig`` (``paper()`` is the table of docs/design.md#network-defaults).
 """
 from __future__ import annotations
 

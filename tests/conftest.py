@@ -1,7 +1,7 @@
-"""Parity tests compare float32 results with float64 references at 1e-5 (SPEC.md section 2): on CUDA
-that needs IEEE float32 in cuDNN too (its convolutions default to TF32; matmuls already default to
-IEEE), and Triton's float32 dots in IEEE mode, as SPEC.md asks (the package's default, 3xTF32, has
-tests of its own)."""
+"""Parity tests compare float32 results with float64 references at 1e-5 (docs/design.md#tolerances,
+``m2restore_kernels.testing``): on CUDA that needs IEEE float32 in cuDNN too (its convolutions
+default to TF32; matmuls already default to IEEE), and Triton's float32 dots in IEEE mode (the
+package's default, 3xTF32, has tests of its own)."""
 import os
 
 import pytest

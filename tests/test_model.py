@@ -118,7 +118,7 @@ def test_loss_is_l1_plus_weighted_balance():
 
 
 def _paper_parameter_count() -> int:
-    """The parameter count of SPEC §1's table, layer by layer."""
+    """The parameter count of docs/design.md#network-defaults, layer by layer."""
     def ln(c): return 2 * c                              # weight + bias
     def hid(c): return int(c * 2.66)                      # GDFN and expert hidden width
 

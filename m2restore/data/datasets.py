@@ -160,7 +160,7 @@ def random_crop_flip(rng: np.random.Generator, crop: int, flip: bool, *images: n
         h, w = h + ph, w + pw
     top, left = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
     out = [im[top:top + crop, left:left + crop] for im in images]
-    if flip:
+    if flip:  # horizontal, then vertical, each with probability 1/2
         if rng.random() < 0.5:
             out = [im[:, ::-1] for im in out]
         if rng.random() < 0.5:

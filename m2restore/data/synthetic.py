@@ -8,13 +8,17 @@ physical where physics is cheap: haze follows the atmospheric scattering model
 drops screened onto the scene; snow is blurred particles in two depth layers composited over
 it; raindrops on the lens are soft elliptical patches through which the scene is seen blurred
 and brightened.
+
+The numeric ranges in these functions (densities, sizes, blur widths, brightness) are appearance
+parameters of the demo's training data, not measurements: each draw keeps its degradation clearly
+visible on the demo's 64-192 px images while the scene stays recognisable.
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage, signal
 
-# Degradation kind -> the DA-CLIP degradation name (SPEC §3) it stands for.
+# Degradation kind -> the DA-CLIP degradation name (docs/design.md#daclip-prior) it stands for.
 DEGRADATIONS = {"rain": "rainy", "haze": "hazy", "snow": "snowy", "raindrop": "raindrop"}
 
 

@@ -9,7 +9,7 @@ forward(image (B, 3, H0, W0), features (B, C, H, W)) -> (B, C, H, W):
     agg        = proj1×1(low·SpatialGate(high) + high·ChannelGate(low))
     out        = a ⊙ CrossAttn(features, agg) + b ⊙ features            a init 0, b init 1
 
-Deviation from AdaIR (documented in SPEC §1): AdaIR sizes the box half-extent as
+Deviation from AdaIR (docs/design.md#resolved-ambiguities): AdaIR sizes the box half-extent as
 ``int((h // 128)·t)``, which is empty for any map under 128 pixels (all of them below a 1024-pixel
 input); we use ``int(t·h/2)`` (resp. w) so the low/high split exists at every size. Because the box
 edge is an integer, no gradient reaches the threshold MLP (as in AdaIR).

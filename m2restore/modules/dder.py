@@ -4,8 +4,9 @@ Per pixel p of a feature map x (B, C, H, W), with the image's task prompt T and 
 
     x_p = [x ; Linear(T)]                                      (2C)       paper eq. 3
     S   = x_p W_g + α ⊙ (d_g W_b + b_b)                        (N)        eqs. 4-6
-    S̃   = S + ε ⊙ σ ⊙ n,  σ = softplus(x_p W_n) + 0.01,        training only, eqs. 7-9
-          n ~ N(0, 1), ε ~ Bernoulli(0.5) per pixel and expert (ε = 1 with noise_mask=False)
+    S̃   = S + ε ⊙ σ ⊙ n,  σ = softplus(x_p W_n) + floor,       training only, eqs. 7-9
+          n ~ N(0, 1), ε ~ Bernoulli(p) per pixel and expert (ε = 1 with noise_mask=False);
+          floor = config.noise_floor (0.01), p = config.noise_keep_prob (0.5)
     g   = softmax over the K largest S̃ (the others are out)   eqs. 10-11
     out = x + Σ_k g_k E_k(x)      (or log Σ_k g_k exp(E_k(x)) with combine="logsumexp")
 
@@ -24,13 +25,13 @@ from .. import ops
 from ..config import M2RestoreConfig
 
 
-def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+def cv_squared(v: torch.Tensor, eps: float = M2RestoreConfig.balance_eps) -> torch.Tensor:
     """Squared coefficient of variation var(v) / (mean(v)² + eps), unbiased variance, in float32."""
     v = v.float()
     return v.var() / (v.mean() ** 2 + eps)
 
 
-def balance_loss(gates: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+def balance_loss(gates: torch.Tensor, eps: float = M2RestoreConfig.balance_eps) -> torch.Tensor:
     """gates (P, N) dense routing weights (zeros for unselected experts) -> scalar.
 
     cv²(importance) + cv²(load); importance[n] = Σ_p gates[p, n], load[n] = #{p : gates[p, n] > 0}.

@@ -71,9 +71,7 @@ class GDFN(nn.Module):
         # Each half runs its own 1×1 and depthwise conv (same weights, same result), so the gate
         # multiplies two dense tensors. Chunking the 2·hidden-channel output instead hands gelu and the
         # product strided channel slices of a channels-last tensor, which PyTorch's CPU kernels run
-        # 2-4× slower. On the project's 2-core EPYC: this GDFN at 96 channels, 224², 52 → 41 ms in
-        # bf16 (89 → 70 ms in fp32); the whole paper network at 224² under bf16 autocast, 2053 →
-        # 1812 ms (fp32 within noise).
+        # 2-4× slower (timings in bench/RESULTS.md, CPU section).
         a, b = (self._dwconv_half(x, part) for part in (slice(0, hidden), slice(hidden, 2 * hidden)))
         return self.project_out(F.gelu(a) * b)
 
@@ -97,8 +95,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last (a no-op once the stream is): the LayerNorm's channel view is then contiguous,
-        # no transposing copy, and the residual adds meet one layout. The paper network at 224² on
-        # the project's CPU: 0.95× the time in fp32 and in bf16.
+        # no transposing copy, and the residual adds meet one layout (bench/RESULTS.md, CPU section).
         x = x.contiguous(memory_format=torch.channels_last)
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
