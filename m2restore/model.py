@@ -70,7 +70,7 @@ class DecoderLevel(nn.Module):
         super().__init__()
         incoming, dim = config.aflb_channels(level), config.decoder_channels(level)
         self.aflb = AFLB(incoming, config.aflb_heads, config.bias, config.aflb_rate_reduction,
-                         config.aflb_channel_reduction, config.aflb_spatial_kernel)
+                         config.aflb_channel_reduction, config.aflb_spatial_kernel, config.aflb_box)
         self.up = Upsample(incoming)
         # [up ; skip] has `incoming` channels; level 1 keeps them all (Restormer's layout).
         self.reduce = nn.Conv2d(incoming, dim, 1, bias=config.bias) if level > 1 else nn.Identity()
