@@ -18,6 +18,7 @@ COMMANDS = {
     "demo": ("m2restore.demo", "restore bundled synthetic samples with the shipped tiny demo model"),
     "prior-cache": ("m2restore.prior.cache", "precompute DA-CLIP priors (d_g, P_f) for a folder of images"),
     "bench": ("m2restore.benchmark", "time the full model per backend against the paper's 0.17 s"),
+    "convert-authors": ("m2restore.convert_authors", "convert weights trained with the authors' public code"),
 }
 
 
