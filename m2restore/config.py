@@ -4,17 +4,29 @@
 structure with few channels and blocks, for tests and demos. Levels are numbered 1..3 from the full
 resolution down; per-level tuples are ordered (level 1, level 2, level 3).
 
-Where the paper and the authors' public code disagree, the paper is the default and the public code
-is reachable through a switch (docs/design.md#paper-vs-public-code):
+Where the paper and the authors' public code disagree (or the paper is silent), the default is the
+paper's reading, or the one that trains, and the public code is reachable through a switch (docs/design.md#paper-vs-public-code);
+``M2RestoreConfig.authors()`` sets every one of them:
 
-=================  =====================  ==========================================
-field              paper (default)        public code
-=================  =====================  ==========================================
-combine            ``"sum"``              ``"logsumexp"`` (log Σ g·exp(E(x)))
-noise_mask         ``True`` (ε~Bern(½))   ``False`` (noise on every expert)
-alpha              ``"vector"`` (N,)      ``"scalar"``
-gate_weights_cnn   ``True`` (G·cnn)       ``False`` (G·mamba)
-=================  =====================  ==========================================
+=================  ==================================  ==========================================
+field              default                             ``authors()`` (public code)
+=================  ==================================  ==========================================
+combine            ``"sum"``: x + Σ g·E(x)             ``"logsumexp"``: x + log Σ g·exp(E(x))
+noise_mask         ``True``: ε ~ Bernoulli(½)          ``False``: noise on every expert
+alpha              ``"vector"``: α of shape (N,)       ``"scalar"``: one α
+gate_weights_cnn   ``True``: G·cnn + (1−G)·mamba       ``False``: G·mamba + (1−G)·cnn
+aflb_box           ``"half"``: n = int(t·h/2)          ``"adair"``: n = int((h//128)·t), empty for
+                                                       every map under 256 pixels
+balance_load       ``"smooth"``: Σ_p P(expert in the   ``"smooth_clean"``: the same with the
+                   top K under the routing noise)      clean logits x_p W_g, without α·(d_g W_b + b_b)
+prior_preprocess   ``"daclip"``: bicubic shorter side  ``"bilinear"``: bilinear shorter side to
+                   to 224, centre crop, OpenAI         224, centre crop, no mean/std
+                   mean/std (DA-CLIP's own)
+=================  ==================================  ==========================================
+
+``balance_load="count"`` (#pixels routed to each expert, no gradient) is what configs saved before
+the field existed used; :meth:`from_dict` fills it in for them. The load term is a count in eval mode
+whatever the setting (there is no noise to average over); the authors' code does the same.
 """
 from __future__ import annotations
 
@@ -23,6 +35,11 @@ from dataclasses import dataclass
 from typing import Any
 
 MODEL_BACKENDS = ("auto", "triton", "torch", "reference")
+AFLB_BOXES = ("half", "adair")
+BALANCE_LOADS = ("smooth", "smooth_clean", "count")
+PRIOR_PREPROCESSING = ("daclip", "bilinear")
+# What configs saved before these fields existed ran with.
+_LEGACY_DEFAULTS = {"aflb_box": "half", "balance_load": "count", "prior_preprocess": "daclip"}
 DEGRADATIONS = ("hazy", "noisy", "raindrop", "rainy", "shadowed", "snowy")
 
 
@@ -77,6 +94,9 @@ class M2RestoreConfig:
     noise_mask: bool = True
     alpha: str = "vector"
     gate_weights_cnn: bool = True
+    aflb_box: str = "half"
+    balance_load: str = "smooth"
+    prior_preprocess: str = "daclip"
     backend: str = "auto"
 
     def __post_init__(self):
@@ -91,6 +111,10 @@ class M2RestoreConfig:
             raise ValueError(f"combine must be 'sum' or 'logsumexp', got {self.combine!r}")
         if self.alpha not in ("vector", "scalar"):
             raise ValueError(f"alpha must be 'vector' or 'scalar', got {self.alpha!r}")
+        for name, allowed in (("aflb_box", AFLB_BOXES), ("balance_load", BALANCE_LOADS),
+                              ("prior_preprocess", PRIOR_PREPROCESSING)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 1 <= self.top_k <= self.num_experts or self.num_experts < 2:
             raise ValueError(f"need 2 <= num_experts and 1 <= top_k <= num_experts, "
                              f"got num_experts={self.num_experts}, top_k={self.top_k}")
@@ -133,6 +157,14 @@ class M2RestoreConfig:
                     refinement_blocks=1, prompt_hidden=16, prompt_len=8, prompt_dim=32)
         return cls(**{**base, **overrides})
 
+    @classmethod
+    def authors(cls, **overrides) -> "M2RestoreConfig":
+        """The paper's sizes with every public-code variant of the module docstring's table: the
+        network the authors' training code builds (``m2restore convert-authors`` loads its weights)."""
+        base = dict(combine="logsumexp", noise_mask=False, alpha="scalar", gate_weights_cnn=False,
+                    aflb_box="adair", balance_load="smooth_clean", prior_preprocess="bilinear")
+        return cls(**{**base, **overrides})
+
     # JSON round trip.
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -144,4 +176,6 @@ class M2RestoreConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown M2RestoreConfig fields: {unknown}")
-        return cls(**data)
+        # A field missing from a saved config takes the value the config was saved with, which for
+        # the switches added later is not always today's default.
+        return cls(**{**{k: v for k, v in _LEGACY_DEFAULTS.items() if k not in data}, **data})

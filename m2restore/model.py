@@ -70,7 +70,7 @@ class DecoderLevel(nn.Module):
         super().__init__()
         incoming, dim = config.aflb_channels(level), config.decoder_channels(level)
         self.aflb = AFLB(incoming, config.aflb_heads, config.bias, config.aflb_rate_reduction,
-                         config.aflb_channel_reduction, config.aflb_spatial_kernel)
+                         config.aflb_channel_reduction, config.aflb_spatial_kernel, config.aflb_box)
         self.up = Upsample(incoming)
         # [up ; skip] has `incoming` channels; level 1 keeps them all (Restormer's layout).
         self.reduce = nn.Conv2d(incoming, dim, 1, bias=config.bias) if level > 1 else nn.Identity()
@@ -149,6 +149,11 @@ class M2Restore(nn.Module):
     def set_prior(self, prior: DegradationPrior) -> None:
         if not callable(prior):
             raise TypeError(f"prior must be callable images -> (d_g, P_f), got {type(prior).__name__}")
+        preprocessing = getattr(prior, "preprocessing", None)  # DAClipPrior's image preparation
+        if preprocessing is not None and preprocessing != self.config.prior_preprocess:
+            warnings.warn(f"the prior prepares images with {preprocessing!r} but this model's config has "
+                          f"prior_preprocess={self.config.prior_preprocess!r}: its d_g and P_f differ from "
+                          "those the model was trained with", stacklevel=2)
         # Bypass nn.Module registration: the frozen prior is not part of this model's weights.
         object.__setattr__(self, "_prior", prior)
 
@@ -225,7 +230,8 @@ class M2Restore(nn.Module):
                 raise ValueError("pass either prior or prior_checkpoint, not both")
             from .prior import DAClipPrior
 
-            prior = DAClipPrior.from_checkpoint(prior_checkpoint, names=config.degradation_names)
+            prior = DAClipPrior.from_checkpoint(prior_checkpoint, names=config.degradation_names,
+                                               preprocessing=config.prior_preprocess)
         model = cls(config, prior=prior)
         model.load_weights(load_file(str(directory / WEIGHTS_NAME)))
         return model.to(map_location)

@@ -437,7 +437,9 @@ def build_model(config: str | dict, backend: str | None = None, prior_checkpoint
         return M2Restore(cfg, prior=NullPrior(cfg.num_degradations, cfg.prior_dim))
     from .prior import DAClipPrior
 
-    return M2Restore(cfg, prior=DAClipPrior.from_checkpoint(prior_checkpoint, names=cfg.degradation_names))
+    prior = DAClipPrior.from_checkpoint(prior_checkpoint, names=cfg.degradation_names,
+                                        preprocessing=cfg.prior_preprocess)
+    return M2Restore(cfg, prior=prior)
 
 
 def _make_config(cls, spec):

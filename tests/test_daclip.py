@@ -3,6 +3,7 @@
 Every CLIP here is tiny and random; nothing is downloaded.
 """
 import copy
+import dataclasses
 
 import numpy as np
 import open_clip
@@ -267,3 +268,35 @@ def test_cuda_autocast_matches_cpu_float32():
     # d_g = softmax(100·cos): compare the log-probabilities up to their per-row shift.
     log_ratio = d_g_cuda.cpu().log() - d_g.log()
     assert (log_ratio - log_ratio.mean(-1, keepdim=True)).abs().max() <= 1.0
+
+
+def test_bilinear_preprocessing_is_the_authors_torchvision_pipeline():
+    """The authors' code: Resize(S, antialias=True) then CenterCrop(S) on the float tensor (bilinear,
+    no clamp, no mean/std)."""
+    from torchvision.transforms import CenterCrop, Compose, Resize
+
+    prior = tiny_prior(trained_controller=False)
+    prior.preprocessing = "bilinear"
+    authors = Compose([Resize(prior.image_size, antialias=True), CenterCrop(prior.image_size)])
+    g = torch.Generator().manual_seed(3)
+    for h, w in [(48, 80), (90, 45), (20, 27), (32, 50), (32, 32)]:
+        images = torch.rand(2, 3, h, w, generator=g)
+        ours = prior.preprocess(images)
+        assert ours.shape == (2, 3, 32, 32)
+        torch.testing.assert_close(ours, authors(images), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="preprocessing"):
+        DAClipPrior(model_cfg=TINY_CLIP, preprocessing="bicubic")
+
+
+def test_model_warns_when_the_prior_prepares_images_otherwise_than_its_config():
+    from m2restore import M2Restore, M2RestoreConfig
+
+    prior = DAClipPrior(model_cfg=TINY_CLIP, preprocessing="bilinear")
+    config = M2RestoreConfig.tiny(prior_dim=prior.embed_dim)
+    with pytest.warns(UserWarning, match="prior_preprocess='daclip'"):
+        M2Restore(config, prior=prior)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M2Restore(dataclasses.replace(config, prior_preprocess="bilinear"), prior=prior)

@@ -1,12 +1,14 @@
 """DDER: router formula, noisy top-K with the Bernoulli switch, experts, balance loss, compile."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from m2restore import M2RestoreConfig
-from m2restore.modules.dder import DDER, balance_loss
+from m2restore.modules.dder import DDER, balance_loss, cv_squared, smooth_load
 
 DIM = 8
 
@@ -150,3 +152,112 @@ def test_torch_compile_matches_eager():
         again = compiled(x, prompt, d_g)
     for a, b in zip(eager, again):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def smooth_load_float64(clean, noisy, sigma, k, keep_prob):
+    """The estimator written pixel by pixel and expert by expert: thr = the k-th largest noisy
+    logit of the *other* experts; P(in) = q·Φ((clean − thr)/σ) + (1 − q)·[clean > thr]."""
+    p_count, n_exp = clean.shape
+    load = [0.0] * n_exp
+    for p in range(p_count):
+        for n in range(n_exp):
+            others = sorted((noisy[p, m].item() for m in range(n_exp) if m != n), reverse=True)
+            thr = others[k - 1]
+            z = (clean[p, n].item() - thr) / sigma[p, n].item()
+            phi = 0.5 * (1 + math.erf(z / math.sqrt(2)))
+            load[n] += keep_prob * phi + (1 - keep_prob) * float(clean[p, n].item() > thr)
+    return torch.tensor(load, dtype=torch.float64)
+
+
+def _routing_draw(seed, p=40, n=6):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randn(p, n, generator=g, dtype=torch.float64)
+    sigma = 0.2 + torch.rand(p, n, generator=g, dtype=torch.float64)
+    noisy = clean + sigma * torch.randn(p, n, generator=g, dtype=torch.float64)
+    return clean, noisy, sigma
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("keep_prob", [1.0, 0.5])
+def test_smooth_load_matches_its_formula_in_float64(k, keep_prob):
+    clean, noisy, sigma = _routing_draw(k)
+    got = smooth_load(clean, noisy, sigma, k, keep_prob)
+    torch.testing.assert_close(got, smooth_load_float64(clean, noisy, sigma, k, keep_prob), rtol=1e-14, atol=1e-14)
+    # the probabilities of being in the top k add up to k per pixel only in expectation; bounds hold always
+    assert (got >= 0).all() and (got <= clean.shape[0]).all()
+
+
+def test_smooth_load_gradient_matches_finite_differences():
+    clean, noisy, sigma = (t.requires_grad_() for t in _routing_draw(3, p=6))
+    for keep_prob in (1.0, 0.5):
+        assert torch.autograd.gradcheck(lambda c, z, s: smooth_load(c, z, s, 2, keep_prob), (clean, noisy, sigma))
+    smooth_load(clean, noisy, sigma, 2).pow(2).sum().backward()
+    assert clean.grad.abs().sum() > 0 and sigma.grad.abs().sum() > 0
+
+
+def test_smooth_load_is_the_probability_of_staying_in_the_top_k():
+    # One pixel: redraw expert 0's noise many times with the others fixed and count its top-2 hits.
+    clean, noisy, sigma = _routing_draw(11, p=1)
+    g = torch.Generator().manual_seed(12)
+    draws = 200_000
+    redrawn = noisy.repeat(draws, 1)
+    redrawn[:, 0] = clean[0, 0] + sigma[0, 0] * torch.randn(draws, generator=g, dtype=torch.float64)
+    hits = (redrawn.topk(2, dim=-1).indices == 0).any(-1).double().mean()
+    assert abs(hits - smooth_load(clean, noisy, sigma, 2)[0]) < 4e-3  # 4 standard errors of a Bernoulli mean
+
+
+@pytest.mark.parametrize("load", ["smooth", "smooth_clean", "count"])
+def test_training_balance_loss_uses_the_configured_load(load):
+    dder = make_dder(balance_load=load, noise_mask=False).train()
+    with torch.no_grad():
+        dder.degradation_proj.bias.uniform_(-2, 2)  # a bias that "smooth_clean" leaves out
+    x, prompt, d_g = inputs()
+    torch.manual_seed(5)
+    out, bal, routing = dder(x, prompt, d_g)
+    # the same noise by hand: one standard-normal draw per pixel and expert, in (b, h, w) pixel order
+    torch.manual_seed(5)
+    with torch.no_grad():
+        x_p = joint(dder, x, prompt)
+        gate_logits = x_p @ dder.w_gate
+        s = gate_logits + (dder.alpha * dder.degradation_proj(d_g))[:, None]
+        sigma = F.softplus(x_p @ dder.w_noise) + 0.01
+        noisy = s + sigma * torch.randn_like(s)
+    gates = routing.detach().permute(0, 2, 3, 1).reshape(-1, 6)
+    assert torch.equal((gates > 0), torch.zeros_like(gates, dtype=torch.bool).scatter(
+        1, noisy.reshape(-1, 6).topk(2, -1).indices, True))
+    clean = {"smooth": s, "smooth_clean": gate_logits}.get(load)
+    if clean is None:
+        expected_load = (gates > 0).sum(0).double()
+    else:
+        expected_load = smooth_load_float64(clean.reshape(-1, 6), noisy.reshape(-1, 6), sigma.reshape(-1, 6), 2, 1.0)
+    imp, ld = gates.sum(0).double(), expected_load
+    expected = imp.var() / (imp.mean() ** 2 + 1e-10) + ld.var() / (ld.mean() ** 2 + 1e-10)
+    torch.testing.assert_close(bal.double(), expected, rtol=1e-5, atol=1e-7)
+    # only the smooth load trains the router's gate through the load term: take the importance term away
+    load_term = bal - cv_squared(routing.permute(0, 2, 3, 1).reshape(-1, 6).sum(0))
+    (grad,) = torch.autograd.grad(load_term, dder.w_gate, allow_unused=True)
+    assert (grad is not None and grad.abs().sum() > 0) == (load != "count")
+
+
+def test_eval_load_is_the_count_whatever_the_setting():
+    x, prompt, d_g = inputs()
+    with torch.no_grad():
+        results = [make_dder(balance_load=load).eval()(x, prompt, d_g) for load in ("smooth", "count")]
+    assert torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[0][1], balance_loss(results[0][2].permute(0, 2, 3, 1).reshape(-1, 6)))
+
+
+def test_logsumexp_combine_stays_finite_where_exp_then_log_overflows():
+    dder = make_dder(combine="logsumexp").eval()
+    with torch.no_grad():
+        dder.b2.fill_(100.0)  # every expert output near 100: exp overflows float32 (max ~ e^88.7)
+        x, prompt, d_g = inputs()
+        out, _, routing = dder(x, prompt, d_g)
+        ref, gates = expected_forward(dder, x, prompt, d_g, "logsumexp")  # float64: no overflow
+        experts = torch.stack([F.gelu(x.flatten(2).transpose(1, 2) @ dder.w1[e] + dder.b1[e]) @ dder.w2[e] + dder.b2[e]
+                               for e in range(6)], dim=-2)
+        chosen = gates[..., None] > 0  # the authors' exp-then-log over the chosen experts
+        naive = torch.log(torch.where(chosen, gates.float()[..., None] * experts.exp(), 0).sum(-2))
+    assert torch.isinf(naive).any()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-4)

@@ -67,6 +67,32 @@ def test_box_mask_is_the_centred_box_of_the_shifted_spectrum():
     assert box_mask(torch.tensor([[0.1, 0.9]]), 4, 4).sum() == 0  # int(0.1·2) = 0 rows: empty
 
 
+@pytest.mark.parametrize("h, w, t, half", [
+    (255, 300, (0.99, 0.6), (0, 1)),    # 255 // 128 = 1: int(0.99) = 0 rows; 300 // 128 = 2: int(1.2) = 1
+    (256, 640, (0.6, 0.7), (1, 3)),     # int(2·0.6) = 1, int(5·0.7) = 3
+    (64, 64, (0.999, 0.999), (0, 0)),   # every map under 256 pixels: empty
+])
+def test_adair_box_sizes_the_half_extent_as_int_of_h_div_128_times_t(h, w, t, half):
+    mask = box_mask(torch.tensor([t], dtype=torch.float64), h, w, box="adair")
+    shifted = torch.zeros(h, w, dtype=torch.float64)
+    shifted[h // 2 - half[0]:h // 2 + half[0], w // 2 - half[1]:w // 2 + half[1]] = 1
+    assert torch.equal(mask[0, 0], torch.fft.ifftshift(shifted))
+    with pytest.raises(ValueError, match="box"):
+        box_mask(torch.tensor([t]), h, w, box="quarter")
+
+
+def test_adair_box_leaves_no_low_band_under_256_pixels():
+    torch.manual_seed(5)
+    adair, half = AFLB(16, heads=4, box="adair"), AFLB(16, heads=4)
+    half.load_state_dict(adair.state_dict())
+    f = torch.randn(2, 16, 96, 80, dtype=torch.float64)
+    with torch.no_grad():
+        low, high = adair.double().split_frequencies(f)
+        half_low, _ = half.double().split_frequencies(f)
+    assert torch.equal(low, torch.zeros_like(f)) and torch.equal(high, f.abs())
+    assert half_low.abs().amax() > 0.1  # the default box is not empty at this size
+
+
 def test_frequency_split_matches_a_two_transform_float64_computation():
     torch.manual_seed(2)
     aflb = AFLB(16, heads=4)

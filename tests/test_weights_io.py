@@ -68,15 +68,16 @@ class _FakeDAClip(torch.nn.Module):
 
     calls = []
 
-    def __init__(self, names):
+    def __init__(self, names, preprocessing="daclip"):
         super().__init__()
         self.names = names
+        self.preprocessing = preprocessing
         self.scale = torch.nn.Parameter(torch.ones(1), requires_grad=False)
 
     @classmethod
-    def from_checkpoint(cls, path, names):
-        cls.calls.append((str(path), tuple(names)))
-        return cls(names)
+    def from_checkpoint(cls, path, names, preprocessing="daclip"):
+        cls.calls.append((str(path), tuple(names), preprocessing))
+        return cls(names, preprocessing)
 
     def forward(self, images):
         b = images.shape[0]
@@ -87,10 +88,21 @@ def test_prior_checkpoint_builds_the_daclip_prior_with_the_config_names(saved, m
     _, directory = saved
     monkeypatch.setattr(m2restore.prior, "DAClipPrior", _FakeDAClip, raising=False)
     model = M2Restore.from_pretrained(directory, prior_checkpoint="daclip_ViT-B-32.pt", map_location="cpu")
-    assert _FakeDAClip.calls == [("daclip_ViT-B-32.pt", M2RestoreConfig.tiny().degradation_names)]
+    assert _FakeDAClip.calls == [("daclip_ViT-B-32.pt", M2RestoreConfig.tiny().degradation_names, "daclip")]
     assert isinstance(model.prior, _FakeDAClip)
     with pytest.raises(ValueError, match="not both"):
         M2Restore.from_pretrained(directory, prior=NullPrior(6), prior_checkpoint="x.pt")
+
+
+def test_prior_checkpoint_prepares_images_as_the_config_says(saved, tmp_path, monkeypatch):
+    _, directory = saved
+    config = json.loads((directory / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "prior_preprocess": "bilinear"}))
+    (tmp_path / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    monkeypatch.setattr(m2restore.prior, "DAClipPrior", _FakeDAClip, raising=False)
+    monkeypatch.setattr(_FakeDAClip, "calls", [])
+    model = M2Restore.from_pretrained(tmp_path, prior_checkpoint="daclip_ViT-B-32.pt")
+    assert _FakeDAClip.calls[0][2] == "bilinear" and model.prior.preprocessing == "bilinear"
 
 
 def test_a_module_prior_is_not_saved(tmp_path):

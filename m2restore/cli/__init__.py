@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from ..allocator import retain_freed_memory
+from .errors import CliError
 
 COMMANDS = {
     "train": ("m2restore.cli.train", "train M2Restore on a paired data set"),
@@ -19,6 +20,7 @@ COMMANDS = {
     "demo": ("m2restore.cli.demo", "restore bundled synthetic samples with the shipped tiny demo model"),
     "prior-cache": ("m2restore.cli.prior_cache", "precompute DA-CLIP priors (d_g, P_f) for a folder of images"),
     "bench": ("m2restore.cli.bench", "time the full model per backend against the paper's 0.17 s"),
+    "convert-authors": ("m2restore.cli.convert_authors", "convert a checkpoint of the authors' training code to our weights folder"),
 }
 
 
@@ -34,4 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             p.set_defaults(_run=mod.run)
     args = parser.parse_args(argv)
     retain_freed_memory()  # every command moves large CPU tensors (see m2restore.allocator)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except CliError as err:
+        print(f"m2restore {args.command}: {err}", file=sys.stderr)
+        return err.exit_status

@@ -9,10 +9,12 @@ forward(image (B, 3, H0, W0), features (B, C, H, W)) -> (B, C, H, W):
     agg        = proj1×1(low·SpatialGate(high) + high·ChannelGate(low))
     out        = a ⊙ CrossAttn(features, agg) + b ⊙ features            a init 0, b init 1
 
-Deviation from AdaIR (docs/design.md#resolved-ambiguities): AdaIR sizes the box half-extent as
-``int((h // 128)·t)``, which is empty for any map under 128 pixels (all of them below a 1024-pixel
-input); we use ``int(t·h/2)`` (resp. w) so the low/high split exists at every size. Because the box
-edge is an integer, no gradient reaches the threshold MLP (as in AdaIR).
+The box half-extent (``box`` / ``M2RestoreConfig.aflb_box``, docs/design.md#resolved-ambiguities): ``"half"`` (default) is
+``n_h = int(t·h/2)`` (resp. w), so the low/high split exists at every size. ``"adair"`` is AdaIR's
+and the authors' ``int((h // 128)·t)``: since t < 1 it is empty for every map under 256 pixels
+(low = 0, high = |f|), so below a 512-pixel input all three AFLBs see no low band (the level-3
+AFLB, at 1/8 resolution, up to a 2048-pixel input). Because the box edge is an integer, no
+gradient reaches the threshold MLP (as in AdaIR).
 """
 from __future__ import annotations
 
@@ -80,12 +82,22 @@ class FrequencyRefine(nn.Module):
         return self.proj(low * self.spatial_gate(high) + high * self.channel_gate(low))
 
 
-def box_mask(thresholds: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def box_half_extent(thresholds: torch.Tensor, size: int, box: str = "half") -> torch.Tensor:
+    """thresholds (B,) in (0, 1) -> (B,) half-extents of the box along a side of ``size`` pixels:
+    ``floor(t·size/2)`` for ``box="half"``, ``floor((size // 128)·t)`` for ``box="adair"``."""
+    if box == "half":
+        return torch.floor(thresholds * (size / 2))
+    if box == "adair":
+        return torch.floor((size // 128) * thresholds)
+    raise ValueError(f"box must be 'half' or 'adair', got {box!r}")
+
+
+def box_mask(thresholds: torch.Tensor, h: int, w: int, box: str = "half") -> torch.Tensor:
     """thresholds (B, 2) in (0, 1) -> (B, 1, h, w) float mask of the low-frequency box, in
     unshifted fft2 layout: in the fftshift-ed spectrum, rows [h//2 − n_h, h//2 + n_h) by columns
-    [w//2 − n_w, w//2 + n_w), n_h = int(t_0·h/2), n_w = int(t_1·w/2)."""
-    half_h = torch.floor(thresholds[:, 0] * (h / 2))[:, None]
-    half_w = torch.floor(thresholds[:, 1] * (w / 2))[:, None]
+    [w//2 − n_w, w//2 + n_w), n_h, n_w from :func:`box_half_extent` with t_0 and t_1."""
+    half_h = box_half_extent(thresholds[:, 0], h, box)[:, None]
+    half_w = box_half_extent(thresholds[:, 1], w, box)[:, None]
     rows = torch.arange(h, device=thresholds.device) - h // 2
     cols = torch.arange(w, device=thresholds.device) - w // 2
     in_rows = (rows >= -half_h) & (rows < half_h)  # (B, h)
@@ -95,11 +107,16 @@ def box_mask(thresholds: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class AFLB(nn.Module):
-    """Adaptive frequency learning block: forward(image (B, 3, H0, W0), features (B, C, H, W))."""
+    """Adaptive frequency learning block: forward(image (B, 3, H0, W0), features (B, C, H, W)).
+
+    ``box``: the box rule of :func:`box_half_extent` (``"half"`` or the authors' ``"adair"``)."""
 
     def __init__(self, dim: int, heads: int = 4, bias: bool = False, rate_reduction: int = 8,
-                 channel_reduction: int = 16, spatial_kernel: int = 7):
+                 channel_reduction: int = 16, spatial_kernel: int = 7, box: str = "half"):
         super().__init__()
+        if box not in ("half", "adair"):
+            raise ValueError(f"box must be 'half' or 'adair', got {box!r}")
+        self.box = box
         self.image_conv = nn.Conv2d(3, dim, 3, padding=1, bias=False)
         self.rate_conv = nn.Sequential(
             nn.Conv2d(dim, max(1, dim // rate_reduction), 1, bias=False), nn.GELU(),
@@ -118,7 +135,7 @@ class AFLB(nn.Module):
         thresholds = torch.sigmoid(self.rate_conv(f.mean(dim=(2, 3), keepdim=True)))[:, :, 0, 0]
         # Half-precision FFTs are missing on CPU and limited to powers of two on CUDA: go to float32.
         work = f if f.dtype in (torch.float32, torch.float64) else f.float()
-        mask = box_mask(thresholds, h, w).to(work.dtype)
+        mask = box_mask(thresholds, h, w, self.box).to(work.dtype)
         low = torch.fft.ifft2(torch.fft.fft2(work, norm="forward") * mask, norm="forward")
         # ifft2(F·(1−M)) = f − ifft2(F·M): one inverse transform serves both parts.
         return low.abs().to(f.dtype), (work - low).abs().to(f.dtype)

@@ -11,7 +11,10 @@ Per pixel p of a feature map x (B, C, H, W), with the image's task prompt T and 
     out = x + Σ_k g_k E_k(x)      (or log Σ_k g_k exp(E_k(x)) with combine="logsumexp")
 
 E_n: Linear(C→int(2.66C)) → GELU → Linear(→C). Balance loss: cv²(importance) + cv²(load) over all
-pixels of the batch (paper's L_balance).
+pixels of the batch (paper's L_balance). The paper does not define the load; in training it is by
+default the smooth estimator of Shazeer et al.'s noisy top-K gating (:func:`smooth_load`, as in the
+authors' code), which carries a gradient to the router; ``balance_load="count"`` counts the pixels
+routed to each expert (no gradient), which is also the load in eval mode.
 """
 from __future__ import annotations
 
@@ -31,13 +34,37 @@ def cv_squared(v: torch.Tensor, eps: float = M2RestoreConfig.balance_eps) -> tor
     return v.var() / (v.mean() ** 2 + eps)
 
 
-def balance_loss(gates: torch.Tensor, eps: float = M2RestoreConfig.balance_eps) -> torch.Tensor:
+def smooth_load(clean: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, k: int,
+                keep_prob: float = 1.0) -> torch.Tensor:
+    """The expected number of pixels routed to each expert under the routing noise, (N,).
+
+    clean, noisy, sigma (P, N): router logits before and after the noise, and the noise scale;
+    1 <= k < N. For pixel p and expert n, with the other experts' noisy logits held fixed, the
+    expert is in the top k when its own noisy logit beats thr[p, n], the k-th largest of the
+    others (the (k+1)-th of all when n is in the top k, the k-th otherwise). Its noise is σ·z,
+    z ~ N(0, 1), kept with probability ``keep_prob`` (the Bernoulli mask; 1 without it), so
+
+        load[n] = Σ_p keep_prob·Φ((clean − thr)/σ) + (1 − keep_prob)·[clean > thr]
+
+    which is differentiable in clean, sigma and (through thr) noisy. Computed in the inputs'
+    dtype; Φ(x) = (1 + erf(x/√2))/2.
+    """
+    top = noisy.topk(k + 1, dim=-1).values
+    threshold_if_in, threshold_if_out = top[:, k:k + 1], top[:, k - 1:k]
+    threshold = torch.where(noisy > threshold_if_in, threshold_if_in, threshold_if_out)
+    prob = 0.5 * (1 + torch.erf((clean - threshold) / sigma / math.sqrt(2)))
+    if keep_prob != 1.0:
+        prob = keep_prob * prob + (1 - keep_prob) * (clean > threshold).to(prob.dtype)
+    return prob.sum(0)
+
+
+def balance_loss(gates: torch.Tensor, eps: float = M2RestoreConfig.balance_eps, load: torch.Tensor | None = None) -> torch.Tensor:
     """gates (P, N) dense routing weights (zeros for unselected experts) -> scalar.
 
-    cv²(importance) + cv²(load); importance[n] = Σ_p gates[p, n], load[n] = #{p : gates[p, n] > 0}.
-    The load term is a count and carries no gradient.
+    cv²(importance) + cv²(load); importance[n] = Σ_p gates[p, n]; ``load`` (N,) defaults to the
+    count #{p : gates[p, n] > 0}, which carries no gradient (:func:`smooth_load` does).
     """
-    return cv_squared(gates.sum(0), eps) + cv_squared((gates > 0).sum(0), eps)
+    return cv_squared(gates.sum(0), eps) + cv_squared((gates > 0).sum(0) if load is None else load, eps)
 
 
 class DDER(nn.Module):
@@ -56,6 +83,7 @@ class DDER(nn.Module):
         self.noise_floor = config.noise_floor
         self.noise_keep_prob = config.noise_keep_prob
         self.balance_eps = config.balance_eps
+        self.balance_load = config.balance_load
         self.backend = ops.check_backend(config.backend)
 
         self.prompt_proj = nn.Linear(config.prompt_dim, dim)
@@ -80,20 +108,35 @@ class DDER(nn.Module):
 
     def router_logits(self, x_p: torch.Tensor, d_g: torch.Tensor) -> torch.Tensor:
         """x_p (B, L, 2C), d_g (B, D) -> S̃ (B, L, N): S in eval mode, S plus the masked noise in training."""
-        logits = x_p @ self.w_gate + (self.alpha * self.degradation_proj(d_g)).unsqueeze(1)
+        return self._router(x_p, d_g)[2]
+
+    def _router(self, x_p: torch.Tensor, d_g: torch.Tensor):
+        """-> (x_p W_g, S, S̃, σ), each (B, L, N); in eval mode S̃ is S and σ is None."""
+        gate_logits = x_p @ self.w_gate
+        logits = gate_logits + (self.alpha * self.degradation_proj(d_g)).unsqueeze(1)
         if not self.training:
-            return logits
+            return gate_logits, logits, logits, None
         sigma = F.softplus(x_p @ self.w_noise) + self.noise_floor
         noise = sigma * torch.randn_like(logits)
         if self.noise_mask:
             noise = noise * torch.bernoulli(torch.full_like(logits, self.noise_keep_prob))
-        return logits + noise
+        return gate_logits, logits, logits + noise, sigma
+
+    def _load(self, gate_logits, logits, noisy, sigma) -> torch.Tensor | None:
+        """The (N,) load of the balance loss, or None for the count (eval mode, or nothing to estimate)."""
+        if sigma is None or self.balance_load == "count" or self.top_k == self.num_experts:
+            return None
+        # "smooth_clean" (the authors' code) measures the margin from x_p W_g without the d_g bias.
+        clean = logits if self.balance_load == "smooth" else gate_logits
+        n = self.num_experts
+        keep = self.noise_keep_prob if self.noise_mask else 1.0
+        return smooth_load(clean.reshape(-1, n), noisy.reshape(-1, n), sigma.reshape(-1, n), self.top_k, keep)
 
     def forward(self, x: torch.Tensor, task_prompt: torch.Tensor, d_g: torch.Tensor):
         b, c, h, w = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
         prompt = self.prompt_proj(task_prompt).unsqueeze(1).expand(b, h * w, c)
-        logits = self.router_logits(torch.cat([tokens, prompt], dim=-1), d_g)
+        gate_logits, clean, logits, sigma = self._router(torch.cat([tokens, prompt], dim=-1), d_g)
 
         flat = tokens.reshape(b * h * w, c)
         weights, indices = ops.topk_softmax(logits.reshape(b * h * w, -1), self.top_k, self.backend)
@@ -102,4 +145,5 @@ class DDER(nn.Module):
         gates = torch.zeros_like(logits.reshape(b * h * w, -1)).scatter(1, indices, weights)
         out = x + y.reshape(b, h, w, c).permute(0, 3, 1, 2)
         routing = gates.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-        return out, balance_loss(gates, self.balance_eps), routing
+        load = self._load(gate_logits, clean, logits, sigma)
+        return out, balance_loss(gates, self.balance_eps, load), routing

@@ -37,6 +37,9 @@ DACLIP_NAMES = (
 )
 """The ten degradation types DA-CLIP was trained on, in the authors' order."""
 
+PREPROCESSING = ("daclip", "bilinear")
+"""The image preparations :meth:`DAClipPrior.preprocess` knows (``M2RestoreConfig.prior_preprocess``)."""
+
 # DA-CLIP's fixed similarity scale for the degradation probabilities (not the learned logit_scale).
 SIMILARITY_SCALE = 100.0
 
@@ -140,6 +143,10 @@ class DAClipPrior(nn.Module):
         names: the degradation names; ``D = len(names)``. :data:`DEFAULT_NAMES` by default,
             :data:`DACLIP_NAMES` for DA-CLIP's own ten.
         model_cfg: a dict deep-merged over the named open_clip config (e.g. a tiny model in tests).
+        preprocessing: how :meth:`preprocess` prepares images, one of :data:`PREPROCESSING`:
+            ``"daclip"`` (DA-CLIP's own eval transform) or ``"bilinear"`` (the M2Restore authors'
+            code: bilinear shorter side, centre crop, no mean/std). A model must run with the one
+            it was trained with (``M2RestoreConfig.prior_preprocess``).
 
     Submodules: ``clip`` (an ``open_clip.model.CLIP``), ``visual_control`` (a deep copy of
     ``clip.visual``) and ``control_zero`` (one ``Linear(width, width)`` per residual block, zero at
@@ -152,8 +159,12 @@ class DAClipPrior(nn.Module):
         model_name: str = "ViT-B-32",
         names: Sequence[str] = DEFAULT_NAMES,
         model_cfg: Mapping | None = None,
+        preprocessing: str = "daclip",
     ):
         super().__init__()
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+        self.preprocessing = preprocessing
         self.model_name = model_name
         self.model_cfg = _model_config(model_name, model_cfg)
         self.clip = open_clip.model.CLIP(**self.model_cfg)
@@ -271,11 +282,15 @@ class DAClipPrior(nn.Module):
 
     @torch.no_grad()
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """CLIP's eval transform on tensors: (B, 3, H, W) in [0, 1] -> (B, 3, S, S) normalised.
+        """(B, 3, H, W) in [0, 1] -> (B, 3, S, S), S = ``image_size``, float32.
 
-        Shorter side to S (bicubic, antialiased, long side ``int(S·long/short)`` as torchvision's
-        ``Resize``), clamp to [0, 1] as the 8-bit PIL pipeline DA-CLIP was trained with does,
-        centre crop, OpenAI mean/std.
+        Shorter side to S (antialiased, long side ``int(S·long/short)`` as torchvision's ``Resize``)
+        then a centre crop; by :attr:`preprocessing`:
+
+        - ``"daclip"``: CLIP's eval transform, bicubic, clamped to [0, 1] as the 8-bit PIL pipeline
+          DA-CLIP was trained with is, then OpenAI mean/std;
+        - ``"bilinear"``: the authors' ``Resize(S, antialias=True)`` and ``CenterCrop(S)`` on the
+          tensor, bilinear, neither clamped nor normalised.
         """
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
@@ -284,13 +299,16 @@ class DAClipPrior(nn.Module):
         size = self.image_size
         h, w = images.shape[-2:]
         x = images.float()
+        daclip = self.preprocessing == "daclip"
         if min(h, w) != size:
             target = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-            x = F.interpolate(x, size=target, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+            x = F.interpolate(x, size=target, mode="bicubic" if daclip else "bilinear", align_corners=False,
+                              antialias=True)
+            x = x.clamp_(0, 1) if daclip else x
         h, w = x.shape[-2:]
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
         x = x[..., top:top + size, left:left + size]
-        return (x - self.pixel_mean) / self.pixel_std
+        return (x - self.pixel_mean) / self.pixel_std if daclip else x
 
     @torch.no_grad()
     def priors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,6 +377,7 @@ class DAClipPrior(nn.Module):
         names: Sequence[str] = DEFAULT_NAMES,
         model_name: str = "ViT-B-32",
         model_cfg: Mapping | None = None,
+        preprocessing: str = "daclip",
     ) -> "DAClipPrior":
         """A prior with the weights of a public DA-CLIP checkpoint (e.g. ``daclip_ViT-B-32.pt``).
 
@@ -366,6 +385,6 @@ class DAClipPrior(nn.Module):
         containers and :meth:`load_public_state_dict` for the key layout and its errors.
         """
         state = read_checkpoint(path)
-        prior = cls(model_name, names=names, model_cfg=model_cfg)
+        prior = cls(model_name, names=names, model_cfg=model_cfg, preprocessing=preprocessing)
         prior.load_public_state_dict(state, source=str(path))
         return prior
