@@ -449,6 +449,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph", action="store_true",
                         help="also time the triton backend as a captured CUDA graph (the only capturable one)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results here as JSON")
+    parser.add_argument("--roofline", action="store_true",
+                        help="also print the computed lower bound per component on H100/H200/RTX 3090 "
+                             "beside the measured times (m2restore.cost_model)")
 
 
 def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case]:
@@ -488,6 +491,10 @@ def run(args: argparse.Namespace) -> int:
     session = BenchSession(args.config, device)
     results = run_cases(session, cases, args.rounds, args.warmup, n_inputs=4 if cuda else 2)
     print(format_table(results, machine))
+    if args.roofline:
+        from m2restore.cost_model import roofline_tables
+
+        print("\n" + roofline_tables(model_config(args.config, "torch"), [r.to_dict() for r in results]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report_json(results, args, device), indent=2))
