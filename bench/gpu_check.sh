@@ -147,7 +147,7 @@ BENCH=("$PY" -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-colum
 step "machine" 20 facts
 step "install" 30 install
 step "cuda parity tests" 130 parity
-step "whole network" 340 "$PY" bench/gpu_network.py --out "$OUT/network" --budget-s 330
+step "whole network" 370 "$PY" bench/gpu_network.py --out "$OUT/network" --budget-s 360
 step "moe benchmarks" 110 "${BENCH[@]}" bench/test_bench_yardstick.py bench/test_bench_moe.py \
   --benchmark-json "$OUT/bench_moe.json"
 step "scan benchmarks" 60 "${BENCH[@]}" bench/test_bench_scan.py --benchmark-json "$OUT/bench_scan.json"

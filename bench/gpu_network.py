@@ -1,6 +1,6 @@
 """The whole network on a GPU in one call: forward modes, a kernel profile, the training step.
 
-    python bench/gpu_network.py --out DIR [--budget-s 330] [--quick]
+    python bench/gpu_network.py --out DIR [--budget-s 360] [--quick]
 
 Every case runs in a process of its own under a hard time limit (a failed CUDA graph capture can
 leave CUDA unusable, and inductor can compile for minutes), most valuable first, and writes its own
@@ -14,6 +14,8 @@ bf16 autocast, 224²:
   ``torch.compile`` (its expert dispatcher syncs with the host, so no graph);
 * profile: torch.profiler's kernels of one forward of ours (eager), top by device time with
   their launch counts, and the number of kernels per forward;
+* components: the time of each of the paper's components in an eager forward of ours (CUDA
+  events at module boundaries), beside its computed lower bound (``m2restore.cost_model``);
 * training step: forward + backward (L1 + λ·balance), bf16 autocast, batch 8 of 128² crops, the
   prior given as tensors, ours vs the reference.
 
@@ -44,6 +46,7 @@ CASES = {
     "ours-eager": (60, "forward, ours, eager"),
     "ours-graph": (60, "forward, ours, CUDA graph"),
     "profile": (60, "kernel profile of one forward, ours, eager"),
+    "components": (60, "measured time per component, ours, eager, beside the roofline"),
     "train-ours": (90, "training step fwd+bwd, ours"),
     "train-ref": (90, "training step fwd+bwd, reference"),
     "ours-compile-graph": (150, "forward, ours, torch.compile + CUDA graph"),
@@ -133,6 +136,21 @@ def _profile_case(s: dict, out: Path, rows: int = 30) -> dict:
             "total_us": total_us, "launches": sum(v[1] for v in kernels.values()), "top": table}
 
 
+def _components_case(s: dict, out: Path) -> dict:
+    from m2restore.benchmark import model_config
+    from m2restore.cost_model import measure_components, roofline_table
+
+    device = torch.device("cuda" if s["cuda"] else "cpu")
+    session = BenchSession(s["config"], device)
+    (x,) = make_inputs(s["size"], device, 1)
+    dtype = torch.bfloat16 if s["dtype"] == "bf16" else torch.float32
+    times = measure_components(session.model(s["ours"], True), x, dtype)
+    table = roofline_table(model_config(s["config"], s["ours"]), s["size"], s["dtype"], prior=True,
+                           markdown=True, component_ms=times)
+    (out / "cases" / "components.md").write_text(table + "\n")
+    return {"component_ms": times, "table": table}
+
+
 def _train_case(name: str, s: dict) -> dict:
     from m2restore import M2Restore
     from m2restore.benchmark import model_config
@@ -174,6 +192,8 @@ def worker(name: str, args) -> int:
     out = Path(args.out)
     if name == "profile":
         result = _profile_case(s, out)
+    elif name == "components":
+        result = _components_case(s, out)
     elif name.startswith("train"):
         result = _train_case(name, s)
     else:
@@ -211,7 +231,7 @@ def markdown(report: dict) -> str:
              "| case | what | status | ms (median) | ms (min) | setup s | rel err vs ref eager |", "|---|---|---|---|---|---|---|"]
     for name, (_, what) in CASES.items():
         r = report["cases"].get(name, {})
-        if name == "profile":
+        if name in ("profile", "components"):
             continue
         status = r.get("status", "not run")
         fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"  # noqa: E731
@@ -223,6 +243,10 @@ def markdown(report: dict) -> str:
                   f"{prof['total_us'] / 1e3:.2f} ms in all", "", "| name | µs | launches | share |", "|---|---|---|---|"]
         lines += [f"| `{k['name'][:90]}` | {k['us']:.1f} | {k['launches']} | {100 * (k['share'] or 0):.1f} % |"
                   for k in prof["top"]]
+    comps = report["cases"].get("components", {})
+    if comps.get("table"):
+        lines += ["", f"Per component, ours, eager ({where}): measured µs beside the computed bounds", "",
+                  comps["table"]]
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for network.json, network.md and cases/")
     parser.add_argument("--quick", action="store_true", help="tiny config, small sizes, few rounds (a CPU check)")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="stop starting cases after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=360.0, help="stop starting cases after this many seconds")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated from {','.join(CASES)}")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ which every component is equally far from its floor).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -382,6 +383,62 @@ def fake_model(config: M2RestoreConfig, prior: str = "daclip"):
     return model
 
 
+def measure_components(model: nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                       rounds: int = 3) -> dict[str, float]:
+    """Measured ms of each component of ``model`` (real tensors, on ``x``'s device) in eager
+    forwards under autocast to ``dtype``: the median over ``rounds`` of the time while each
+    component is the innermost one running (the selective scan counts in its Mamba mixer; "glue"
+    is the time inside the forward outside every component). On CUDA the boundaries are events on
+    the current stream, so launch gaps count where they occur; on a CPU, wall-clock time."""
+    cuda = x.device.type == "cuda"
+    glue = Component(GLUE)
+    stack: list[Component] = []
+    marks: list[tuple[object, Component | None]] = []  # (clock, component running after it)
+
+    def mark():
+        if cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def push(comp):
+        def hook(*_):
+            stack.append(comp)
+            marks.append((mark(), comp))
+        return hook
+
+    def pop(*_):
+        stack.pop()
+        marks.append((mark(), stack[-1] if stack else None))
+
+    groups = [(GLUE, [model])] + components(model)
+    comps = {name: (glue if name == GLUE else Component(name)) for name, _ in groups}
+    handles = []
+    for name, modules in groups:
+        for m in modules:
+            handles += [m.register_forward_pre_hook(push(comps[name])), m.register_forward_hook(pop)]
+    per_round: dict[str, list[float]] = defaultdict(list)
+    try:
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            model(x)  # warm-up: kernels compiled, caches filled
+            for _ in range(rounds):
+                marks.clear()
+                model(x)
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+                spent: dict[str, float] = defaultdict(float)
+                for (t0, comp), (t1, _) in zip(marks, marks[1:]):
+                    if comp is not None:
+                        spent[comp.name] += t0.elapsed_time(t1) if cuda else (t1 - t0) * 1e3
+                for name, value in spent.items():
+                    per_round[name].append(value)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sorted(v)[len(v) // 2] for name, v in per_round.items()}
+
+
 # ----------------------------------------------------------------------------- the table
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -396,13 +453,17 @@ def _si(value: float, unit: str) -> str:
 
 
 def format_report(report: CostReport, gpus: Sequence[GPU] = GPUS, goals_ms: Iterable[float] = GOALS_MS,
-                  measured_ms: dict[str, float] | None = None, markdown: bool = False) -> str:
+                  measured_ms: dict[str, float] | None = None, markdown: bool = False,
+                  component_ms: dict[str, float] | None = None) -> str:
     """The table of ``report``: per component FLOPs, bytes, launches, the lower bound on each GPU
     (fused, and operator by operator), the goals it needs fusion for; then the totals and, if
-    ``measured_ms`` maps case labels to measured ms per image, those beside the bounds."""
+    ``measured_ms`` maps case labels to measured ms per image, those beside the bounds.
+    ``component_ms`` (from :func:`measure_components`) adds a measured column per component."""
     goals = list(goals_ms)
     head = ["component", "GFLOP", "tensor %", "min MB", "eager MB", "launches"]
     head += [f"{g.name} µs" for g in gpus] + [f"{gpus[0].name} eager µs", "needs fusion for"]
+    if component_ms is not None:
+        head.append("measured µs")
     rows = []
     for c in report.components + [report.total]:
         total = c.name == "total"
@@ -412,7 +473,10 @@ def format_report(report: CostReport, gpus: Sequence[GPU] = GPUS, goals_ms: Iter
         rows.append([c.name, f"{c.flops / 1e9:.2f}", f"{100 * c.tensor_flops / c.flops:.0f}" if c.flops else "-",
                      f"{c.min_bytes / 1e6:.1f}", f"{c.unfused_bytes / 1e6:.1f}", str(c.launches)]
                     + [f"{b * 1e6:.1f}" for b in bounds] + [f"{eager * 1e6:.1f}", ", ".join(flags) or "-"])
-    lines = [f"roofline lower bound of one forward: {report.title} (computed, not measured)"]
+        if component_ms is not None:
+            value = sum(component_ms.values()) if total else component_ms.get(c.name)
+            rows[-1].append(f"{value * 1e3:.1f}" if value is not None else "-")
+    lines = [f"roofline lower bound of one forward: {report.title} (bounds computed from shapes, not measured)"]
     if markdown:
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -446,16 +510,18 @@ def format_report(report: CostReport, gpus: Sequence[GPU] = GPUS, goals_ms: Iter
 
 
 def roofline_table(config: M2RestoreConfig, size: int, dtype: str = "bf16", prior: bool = True,
-                   measured_ms: dict[str, float] | None = None, markdown: bool = False) -> str:
+                   measured_ms: dict[str, float] | None = None, markdown: bool = False,
+                   component_ms: dict[str, float] | None = None) -> str:
     """The printable roofline table of ``config`` at ``size``² batch 1 in ``dtype`` ("fp32",
-    "bf16", "fp16"), with the DA-CLIP prior if ``prior``; ``measured_ms`` as :func:`format_report`."""
+    "bf16", "fp16"), with the DA-CLIP prior if ``prior``; ``measured_ms`` and ``component_ms`` as
+    :func:`format_report`."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {tuple(dtypes)}, got {dtype!r}")
     model = fake_model(config, "daclip" if prior else "none")
     report = analyze(model, size, dtypes[dtype],
                      title=f"{size}x{size}, batch 1, {dtype}, prior {'DA-CLIP' if prior else 'off'}")
-    return format_report(report, measured_ms=measured_ms, markdown=markdown)
+    return format_report(report, measured_ms=measured_ms, markdown=markdown, component_ms=component_ms)
 
 
 def roofline_tables(config: M2RestoreConfig, measured: Iterable[dict]) -> str:

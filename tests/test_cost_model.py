@@ -124,3 +124,25 @@ def test_bench_roofline_cli_prints_the_bounds():
     for gpu in GPUS:
         assert f"lower bound on {gpu.name}:" in proc.stdout
     assert "measured on this run's machine, torch fp32:" in proc.stdout
+
+
+def test_measured_components_find_the_slow_one(monkeypatch):
+    import time
+
+    from m2restore import M2Restore, NullPrior
+    from m2restore.cost_model import components, measure_components
+
+    config = M2RestoreConfig.tiny(backend="torch")
+    model = M2Restore(config, prior=NullPrior(config.num_degradations, config.prior_dim)).eval()
+    conv = model.patch_embed.forward
+
+    def slow(x):
+        time.sleep(0.2)
+        return conv(x)
+
+    monkeypatch.setattr(model.patch_embed, "forward", slow)
+    times = measure_components(model, torch.rand(1, 3, 16, 16), torch.float32, rounds=1)
+    assert set(times) == {name for name, _ in components(model)} | {"glue (pad, concat, reshapes)"}
+    assert times["patch embed"] >= 200 and all(t >= 0 for t in times.values())
+    # The component's own time excludes what ran outside it: every other one stays below the sleep.
+    assert max(t for name, t in times.items() if name != "patch embed") < times["patch embed"]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).parents[1]
 
 def test_quick_mode_writes_every_table(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cases = "ref-eager,ours-eager,ours-graph,profile,train-ours"
+    cases = "ref-eager,ours-eager,ours-graph,profile,components,train-ours"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_network.py"), "--out", str(tmp_path),
                            "--quick", "--cases", cases], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -30,8 +30,12 @@ def test_quick_mode_writes_every_table(tmp_path):
     assert got["train-ours"]["batch"] == 2 and got["train-ours"]["crop"] == 16
     names = {row["name"] for row in got["profile"]["top"]}
     assert "m2restore_kernels::moe_mlp" in names and got["profile"]["launches"] > 0
+    # Every component has a measured time; the table prints them beside the bounds.
+    assert {"DDER 1", "refinement", "glue (pad, concat, reshapes)"} <= set(got["components"]["component_ms"])
+    assert "measured µs" in got["components"]["table"]
     md = (tmp_path / "network.md").read_text()
     assert "| ours-eager | forward, ours, eager | ok |" in md and "| name | µs | launches | share |" in md
+    assert "| DDER 1 |" in md
     assert {"torch", "triton", "commit", "date"} <= set(report["machine"])
 
 
