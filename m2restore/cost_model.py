@@ -46,7 +46,7 @@ import m2restore_kernels  # noqa: F401 - registers the m2restore_kernels custom 
 
 from .config import M2RestoreConfig
 
-ms = 1e-3
+MS = 1e-3
 GOALS_MS = (5.0, 2.0)  # issue 18: 5 ms per 224² image, then 2 ms
 
 
@@ -197,7 +197,7 @@ def components(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     return groups
 
 
-#: Operators that are components of their own wherever they run (name, op packet).
+#: The selective scan is a component of its own wherever it runs; glue is what runs outside all.
 SCAN = "MCDB x{n}: selective scan"
 GLUE = "glue (pad, concat, reshapes)"
 
@@ -300,8 +300,6 @@ def analyze(model: nn.Module, size: int | tuple[int, int], dtype: torch.dtype = 
             batch: int = 1, title: str | None = None) -> CostReport:
     """Cost one forward of ``model`` (an ``M2Restore`` whose parameters are fake CPU tensors, see
     :func:`fake_model`) on a (batch, 3, H, W) image, under autocast to ``dtype`` unless float32."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     h, w = (size, size) if isinstance(size, int) else size
     params = list(model.parameters()) + list(model.buffers())
     if isinstance(model.prior, nn.Module):
@@ -346,10 +344,8 @@ def analyze(model: nn.Module, size: int | tuple[int, int], dtype: torch.dtype = 
     ordered = [comps[name] for name, _ in groups]
     scan_at = next((i for i, (name, _) in enumerate(groups) if "Mamba mixer" in name), len(ordered) - 1)
     ordered.insert(scan_at + 1, counter.scan)
+    counter.glue.min_bytes = 0  # glue is assumed fused into its neighbours' kernels
     ordered.append(counter.glue)
-    for c in ordered:
-        if c is counter.glue:
-            c.min_bytes = 0  # glue is assumed fused into its neighbours' kernels
     return CostReport(title or f"{h}x{w}, batch {batch}, {_dtype_name(dtype)}",
                       dtype, [c for c in ordered if c.calls or c.launches])
 
@@ -467,7 +463,7 @@ def format_report(report: CostReport, gpus: Sequence[GPU] = GPUS, goals_ms: Iter
     rows = []
     for c in report.components + [report.total]:
         total = c.name == "total"
-        flags = [f"{g:g} ms" for g in goals if not total and report.needs_fusion(c, gpus[0], g * ms)]
+        flags = [f"{g:g} ms" for g in goals if not total and report.needs_fusion(c, gpus[0], g * MS)]
         bounds = ([report.bound_s(g) for g in gpus] if total else [c.bound_s(g, report.dtype) for g in gpus])
         eager = report.unfused_s(gpus[0]) if total else c.unfused_s(gpus[0], report.dtype)
         rows.append([c.name, f"{c.flops / 1e9:.2f}", f"{100 * c.tensor_flops / c.flops:.0f}" if c.flops else "-",

@@ -137,12 +137,12 @@ def test_measured_components_find_the_slow_one(monkeypatch):
     conv = model.patch_embed.forward
 
     def slow(x):
-        time.sleep(0.2)
+        time.sleep(1.0)
         return conv(x)
 
     monkeypatch.setattr(model.patch_embed, "forward", slow)
     times = measure_components(model, torch.rand(1, 3, 16, 16), torch.float32, rounds=1)
     assert set(times) == {name for name, _ in components(model)} | {"glue (pad, concat, reshapes)"}
-    assert times["patch embed"] >= 200 and all(t >= 0 for t in times.values())
-    # The component's own time excludes what ran outside it: every other one stays below the sleep.
-    assert max(t for name, t in times.items() if name != "patch embed") < times["patch embed"]
+    assert times["patch embed"] >= 1000 and all(t >= 0 for t in times.values())
+    # The sleep counts in its component only, not in the glue around it nor anywhere else.
+    assert max(t for name, t in times.items() if name != "patch embed") < 1000
