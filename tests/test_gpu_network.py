@@ -15,14 +15,13 @@ ROOT = Path(__file__).parents[1]
 
 def test_quick_mode_writes_every_table(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cases = "ref-eager,ours-eager,ours-graph,profile,components,train-ours"
+    cases = "ref-eager,ours-eager,profile,components,train-ours"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_network.py"), "--out", str(tmp_path),
                            "--quick", "--cases", cases], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "network.json").read_text())
     got = report["cases"]
     assert list(got) == cases.split(",")
-    assert got["ours-graph"]["status"] == "skipped: CUDA graphs need a GPU"
     # Same weights, inputs and dtype (fp32 on a CPU): ours matches the reference's output.
     assert got["ref-eager"]["rel_err_vs_ref"] == 0
     assert got["ours-eager"]["rel_err_vs_ref"] < 1e-5
