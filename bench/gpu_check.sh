@@ -25,7 +25,11 @@
 #   3. CUDA parity tests: the kernel files' tests marked cuda, then the rest of those files (their
 #      sweeps run on CUDA there), then the tests marked cuda elsewhere ->
 #      $OUT/tests_kernels_cuda.xml, $OUT/tests_kernels_not_cuda.xml, $OUT/tests_cuda.xml;
-#   4. benchmarks: yardstick + MoE, scan, gated fusion -> $OUT/bench_{moe,scan,gated_fusion}.json;
+#   4. the whole network, bench/gpu_network.py (issue 18): paper() with DA-CLIP, bf16, batch 1, 224²,
+#      reference vs ours eager, ours as a CUDA graph, a kernel profile of one forward (top kernels
+#      by device time, launch counts), the training step (fwd+bwd, batch 8 of 128² crops) ours vs
+#      reference, then torch.compile (+ CUDA graph) -> $OUT/network/network.{json,md} and cases/;
+#   4b. benchmarks: yardstick + MoE, scan, gated fusion -> $OUT/bench_{moe,scan,gated_fusion}.json;
 #   5. `m2restore bench` on the paper config: reference vs triton, fp32/bf16, eager and CUDA graph
 #      (triton only), with DA-CLIP -> $OUT/model.json (a process of its own: a failed capture can
 #      leave CUDA unusable);
@@ -36,6 +40,8 @@
 #   8. with whatever budget is left, bench/tune.py: alternative launch configurations of the MoE
 #      and scan kernels at the 512x512 shapes, timed and checked -> $OUT/tune_{moe,scan}.json.
 # `python bench/report.py $OUT/bench_*.json` turns the JSON into the tables of bench/RESULTS.md.
+# At most 8 files come back from a lent machine: the last step packs everything into
+# $OUT/results.tar.gz beside copies of the log and network.md.
 # The exit status is the number of steps that failed (0: all passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -140,6 +146,7 @@ BENCH=("$PY" -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-colum
 step "machine" 20 facts
 step "install" 30 install
 step "cuda parity tests" 130 parity
+step "whole network" 370 "$PY" bench/gpu_network.py --out "$OUT/network" --budget-s 360
 step "moe benchmarks" 110 "${BENCH[@]}" bench/test_bench_yardstick.py bench/test_bench_moe.py \
   --benchmark-json "$OUT/bench_moe.json"
 step "scan benchmarks" 60 "${BENCH[@]}" bench/test_bench_scan.py --benchmark-json "$OUT/bench_scan.json"
@@ -155,5 +162,13 @@ step "tune scan" 90 "$PY" bench/tune.py scan --json "$OUT/tune_scan.json"
 
 echo
 echo "=== gpu_check done: $FAILED step(s) failed; files in $OUT:"
-ls -la "$OUT"
+ls -laR "$OUT"
+# Everything in one archive (the lent machine returns at most 8 files), the two summaries beside it.
+if tar czf /tmp/results.tar.gz -C "$OUT" . ; then
+  find "$OUT" -mindepth 1 -delete
+  mv /tmp/results.tar.gz "$OUT/"
+  tar xzf "$OUT/results.tar.gz" -C "$OUT" ./network/network.md 2>/dev/null && mv "$OUT/network/network.md" "$OUT/" \
+    && rmdir "$OUT/network"
+  tar xzf "$OUT/results.tar.gz" -C "$OUT" ./gpu_check.log
+fi
 exit "$FAILED"

@@ -9,7 +9,8 @@ from typing import Callable
 
 import torch
 
-from ..benchmark import CAPTURABLE, BenchSession, Case, format_table, machine_name, report_json, run_cases
+from ..benchmark import (CAPTURABLE, BenchSession, Case, format_table, machine_name, model_config, report_json,
+                         run_cases)
 from ..config import MODEL_BACKENDS
 from ..restore import default_device
 from .common import add_device_argument
@@ -56,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph", action="store_true",
                         help="also time the triton backend as a captured CUDA graph (the only capturable one)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results here as JSON")
+    parser.add_argument("--roofline", action="store_true",
+                        help="also print the computed lower bound per component on H100/H200/RTX 3090 "
+                             "beside the measured times (m2restore.cost_model)")
 
 
 def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case]:
@@ -95,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     session = BenchSession(args.config, device)
     results = run_cases(session, cases, rounds, warmup, n_inputs=INPUTS[kind])
     print(format_table(results, machine))
+    if args.roofline:
+        from ..cost_model import roofline_tables
+
+        print("\n" + roofline_tables(model_config(args.config, "torch"), [r.to_dict() for r in results]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report_json(results, device, args.config, rounds, warmup), indent=2))
