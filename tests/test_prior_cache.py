@@ -60,6 +60,29 @@ def test_cli_round_trip(tmp_path, image_dir):
         torch.testing.assert_close(p_f, live_p_f[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("preprocess", ["daclip", "bilinear"])
+def test_cli_preprocessing_matches_the_live_prior(tmp_path, image_dir, preprocess):
+    """A cache for an ``authors()`` model must see the images as that model's prior does."""
+    prior = tiny_prior(seed=6, names=DACLIP_NAMES)
+    checkpoint = tmp_path / "daclip_tiny.pt"
+    torch.save(prior.state_dict_public(), checkpoint)
+    model_cfg = tmp_path / "tiny_clip.json"
+    model_cfg.write_text(json.dumps(TINY_CLIP))
+    out = tmp_path / "cache.safetensors"
+    assert main(["prior-cache", "--checkpoint", str(checkpoint), "--images", str(image_dir), "--out", str(out),
+                 "--model-config", str(model_cfg), "--device", "cpu", "--names", ",".join(DACLIP_NAMES),
+                 "--preprocess", preprocess]) == 0
+    cache = PriorCache(out)
+    assert cache.preprocessing == preprocess
+    live = DAClipPrior.from_checkpoint(checkpoint, names=DACLIP_NAMES, model_cfg=TINY_CLIP, preprocessing=preprocess)
+    other = DAClipPrior.from_checkpoint(checkpoint, names=DACLIP_NAMES, model_cfg=TINY_CLIP,
+                                        preprocessing="bilinear" if preprocess == "daclip" else "daclip")
+    rel = sorted(SIZES)[0]
+    d_g, p_f = cache[rel]
+    torch.testing.assert_close(p_f, live(_pixels(image_dir / rel))[1][0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(p_f, other(_pixels(image_dir / rel))[1][0], rtol=1e-3, atol=1e-4)
+
+
 def test_cli_without_images_fails(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     rc = main(["prior-cache", "--checkpoint", str(tmp_path / "x.pt"), "--images", str(tmp_path / "empty"),

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--names", default=",".join(DEGRADATIONS),
                         help="comma-separated degradation names, as in the model config (default: %(default)s)")
+    parser.add_argument("--preprocess", choices=("daclip", "bilinear"), default="daclip",
+                        help="how images are prepared for CLIP; use the model config's prior_preprocess "
+                             "(bilinear for M2RestoreConfig.authors()) (default: %(default)s)")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip config name of the DA-CLIP (default: %(default)s)")
     parser.add_argument("--model-config", type=Path, default=None,
                         help="JSON file of open_clip model config overrides (for non-standard DA-CLIPs)")
@@ -38,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     model_cfg = json.loads(args.model_config.read_text()) if args.model_config else None
     names = [n.strip() for n in args.names.split(",") if n.strip()]
-    prior = DAClipPrior.from_checkpoint(args.checkpoint, names=names, model_name=args.model, model_cfg=model_cfg)
+    prior = DAClipPrior.from_checkpoint(args.checkpoint, names=names, model_name=args.model, model_cfg=model_cfg,
+                                     preprocessing=args.preprocess)
     prior.to(default_device(args.device))
     count = write_prior_cache(prior, images, args.images, args.out, batch_size=args.batch_size,
                               metadata={"checkpoint": args.checkpoint.name})
-    print(f"prior-cache: {count} images -> {args.out} (names: {', '.join(names)})")
+    print(f"prior-cache: {count} images -> {args.out} (names: {', '.join(names)}; {args.preprocess} preprocessing)")
     return 0

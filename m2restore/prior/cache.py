@@ -77,7 +77,7 @@ def write_prior_cache(
                 tensors[_P_F + keys[i]] = p_f[row].cpu().contiguous()
             bar.update(len(chunk))
     meta = {"format": FORMAT, "names": json.dumps(list(prior.names)), "model": prior.model_name,
-            "model_cfg": json.dumps(prior.model_cfg), **(metadata or {})}
+            "model_cfg": json.dumps(prior.model_cfg), "preprocessing": prior.preprocessing, **(metadata or {})}
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -105,6 +105,8 @@ class PriorCache:
             raise ValueError(f"{self.path} is not a prior cache (format {meta.get('format')!r}, expected {FORMAT!r})")
         self.names = tuple(json.loads(meta["names"]))
         self.model = meta["model"]
+        # Caches written before the switch existed used DA-CLIP's own transform.
+        self.preprocessing = meta.get("preprocessing", "daclip")
         self.metadata = meta
         self._tensors = load_file(str(self.path))
 
