@@ -16,7 +16,8 @@ from m2restore_kernels import gated_fusion, gated_fusion_ref
 gf_triton = importlib.import_module("m2restore_kernels.gated_fusion.triton_impl")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # SPEC.md section 2
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2,  # SPEC.md section 2
+       torch.float64: 1e-12}  # float64 runs the PyTorch path: the reference's own precision
 NAMES = ("y", "mamba", "prompt_bias", "dw_weight", "dw_bias", "g1_weight", "g1_bias", "g2_weight", "g2_bias",
          "residual")
 
@@ -156,6 +157,32 @@ def test_bad_input_names_the_argument(name, bad, backend):
     args[NAMES.index(name)] = bad(args)
     with pytest.raises(ValueError, match=name):
         gated_fusion(*args[:9], residual=args[9], backend=backend)
+
+
+def test_float64_is_refused_by_triton_and_computed_by_auto():
+    """The Triton kernels compute in float32: float64 with backend="triton" is a ValueError naming the
+    dtype and the backend that takes it (not float32-rounded or garbage results), and "auto" runs
+    the PyTorch path in float64, even where Triton runs (the interpreter here, a GPU in CI)."""
+    args = make_inputs(2, 16, 5, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"does not take torch.float64.*backend='torch'"):
+        gated_fusion(*args[:9], residual=args[9], backend="triton")
+    check_against_float64(args, "auto")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_reaches_its_pixel_and_its_neighbours_only(backend):
+    """A NaN in y at one pixel spoils out there and at its eight neighbours (the 3x3 conv); a NaN in
+    mamba only its own pixel; every other output stays finite."""
+    B, C, H, W = 1, 16, 6, 7
+    args = [t.detach() for t in make_inputs(B, C, H, W)]
+    args[0][0, 3, 2, 4] = float("nan")
+    args[1][0, 5, 4, 1] = float("nan")
+    out = gated_fusion(*args[:9], residual=args[9], backend=backend)
+    expected = torch.zeros(H, W, dtype=torch.bool)
+    expected[1:4, 3:6] = True
+    expected[4, 1] = True
+    assert torch.equal(out.isnan().any(1)[0].cpu(), expected)
+    assert out.isfinite()[:, :, ~expected.to(DEVICE)].all()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
