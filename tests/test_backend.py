@@ -210,3 +210,4 @@ def test_version_follows_the_distribution():
     assert m2restore_kernels.__version__ == installed
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == installed
+

@@ -25,5 +25,6 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend: str = "auto"):
     """
     _check_args(x, weight, bias, activation)
     if resolve_impl("causal_conv1d", x.device, x.dtype, backend) == "extension":
-        return optional_op(*CAUSAL_CONV1D_FN)(x, weight, bias, activation)
+        # By keyword: causal_conv1d_fn's fourth parameter is seq_idx.
+        return optional_op(*CAUSAL_CONV1D_FN)(x, weight, bias, activation=activation)
     return causal_conv1d_ref(x, weight, bias, activation)
