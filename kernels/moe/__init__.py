@@ -11,8 +11,8 @@ expert (stable, so each expert's rows stay in row order) and each expert then wo
 contiguous segment of that order; the forward keeps the plan for the backward. The PyTorch path
 sorts with ``torch.sort``; the Triton path with a counting sort of its own (three small kernels, no
 host sync), so its whole dispatch can be captured in a CUDA graph. On CPU the PyTorch path runs
-the routing and the K-way combination as C loops (``csrc/moe_cpu.c``) and the expert MLPs in
-cache-sized row chunks. The per-assignment expert outputs ``O`` (K*P, C) go to a buffer in the
+the routing and the K-way combination as C loops (``csrc/moe_cpu.c``, float32 inside: float64
+keeps PyTorch ops) and the expert MLPs in cache-sized row chunks. The per-assignment expert outputs ``O`` (K*P, C) go to a buffer in the
 compute dtype (bf16 under autocast: half the bytes of float32), one row per assignment, and a
 separate combine step reduces the K slots in float32. The buffer costs one extra write and read of
 K*P*C values but keeps the result deterministic (no atomics), serves ``sum`` and ``logsumexp``
