@@ -10,9 +10,14 @@ the op, the tensors' device and dtype and what this machine has into one impleme
 * ``"native"``: the op's C loop for CPU tensors (``csrc/``, built on first use by ``_native``);
 * ``"torch"``: PyTorch ops, which run everywhere.
 
-``"auto"`` takes the first of those that runs; ``"triton"`` insists on Triton (an op without
-Triton kernels, such as ``causal_conv1d``, then runs its PyTorch path); ``"torch"`` means "no
-Triton": the C loop on CPU where it builds, else PyTorch ops.
+``"auto"`` takes the first of those that runs and takes the tensors' dtype; ``"triton"`` insists
+on Triton (an op without Triton kernels, such as ``causal_conv1d``, then runs its PyTorch path);
+``"torch"`` means "no Triton": the C loop on CPU where it builds, else PyTorch ops.
+
+Dtypes: each implementation lists the dtypes it computes correctly (``OpImpls``). The Triton
+kernels of the MoE and the gated fusion, the C loops and the CUDA packages compute in float32 at
+most, so float64 goes to the PyTorch path under ``"auto"``, and ``"triton"`` refuses it with a
+ValueError that names the dtype and ``backend="torch"`` rather than return float32-rounded results.
 
 One environment variable takes implementations away everywhere:
 ``M2RESTORE_KERNELS_DISABLE=native,extension,triton`` (any subset; ``"torch"`` is the fallback and
@@ -35,24 +40,34 @@ DISABLE_ENV = "M2RESTORE_KERNELS_DISABLE"
 DISABLEABLE = ("triton", "native", "extension")
 
 
+ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+UP_TO_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class OpImpls:
-    """What one op has besides its PyTorch path: Triton kernels, a C library (``csrc/<native>.c``)
-    and the dtypes it serves, an optional CUDA package's function ``(module, name)``."""
+    """What one op has besides its PyTorch path (which takes every floating dtype): Triton kernels,
+    a C library (``csrc/<native>.c``), an optional CUDA package's function ``(module, name)``, and
+    the dtypes each of them computes correctly."""
     triton: bool = True
     native: Optional[str] = None
-    native_dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     extension: Optional[tuple] = None
+    triton_dtypes: tuple = ALL_FLOATS
+    native_dtypes: tuple = ALL_FLOATS
+    extension_dtypes: tuple = ALL_FLOATS
 
 
-# The recurrence of the C scan runs in float32: float64 inputs keep the float64 PyTorch scan.
+# The MoE's and the gated fusion's kernels and the C loops (MoE routing and combination, the scan's
+# recurrence) compute in float32: float64 keeps the float64 PyTorch path. causal_conv1d's package
+# takes 16-bit and float32 only.
 OPS = {
-    "topk_softmax": OpImpls(native="moe_cpu"),
-    "moe_mlp": OpImpls(native="moe_cpu"),
-    "gated_fusion": OpImpls(),
-    "selective_scan": OpImpls(native="selective_scan_cpu", native_dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    "topk_softmax": OpImpls(native="moe_cpu", triton_dtypes=UP_TO_FLOAT32, native_dtypes=UP_TO_FLOAT32),
+    "moe_mlp": OpImpls(native="moe_cpu", triton_dtypes=UP_TO_FLOAT32, native_dtypes=UP_TO_FLOAT32),
+    "gated_fusion": OpImpls(triton_dtypes=UP_TO_FLOAT32),
+    "selective_scan": OpImpls(native="selective_scan_cpu", native_dtypes=UP_TO_FLOAT32,
                               extension=("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")),
-    "causal_conv1d": OpImpls(triton=False, extension=("causal_conv1d", "causal_conv1d_fn")),
+    "causal_conv1d": OpImpls(triton=False, extension=("causal_conv1d", "causal_conv1d_fn"),
+                             extension_dtypes=UP_TO_FLOAT32),
 }
 
 
@@ -125,7 +140,8 @@ def resolve_impl(op: str, device: torch.device, dtype: torch.dtype, backend: str
     """The implementation of ``op`` for tensors on ``device`` computed from ``dtype``:
     ``"extension" | "triton" | "native" | "torch"``. ``available`` defaults to :func:`probe`'s;
     ``native_ok=False`` when the C loop cannot take these arguments (a size over its limit).
-    Raises a one-line ValueError for an unknown backend or a forced one that cannot run."""
+    Raises a one-line ValueError for an unknown backend or a forced one that cannot run (on these
+    tensors, or in this dtype)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     spec = OPS[op]
@@ -133,14 +149,17 @@ def resolve_impl(op: str, device: torch.device, dtype: torch.dtype, backend: str
     triton_runs = (have.triton and "triton" not in have.disabled
                    and (device.type == "cuda" or (device.type == "cpu" and have.interpreter)))
     if (backend == "auto" and spec.extension is not None and have.extension and "extension" not in have.disabled
-            and device.type == "cuda"):
+            and device.type == "cuda" and dtype in spec.extension_dtypes):
         return "extension"
     if backend == "triton" and not triton_runs:
         why = ("disabled by " + DISABLE_ENV if "triton" in have.disabled else
                f"needs triton (installed: {have.triton}) and CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
         raise ValueError(f"{op}: backend='triton' cannot run on {device} tensors ({why}); "
                          f"backend='torch' or 'auto' runs there")
-    if backend in ("auto", "triton") and triton_runs:
+    if backend == "triton" and spec.triton and dtype not in spec.triton_dtypes:
+        raise ValueError(f"{op}: backend='triton' does not take {dtype} (its kernels compute in float32); "
+                         f"backend='torch' or 'auto' computes {dtype}")
+    if backend in ("auto", "triton") and triton_runs and dtype in spec.triton_dtypes:
         return "triton" if spec.triton else "torch"
     if (native_ok and spec.native is not None and have.native and "native" not in have.disabled
             and device.type == "cpu" and dtype in spec.native_dtypes):

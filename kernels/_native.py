@@ -33,7 +33,10 @@ BUILD_TIMEOUT_S = 120  # a build takes seconds; a hung compiler must not hang th
 # -march=native: built where it runs. -ffast-math lets the compiler vectorise expf/logf (glibc's
 # libmvec); -fno-associative-math keeps it from "simplifying" compensated expressions such as
 # ((1 + e) - 1) - e, while `omp simd reduction` still vectorises the sums it is asked to.
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fopenmp", "-fPIC")
+# Linked in a second step without -ffast-math: linked with it, GCC adds crtfastmath.o, whose
+# constructor switches the whole process to flush subnormals to zero the moment the library loads.
+LINK_FLAGS = ("-shared", "-fopenmp")
 
 
 def _cpu_signature() -> str:
@@ -59,7 +62,7 @@ def load(name: str) -> Optional[ctypes.CDLL]:
     if compiler is None:
         return None
     source = CSRC / f"{name}.c"
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(FLAGS + LINK_FLAGS).encode(), compiler.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     if not target.exists():
@@ -69,8 +72,9 @@ def load(name: str) -> Optional[ctypes.CDLL]:
             # Build beside the target, then rename: concurrent first calls never load half a file.
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
-            subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], check=True, capture_output=True,
-                           text=True, timeout=BUILD_TIMEOUT_S)
+            run = dict(check=True, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            subprocess.run([compiler, *FLAGS, "-c", str(source), "-o", tmp + ".o"], **run)
+            subprocess.run([compiler, *LINK_FLAGS, tmp + ".o", "-o", tmp, "-lm"], **run)
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError) as exc:
             detail = str(getattr(exc, "stderr", None) or exc).strip()[-500:]  # the compiler's last words
@@ -79,6 +83,9 @@ def load(name: str) -> Optional[ctypes.CDLL]:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
             return None
+        finally:
+            if tmp is not None and os.path.exists(tmp + ".o"):
+                os.unlink(tmp + ".o")
     return ctypes.CDLL(str(target))
 
 

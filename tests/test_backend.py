@@ -13,7 +13,7 @@ from m2restore_kernels._backend import (DISABLE_ENV, Available, disabled_impls, 
                                         resolve_impl)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 EVERYTHING = Available(triton=True, interpreter=True, native=True, extension=True)
 NO_INTERPRETER = Available(triton=True, interpreter=False, native=True, extension=True)
 NO_TRITON = Available(triton=False, interpreter=True, native=True, extension=False)
@@ -36,7 +36,18 @@ RESOLUTION_TABLE = [
     ("selective_scan", CPU, F32, "auto", NO_INTERPRETER, "native"),
     ("selective_scan", CPU, F64, "auto", NO_INTERPRETER, "torch"),  # the C scan computes in float32
     ("selective_scan", CPU, BF16, "auto", NO_NATIVE, "torch"),
-    ("moe_mlp", CPU, F64, "auto", NO_INTERPRETER, "native"),  # the C combination runs in float32 anyway
+    # float64: the Triton kernels, the C loops and the CUDA packages compute in float32 at most
+    ("moe_mlp", CPU, F64, "auto", NO_INTERPRETER, "torch"),
+    ("moe_mlp", CUDA, F64, "auto", EVERYTHING, "torch"),
+    ("topk_softmax", CPU, F64, "auto", EVERYTHING, "torch"),  # interpreter on
+    ("topk_softmax", CPU, F16, "auto", NO_INTERPRETER, "native"),  # 16-bit converts to float32 exactly
+    ("gated_fusion", CUDA, F64, "auto", EVERYTHING, "torch"),
+    ("causal_conv1d", CUDA, F64, "auto", EVERYTHING, "torch"),
+    ("moe_mlp", CUDA, F64, "triton", EVERYTHING, ValueError("does not take torch.float64")),
+    ("topk_softmax", CPU, F64, "triton", EVERYTHING, ValueError("backend='torch' or 'auto' computes torch.float64")),
+    ("gated_fusion", CUDA, F64, "triton", EVERYTHING, ValueError("does not take torch.float64")),
+    ("causal_conv1d", CUDA, F64, "triton", EVERYTHING, "torch"),  # no Triton kernels: its PyTorch path
+    ("moe_mlp", CUDA, BF16, "triton", EVERYTHING, "triton"),
     ("topk_softmax", CPU, F32, "auto", NO_TRITON, "native"),
     ("gated_fusion", CPU, F32, "auto", NO_INTERPRETER, "torch"),  # no C loop
     ("gated_fusion", CPU, F32, "auto", TRITON_OFF, "torch"),
@@ -199,3 +210,4 @@ def test_version_follows_the_distribution():
     assert m2restore_kernels.__version__ == installed
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == installed
+

@@ -155,6 +155,32 @@ def test_bad_input_names_the_argument(name, bad, backend):
         gated_fusion(*args[:9], residual=args[9], backend=backend)
 
 
+def test_float64_is_refused_by_triton_and_computed_by_auto():
+    """The Triton kernels compute in float32: float64 with backend="triton" is a ValueError naming the
+    dtype and the backend that takes it (not float32-rounded or garbage results), and "auto" runs
+    the PyTorch path in float64, even where Triton runs (the interpreter here, a GPU in CI)."""
+    args = make_inputs(2, 16, 5, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"does not take torch.float64.*backend='torch'"):
+        gated_fusion(*args[:9], residual=args[9], backend="triton")
+    check_against_float64(args, "auto")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_reaches_its_pixel_and_its_neighbours_only(backend):
+    """A NaN in y at one pixel spoils out there and at its eight neighbours (the 3x3 conv); a NaN in
+    mamba only its own pixel; every other output stays finite."""
+    B, C, H, W = 1, 16, 6, 7
+    args = [t.detach() for t in make_inputs(B, C, H, W)]
+    args[0][0, 3, 2, 4] = float("nan")
+    args[1][0, 5, 4, 1] = float("nan")
+    out = gated_fusion(*args[:9], residual=args[9], backend=backend)
+    expected = torch.zeros(H, W, dtype=torch.bool)
+    expected[1:4, 3:6] = True
+    expected[4, 1] = True
+    assert torch.equal(out.isnan().any(1)[0].cpu(), expected)
+    assert out.isfinite()[:, :, ~expected.to(DEVICE)].all()
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_strided_views(backend):
     """MCDB's layouts: y NCHW-contiguous, mamba a permuted (B, H*W, C) sequence; plus a non-dense residual."""

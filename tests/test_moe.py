@@ -120,13 +120,150 @@ def test_topk_softmax_ties_go_to_lower_index(topk_backend):
     torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_topk_softmax_nan_logits_give_valid_indices(topk_backend):
-    """A NaN logit makes the weights NaN, but every index still names an expert (no stray value
-    that a later dispatch would have to drop)."""
-    logits = torch.randn(70, 6, generator=torch.Generator().manual_seed(9)).to(DEVICE)
-    logits[::7, 2] = float("nan")
-    _, i = topk_softmax(logits, 2, backend=topk_backend)
-    assert ((i >= 0) & (i < 6)).all()
+NAN, INF = float("nan"), float("inf")
+
+
+def assert_routing_rules(logits: torch.Tensor, k: int, w: torch.Tensor, i: torch.Tensor):
+    """topk_softmax's contract, checked against the reference: K distinct indices in [0, N) per row,
+    equal to the reference's; the reference's weights, NaN exactly where it has NaN."""
+    N = logits.shape[1]
+    assert i.dtype == torch.int64 and w.dtype == logits.dtype and w.shape == i.shape == (logits.shape[0], k)
+    assert ((i >= 0) & (i < N)).all()
+    assert (i.sort(1).values.diff(dim=1) > 0).all(), "indices repeat within a row"
+    w_ref, i_ref = topk_softmax_ref(logits.double(), k)
+    assert torch.equal(i.cpu(), i_ref.cpu())
+    torch.testing.assert_close(w.double().cpu(), w_ref.cpu(), equal_nan=True,
+                               **({} if logits.dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)))
+
+
+@pytest.mark.parametrize("N", [4, 80], ids=["N4-c-loop", "N80-over-the-c-loop"])
+def test_topk_softmax_nan_logits_rank_first_and_stay_visible(topk_backend, N):
+    """The issue's cases: NaN logits gave repeated indices ([3, 2, 0, 3], all-NaN [2, 1, 2]) on the
+    torch path and index N or more on Triton ([3, 2, 0, 4]; all-NaN rows 4 or 128). NaN ranks above
+    +inf (torch.sort's order), ties go to the lower index, and the row's weights are NaN."""
+    logits = torch.full((3, N), -5.0)
+    logits[0, :4] = torch.tensor([0.0, NAN, 1.0, 2.0])
+    logits[1] = NAN
+    logits[2, N - 1], logits[2, 1] = NAN, NAN  # two NaNs: the lower index first
+    w, i = topk_softmax(logits.to(DEVICE), 4, backend=topk_backend)
+    assert i.tolist() == [[1, 3, 2, 0], [0, 1, 2, 3], [1, N - 1, 0, 2]]
+    assert w.isnan().all()
+    w3, i3 = topk_softmax(logits[1:2].to(DEVICE), 3, backend=topk_backend)
+    assert i3.tolist() == [[0, 1, 2]] and w3.isnan().all()
+    assert_routing_rules(logits.to(DEVICE), 4, w, i)
+
+
+def test_topk_softmax_infinities(topk_backend):
+    """+inf ranks below NaN and above every finite logit; a row that keeps a +inf, or keeps only
+    -inf, gets NaN weights (torch.softmax's answer); a kept -inf below a finite max gets weight 0;
+    -0.0 equals 0.0 (a tie, the lower index first)."""
+    logits = torch.tensor([[INF, 1.0, INF, -INF],
+                           [-INF, -INF, 0.0, -0.0],
+                           [-INF, -INF, -INF, -INF],
+                           [-0.0, 0.0, -INF, -INF],
+                           [2.0, -INF, NAN, INF]], device=DEVICE)
+    w, i = topk_softmax(logits, 3, backend=topk_backend)
+    assert i.tolist() == [[0, 2, 1], [2, 3, 0], [0, 1, 2], [0, 1, 2], [2, 3, 0]]
+    nan_rows = w.isnan().all(1).tolist()
+    assert nan_rows == [True, False, True, False, True] and not w[[1, 3]].isnan().any()
+    assert w[[1, 3]].tolist() == [[0.5, 0.5, 0.0]] * 2
+    assert_routing_rules(logits, 3, w, i)
+
+
+def test_topk_softmax_nan_gradient_stays_in_its_row(topk_backend):
+    logits = torch.randn(40, 6, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    logits[::7, 2] = NAN
+    logits.requires_grad_()
+    w, i = topk_softmax(logits, 2, backend=topk_backend)
+    (g,) = torch.autograd.grad(w, logits, torch.ones_like(w))
+    spoilt = torch.zeros(40, dtype=torch.bool, device=DEVICE)
+    spoilt[::7] = True
+    assert g[spoilt].gather(1, i[spoilt]).isnan().all() and g[~spoilt].isfinite().all()
+
+
+def _backend_variants():
+    """(backend, M2RESTORE_KERNELS_DISABLE) for every topk_softmax implementation that runs here."""
+    variants = [("triton", ""), ("torch", "native")]
+    if DEVICE.type == "cpu" and native_ready(moe_native.LIBRARY):
+        variants.append(("torch", ""))
+    return variants
+
+
+SPECIAL = st.sampled_from([NAN, -NAN, INF, -INF, 0.0, -0.0, 1.0, -1.0, 2.5])
+
+
+@settings(max_examples=40, deadline=None)
+@given(P=st.integers(1, 5), N=st.integers(1, 80), data=st.data(),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_topk_softmax_sweep_of_nan_inf_and_ties(P, N, data, dtype):
+    """Logits mixing NaN (both signs), +-inf, +-0 and repeated values: on every backend the indices
+    are distinct, in range and the reference's, and the weights are the reference's, NaN included.
+    N up to 80 covers the C loop (N <= 64) and the PyTorch ops beyond it."""
+    k = data.draw(st.integers(1, N), label="k")
+    values = data.draw(st.lists(st.one_of(SPECIAL, st.floats(-4, 4, width=16)), min_size=P * N, max_size=P * N),
+                       label="logits")
+    logits = torch.tensor(values, dtype=dtype).view(P, N).to(DEVICE)
+    for backend, disabled in _backend_variants():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(DISABLE_ENV, disabled)
+            w, i = topk_softmax(logits, k, backend=backend)
+        assert_routing_rules(logits, k, w, i)
+
+
+@pytest.mark.parametrize("disabled", ["", "native"], ids=["c-loop-allowed", "pytorch-ops"])
+def test_topk_softmax_float64_selects_and_normalises_in_float64(disabled, monkeypatch):
+    """float64 logits that round to equal float32 values: [1, 1 + 1e-12, 0.5] picked index 0 and
+    [0, 1e-300, -1e-300] index 0 when the selection ran in float32. Forward and backward in float64."""
+    monkeypatch.setenv(DISABLE_ENV, disabled)
+    logits = torch.tensor([[1.0, 1 + 1e-12, 0.5], [0.0, 1e-300, -1e-300]], dtype=torch.float64,
+                          device=DEVICE, requires_grad=True)
+    w, i = topk_softmax(logits, 2, backend="auto")
+    assert i.tolist() == [[1, 0], [1, 0]] and w.dtype == torch.float64
+    w_ref, _ = topk_softmax_ref(logits, 2)
+    assert w[0, 0].item() - w[0, 1].item() == pytest.approx(math.tanh(0.5e-12), rel=1e-3)
+    torch.testing.assert_close(w, w_ref, rtol=1e-15, atol=0)
+    dw = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64, device=DEVICE)
+    (g,) = torch.autograd.grad(w, logits, dw)
+    (g_ref,) = torch.autograd.grad(w_ref, logits, dw)
+    torch.testing.assert_close(g, g_ref, rtol=1e-14, atol=1e-16)
+    assert torch.equal(topk_softmax(logits.detach(), 2, backend="torch")[1], i)
+
+
+def test_float64_on_triton_is_refused_with_the_backend_that_takes_it():
+    """The Triton kernels compute in float32: float64 through them returned zeros, 1e305 or inf."""
+    logits = torch.randn(4, 6, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"topk_softmax: backend='triton' does not take torch.float64.*'torch'"):
+        topk_softmax(logits, 2, backend="triton")
+    x, weights, indices, experts = _routing_case("dder_like")
+    with pytest.raises(ValueError, match=r"moe_mlp: backend='triton' does not take torch.float64.*'torch'"):
+        moe_mlp(x.to(DEVICE), weights.to(DEVICE), indices.to(DEVICE), *[t.to(DEVICE) for t in experts],
+                backend="triton")
+
+
+@pytest.mark.parametrize("combine", ["sum", "logsumexp"])
+def test_moe_mlp_float64_auto_computes_in_float64(combine):
+    """backend="auto" with float64 runs the PyTorch path in float64 (even where Triton runs: the
+    interpreter here, a GPU in CI), combination and gradients included."""
+    x, weights, indices, experts = _routing_case("k_equals_n_two_hidden_chunks")
+    check_moe("auto", torch.float64, x, weights, indices, experts, combine)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_mlp_after_nan_routing_spoils_only_those_rows(backend):
+    """The model's path: topk_softmax then moe_mlp with check_indices=False. Rows with a NaN logit
+    get NaN outputs (their weights are NaN); their indices stay in range, so every other row is the
+    reference's."""
+    x, _, _, experts = _routing_case("dder_like")
+    logits = torch.randn(x.shape[0], 6, generator=torch.Generator().manual_seed(4))
+    logits[::5, 3] = NAN
+    logits[1] = NAN
+    weights, indices = topk_softmax(logits.to(DEVICE), 2, backend=backend)
+    y = moe_mlp(x.float().to(DEVICE), weights, indices, *[t.float().to(DEVICE) for t in experts],
+                backend=backend, check_indices=False)
+    spoilt = logits.isnan().any(1)
+    assert y[spoilt.to(DEVICE)].isnan().all()
+    ref = moe_mlp_ref(x[~spoilt], *route(logits[~spoilt], 2), *experts)
+    assert_close_rel(y[(~spoilt).to(DEVICE)].cpu(), ref, "moe_mlp", torch.float32, "rows without NaN")
 
 
 def test_topk_softmax_float16(topk_backend):

@@ -19,10 +19,12 @@ CAUSAL_CONV1D_FN = OPS["causal_conv1d"].extension
 def causal_conv1d(x, weight, bias=None, activation=None, backend: str = "auto"):
     """Depthwise causal conv, same contract as ``causal_conv1d_ref``.
 
-    ``backend="auto"`` on CUDA tensors runs the causal_conv1d package's kernel when installed;
-    otherwise (and for "triton"/"torch") the grouped ``F.conv1d``.
+    ``backend="auto"`` on float32/float16/bfloat16 CUDA tensors runs the causal_conv1d package's
+    kernel when installed (it takes no float64); otherwise (and for "triton"/"torch") the grouped
+    ``F.conv1d``, which takes every floating dtype in its own precision.
     """
     _check_args(x, weight, bias, activation)
     if resolve_impl("causal_conv1d", x.device, x.dtype, backend) == "extension":
-        return optional_op(*CAUSAL_CONV1D_FN)(x, weight, bias, activation)
+        # By keyword: causal_conv1d_fn's fourth parameter is seq_idx.
+        return optional_op(*CAUSAL_CONV1D_FN)(x, weight, bias, activation=activation)
     return causal_conv1d_ref(x, weight, bias, activation)

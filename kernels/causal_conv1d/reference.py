@@ -9,6 +9,13 @@ ACTIVATIONS = (None, "silu", "swish")
 
 
 def _check_args(x: Tensor, weight: Tensor, bias, activation):
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, dim, seqlen), got shape {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
@@ -23,6 +30,9 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None):
     """x (b, d, l); weight (d, w); bias (d,); activation None | "silu" | "swish" -> (b, d, l).
 
     out[:, c, t] = act(bias[c] + sum_k weight[c, k] * x[:, c, t - (w - 1) + k]), zeros before t = 0.
+    Any floating dtype, computed in it: x, weight and bias in one dtype, or any under autocast,
+    which computes in its own (``F.conv1d``'s rule). NaN and infinities are not masked: one in
+    x[:, c, t] reaches out[:, c, t:t + w].
     """
     _check_args(x, weight, bias, activation)
     w = weight.shape[1]

@@ -13,18 +13,49 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* log w, with a zero weight (a softmax that underflowed) as the most negative finite float: the
  * library is built with -ffast-math, which assumes no infinities. */
 static inline float log_weight(float w) { return w > 0.0f ? logf(w) : -FLT_MAX; }
 
-/* Top-K routing. Column j of a row goes to slot rank_j = #{i : s_i > s_j, or s_i == s_j and
- * i < j} when rank_j < K: the K largest, sorted descending, ties to the lower index -- what K
- * rounds of "take the first largest" (the Triton kernel) give, -inf logits included. Then the
- * softmax of the kept logits (slot 0 holds their max). Everything runs on a transposed block of
- * rows with the row innermost, so every loop vectorises (fixed-size arrays: GCC does not
- * vectorise over variable-length ones) and nothing branches on a comparison that random logits
- * make unpredictable (a selection loop per row was ten times slower, bench/RESULTS.md). */
+/* The routing order as an integer key, so -ffast-math (which assumes no NaN or infinity) cannot
+ * reorder or drop a comparison: keys compare as the floats do, with -0.0 equal to 0.0 and every NaN
+ * (either sign) above +inf, the order of torch.sort. */
+static inline int32_t order_key(float x) {
+    int32_t b;
+    memcpy(&b, &x, sizeof b);
+    const int32_t mag = b & 0x7fffffff;
+    if (mag > 0x7f800000)
+        return INT32_MAX; /* NaN */
+    if (mag == 0)
+        return 0; /* -0.0 */
+    return b >= 0 ? b : b ^ 0x7fffffff;
+}
+
+static inline int nonfinite(float x) {
+    uint32_t b;
+    memcpy(&b, &x, sizeof b);
+    return (b & 0x7f800000u) == 0x7f800000u;
+}
+
+static inline float quiet_nan(void) {
+    const uint32_t b = 0x7fc00000u;
+    float x;
+    memcpy(&x, &b, sizeof x);
+    return x;
+}
+
+/* Top-K routing. Column j of a row goes to slot rank_j = #{i : key_i > key_j, or key_i == key_j
+ * and i < j} when rank_j < K: the K largest, sorted descending, ties to the lower index -- what K
+ * rounds of "take the first largest" (the Triton kernel) give. The keys are totally ordered, so the
+ * ranks are a permutation of 0..N-1 and each slot is claimed by exactly one column. Then the
+ * softmax of the kept logits (slot 0 holds their max), as torch.softmax computes it: a NaN or +inf
+ * in slot 0 (they rank highest) or a -inf there (all kept logits are -inf) makes every weight NaN;
+ * a kept -inf below a finite max gets weight 0. Everything runs on a transposed block of rows with
+ * the row innermost, so every loop vectorises (fixed-size arrays: GCC does not vectorise over
+ * variable-length ones) and nothing branches on a comparison that random logits make
+ * unpredictable (a selection loop per row was ten times slower, bench/RESULTS.md). */
 #define TOPK_ROWS 64
 #define TOPK_MAX_N 64 /* the caller checks N <= TOPK_MAX_N (moe/native_impl.py) */
 void topk_softmax_fwd(int64_t P, int64_t N, int64_t K, int threads, const float *logits, float *w, int64_t *idx) {
@@ -32,29 +63,31 @@ void topk_softmax_fwd(int64_t P, int64_t N, int64_t K, int threads, const float 
     for (int64_t p0 = 0; p0 < P; p0 += TOPK_ROWS) {
         const int rows = P - p0 < TOPK_ROWS ? (int)(P - p0) : TOPK_ROWS;
         float v[TOPK_MAX_N][TOPK_ROWS], kv[TOPK_MAX_N][TOPK_ROWS], top[TOPK_ROWS], sum[TOPK_ROWS];
-        int rank[TOPK_MAX_N][TOPK_ROWS], kc[TOPK_MAX_N][TOPK_ROWS];
+        int32_t key[TOPK_MAX_N][TOPK_ROWS];
+        int rank[TOPK_MAX_N][TOPK_ROWS], kc[TOPK_MAX_N][TOPK_ROWS], bad[TOPK_ROWS];
         for (int r = 0; r < rows; r++)
-            for (int j = 0; j < N; j++)
+            for (int j = 0; j < N; j++) {
                 v[j][r] = logits[(p0 + r) * N + j];
+                key[j][r] = order_key(v[j][r]);
+            }
         for (int j = 0; j < N; j++) {
             for (int r = 0; r < rows; r++)
                 rank[j][r] = 0;
             for (int i = 0; i < N; i++) {
                 if (i < j) {
                     for (int r = 0; r < rows; r++)
-                        rank[j][r] += v[i][r] >= v[j][r];
+                        rank[j][r] += key[i][r] >= key[j][r];
                 } else {
                     for (int r = 0; r < rows; r++)
-                        rank[j][r] += v[i][r] > v[j][r];
+                        rank[j][r] += key[i][r] > key[j][r];
                 }
             }
         }
-        /* Every slot starts filled: a NaN logit compares false both ways, so ranks can collide and
-         * leave a slot unclaimed; it then keeps column k, a valid index, not stack garbage. */
+        /* Zeros only give the selects below a defined first operand: every slot is claimed. */
         for (int k = 0; k < K; k++)
             for (int r = 0; r < rows; r++) {
-                kv[k][r] = v[k][r];
-                kc[k][r] = k;
+                kv[k][r] = 0.0f;
+                kc[k][r] = 0;
             }
         for (int k = 0; k < K; k++)
             for (int j = 0; j < N; j++)
@@ -64,17 +97,21 @@ void topk_softmax_fwd(int64_t P, int64_t N, int64_t K, int threads, const float 
                     kc[k][r] = hit ? j : kc[k][r];
                 }
         for (int r = 0; r < rows; r++) {
-            top[r] = kv[0][r];
+            bad[r] = nonfinite(kv[0][r]);
+            top[r] = bad[r] ? 0.0f : kv[0][r];
             sum[r] = 0.0f;
         }
         for (int k = 0; k < K; k++)
             for (int r = 0; r < rows; r++) {
-                kv[k][r] = expf(kv[k][r] - top[r]);
+                /* Only -inf can be non-finite below a finite max; exp gives it 0 without computing
+                 * on an infinity. Rows already spoilt compute on zeros and are overwritten below. */
+                const int gone = nonfinite(kv[k][r]);
+                kv[k][r] = gone ? 0.0f : expf(kv[k][r] - top[r]);
                 sum[r] += kv[k][r];
             }
         for (int r = 0; r < rows; r++)
             for (int k = 0; k < K; k++) {
-                w[(p0 + r) * K + k] = kv[k][r] / sum[r];
+                w[(p0 + r) * K + k] = bad[r] ? quiet_nan() : kv[k][r] / sum[r];
                 idx[(p0 + r) * K + k] = kc[k][r];
             }
     }

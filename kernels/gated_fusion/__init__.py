@@ -17,7 +17,8 @@ channels-last inputs both run without a copy. In the model, MCDB passes all thre
 (the Restormer blocks before it run channels-last, and mamba is the permuted pixel sequence); they
 are read in place. ``out`` and dy take y's memory format, dmamba mamba's.
 
-Dtypes: float32, float16, bfloat16. The compute dtype is y's, or the autocast dtype when autocast
+Dtypes: float32, float16, bfloat16, and float64 on the PyTorch path (the Triton kernels compute in
+float32: ``backend="triton"`` raises a ValueError for float64, ``"auto"`` picks ``"torch"``). The compute dtype is y's, or the autocast dtype when autocast
 is on for y's device; the parameters are cast to it (they are small), the Triton kernels read
 y, mamba and residual in whatever dtype they have and convert in registers (no cast pass over the
 maps; the PyTorch path casts them). ``out`` is in the compute dtype; every gradient in its input's
@@ -121,8 +122,9 @@ def gated_fusion(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, 
     """The MCDB gated fusion (see the module docstring for the formula).
 
     Args:
-        y, mamba: (B, C, H, W) float32/float16/bfloat16, any strides (NCHW-contiguous and channels-last
-            run without copies); y is the LayerNormed feature, mamba the Mamba branch output.
+        y, mamba: (B, C, H, W) float32/float16/bfloat16/float64 (float64 on the PyTorch path only),
+            any strides (NCHW-contiguous and channels-last run without copies); y is the LayerNormed
+            feature, mamba the Mamba branch output.
         prompt_bias: (B, C) the prompt half of the first gate conv, already applied to p.
         dw_weight: (C, 1, 3, 3) depthwise kernel; dw_bias: (C,) or None.
         g1_weight: (C, C) the feature half of the first gate conv; g1_bias: (C,) or None.
@@ -132,6 +134,12 @@ def gated_fusion(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, 
 
     Returns:
         out (B, C, H, W) in the compute dtype (y's, or the autocast dtype), in y's memory format.
+
+    Parameters take any floating dtype and are cast to the compute dtype. NaN and infinities are
+    not masked: one in y at a pixel reaches out there and at its eight neighbours (the 3x3 conv),
+    one in mamba or residual only its own pixel, one in a parameter every pixel it multiplies.
+    Raises a one-line ValueError for a wrong shape, device or backend, or float64 with
+    ``backend="triton"``.
     """
     _check_args(y, mamba, prompt_bias, dw_weight, dw_bias, g1_weight, g1_bias, g2_weight, g2_bias, residual)
     device_type = y.device.type

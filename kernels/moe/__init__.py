@@ -11,8 +11,8 @@ expert (stable, so each expert's rows stay in row order) and each expert then wo
 contiguous segment of that order; the forward keeps the plan for the backward. The PyTorch path
 sorts with ``torch.sort``; the Triton path with a counting sort of its own (three small kernels, no
 host sync), so its whole dispatch can be captured in a CUDA graph. On CPU the PyTorch path runs
-the routing and the K-way combination as C loops (``csrc/moe_cpu.c``) and the expert MLPs in
-cache-sized row chunks. The per-assignment expert outputs ``O`` (K*P, C) go to a buffer in the
+the routing and the K-way combination as C loops (``csrc/moe_cpu.c``, float32 inside: float64
+keeps PyTorch ops) and the expert MLPs in cache-sized row chunks. The per-assignment expert outputs ``O`` (K*P, C) go to a buffer in the
 compute dtype (bf16 under autocast: half the bytes of float32), one row per assignment, and a
 separate combine step reduces the K slots in float32. The buffer costs one extra write and read of
 K*P*C values but keeps the result deterministic (no atomics), serves ``sum`` and ``logsumexp``
@@ -96,9 +96,23 @@ def _check_topk_args(logits, k):
 def topk_softmax(logits: Tensor, k: int, backend: str = "auto"):
     """Top-K routing: softmax over the K largest logits of each row.
 
-    logits: (P, N) floating. Returns ``weights`` (P, K), logits' dtype, softmax of the kept
-    logits sorted descending, and ``indices`` (P, K) int64; ties go to the lower expert index.
-    Differentiable in ``logits`` (the dropped logits get zero gradient).
+    logits: (P, N) float32, float16, bfloat16 or float64; k an int in [1, N]. Returns ``weights``
+    (P, K) in logits' dtype, the softmax of the kept logits sorted descending, and ``indices``
+    (P, K) int64. Differentiable in ``logits`` (the dropped logits get zero gradient).
+
+    Order: ``torch.sort``'s (and ``torch.topk``'s) total order, whatever the logits: NaN ranks
+    above +inf, -0.0 equals 0.0, and equal logits (NaNs among them) go to the lower expert index.
+    So every row's indices are K distinct experts in [0, N), identical on every backend and equal
+    to :func:`topk_softmax_ref`'s.
+
+    Weights: ``torch.softmax`` of the kept logits. A row that keeps a NaN or a +inf, or keeps only
+    -inf, gets NaN in every weight (the NaN stays visible, as with ``torch.topk`` + softmax, and
+    its gradient is NaN); a kept -inf below a finite maximum gets weight 0.
+
+    Precision: selection and softmax in the logits' own precision for float32 and float64 (float64
+    runs the PyTorch path: ``backend="triton"`` raises a ValueError for it, ``"auto"`` picks
+    ``"torch"``); 16-bit logits select exactly and normalise in float32. The backward runs in
+    float32, or float64 for float64.
     """
     _check_topk_args(logits, k)
     impl = resolve_impl("topk_softmax", logits.device, logits.dtype, backend,
@@ -218,16 +232,21 @@ def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optiona
             check_indices: bool = True) -> Tensor:
     """Sparse mixture of expert MLPs; only the K experts chosen per row are computed.
 
-    x (P, C) floating; weights (P, K) floating gate weights; indices (P, K) int64/int32 in [0, N);
-    w1 (N, C, Hd), b1 (N, Hd) or None, w2 (N, Hd, C), b2 (N, C) or None, all in x's dtype.
-    Returns y (P, C) in x's dtype:
+    x (P, C) float32, float16, bfloat16 or float64; weights (P, K) floating gate weights;
+    indices (P, K) int64/int32 in [0, N); w1 (N, C, Hd), b1 (N, Hd) or None, w2 (N, Hd, C), b2 (N, C)
+    or None, all in x's dtype. Returns y (P, C) in x's dtype:
     ``y[p] = sum_k weights[p,k] * (GELU(x[p] @ w1[e] + b1[e]) @ w2[e] + b2[e])``, e = indices[p,k],
     or with ``combine="logsumexp"`` ``y[p] = log sum_k weights[p,k] * exp(expert output)``.
     Differentiable in every floating input. Under autocast (CUDA, or CPU where bf16 GEMMs are
     fast) the GEMMs take the autocast dtype and y comes in it, as if x and the expert parameters
     had been cast first; x and the parameters may then differ in dtype. The casts happen as the
     kernels load their tiles (no cast copies), and each gradient comes in its input's dtype. The
-    kernels accumulate in float32 and the K-way combination runs in float32.
+    kernels accumulate in float32 and the K-way combination runs in float32; float64 computes
+    everything in float64 on the PyTorch path (``backend="triton"`` raises a ValueError for it,
+    ``"auto"`` picks ``"torch"``).
+
+    NaN and infinities are not masked: they reach exactly the outputs computed from them (a NaN in
+    x[p] or weights[p] gives a NaN y[p]; a NaN in expert e's parameters, every row routed to e).
 
     ``check_indices=False`` skips the ValueError check that every index lies in [0, N): on CUDA
     that check reads a flag back to the host, a sync on every call. Pass it for indices that

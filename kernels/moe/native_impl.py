@@ -1,7 +1,8 @@
 """The MoE's C loops for CPU tensors (``csrc/moe_cpu.c`` through ctypes): top-K routing and the
 K-way combination of the expert outputs, forward and backward. PyTorch's CPU ``log`` and
 ``logaddexp`` run scalar, and a (P, 6) top-2 pays mostly small-op overhead; in C both are one
-vectorised pass over the rows. Everything is float32 and contiguous on the C side.
+vectorised pass over the rows. Everything is float32 and contiguous on the C side, so the resolver
+sends float64 to the PyTorch path.
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ def library() -> ctypes.CDLL:
 
 
 def topk_softmax_fwd(logits: Tensor, k: int):
-    """logits (P, N <= TOPK_MAX_N) -> (weights (P, k) logits' dtype, indices (P, k) int64).
-    float32 selection picks what the input dtype would (the conversion is exact for 16-bit and
-    float32 logits); the softmax runs in float32 and is rounded to the logits' dtype."""
+    """logits (P, N <= TOPK_MAX_N) float32, float16 or bfloat16 -> (weights (P, k) logits' dtype,
+    indices (P, k) int64). Those dtypes convert to float32 exactly, so the float32 selection picks
+    what theirs would; float64 logits never come here (``_backend.OPS``: the PyTorch path selects in
+    float64). The softmax runs in float32 and is rounded to the logits' dtype."""
     P, N = logits.shape
     s = logits.float().contiguous()
     weights, indices = s.new_empty(P, k), torch.empty(P, k, dtype=torch.int64)

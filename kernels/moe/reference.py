@@ -10,7 +10,10 @@ COMBINES = ("sum", "logsumexp")
 
 def topk_softmax_ref(logits: Tensor, k: int):
     """logits (P, N) -> (weights (P, K) softmax of the K largest, sorted descending; indices (P, K) int64).
-    Ties go to the lower expert index (stable descending sort)."""
+
+    The order is ``torch.sort``'s: NaN ranks above +inf, -0.0 equals 0.0, and equal logits (NaNs
+    among them) go to the lower expert index (a stable descending sort). The softmax runs in the
+    logits' dtype."""
     vals, idx = torch.sort(logits, dim=-1, descending=True, stable=True)
     return torch.softmax(vals[:, :k], dim=-1), idx[:, :k]
 

@@ -15,6 +15,13 @@ from torch import Tensor
 
 from . import native_impl
 
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit and float32 compute, float64 for float64: sums never run below float32
+    nor below the inputs' own precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def sort_assignments(indices: Tensor, n_experts: int):
     """Sort the K*P assignments by expert: (order (K*P,), offsets (N+1,)), both int64.
 
@@ -27,38 +34,48 @@ def sort_assignments(indices: Tensor, n_experts: int):
 
 
 def topk_softmax_fwd(logits: Tensor, k: int, native: bool = False):
-    """logits (P, N) -> (weights (P, k) in logits' dtype, indices (P, k) int64); ``native``: the C loop."""
+    """logits (P, N) -> (weights (P, k) in logits' dtype, indices (P, k) int64); ``native``: the C loop.
+    Selection and softmax in the logits' own dtype, in ``topk_softmax``'s order (NaN above +inf,
+    ties to the lower index)."""
     if native:
         return native_impl.topk_softmax_fwd(logits, k)
-    # K rounds of "take the max" (as the Triton kernel): among equal values the lowest free column
-    # wins (argmax returns the first maximum), which settles ties and repeated -inf alike.
+    # K rounds of "take the max" (as the Triton kernel). NaN compares false with everything, so it
+    # takes part as +inf and wins among the maxima by its own flag; among equal candidates the lowest
+    # free column wins (argmax returns the first maximum), which settles ties and repeated -inf alike.
+    nan = logits.isnan()
+    key = logits.masked_fill(nan, float("inf"))
     free = torch.ones_like(logits, dtype=torch.bool)
-    vals, idxs = [], []
+    idxs = []
     for _ in range(k):
-        cand = logits.masked_fill(~free, float("-inf"))
-        m = cand.amax(dim=1, keepdim=True)
-        i = ((cand == m) & free).to(torch.uint8).argmax(dim=1, keepdim=True)
+        cand = key.masked_fill(~free, float("-inf"))
+        hit = free & (cand == cand.amax(dim=1, keepdim=True))
+        hit_nan = hit & nan
+        hit = torch.where(hit_nan.any(dim=1, keepdim=True), hit_nan, hit)
+        i = hit.to(torch.uint8).argmax(dim=1, keepdim=True)
         free.scatter_(1, i, False)
-        vals.append(m)
         idxs.append(i)
-    return torch.softmax(torch.cat(vals, 1), dim=1), torch.cat(idxs, 1)
+    indices = torch.cat(idxs, 1)
+    return torch.softmax(logits.gather(1, indices), dim=1), indices
 
 
 def topk_softmax_bwd(grad_weights: Tensor, weights: Tensor, indices: Tensor, n: int) -> Tensor:
-    """d logits (P, n) in weights' dtype; zero for the logits that were not kept."""
+    """d logits (P, n) in weights' dtype, computed in float32 or wider; zero for the logits that
+    were not kept."""
     dlogits = torch.zeros(weights.shape[0], n, dtype=weights.dtype, device=weights.device)
-    g, w = grad_weights.float(), weights.float()
+    acc = accumulation_dtype(weights.dtype)
+    g, w = grad_weights.to(acc), weights.to(acc)
     d = w * (g - (w * g).sum(1, keepdim=True))
     return dlogits.scatter_(1, indices, d.to(dlogits.dtype))
 
 
 def _combine(out: Tensor, weights: Tensor, combine: str, native: bool) -> Tensor:
-    """out (K, P, C) float32, weights (P, K) -> float32 y (P, C)."""
+    """out (K, P, C) in the accumulation dtype, weights (P, K) -> y (P, C) in out's dtype (the C
+    loop takes float32 only)."""
     if native:
         return native_impl.combine_fwd(out, weights, combine)
     # Fused two-operand ops over whole (P, C) slabs: on CPU this is several times faster than a
     # reduction over the K axis (torch.logsumexp adds extra passes for its inf handling).
-    w = weights.float().t().unsqueeze(-1)
+    w = weights.to(out.dtype).t().unsqueeze(-1)
     if combine == "sum":
         y = out[0] * w[0]
         for k in range(1, out.shape[0]):
@@ -136,14 +153,15 @@ def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, native: boo
             h = F.gelu(_linear(x.index_select(0, tokens[s:t]).to(dtype), w1[e], b1e))
             _linear(h, w2[e], b2e, out=out[s:t])
     out = out.index_select(0, _inverse(order))
-    return _combine(out.view(K, P, x.shape[1]).float(), weights, combine, native).to(dtype), out, order, offsets
+    y = _combine(out.view(K, P, x.shape[1]).to(accumulation_dtype(dtype)), weights, combine, native)
+    return y.to(dtype), out, order, offsets
 
 
 def _combine_bwd(dy, out, weights, combine, native: bool):
-    """out (K, P, C) -> (dout (K, P, C) float32, dweights (P, K) float32)."""
+    """out (K, P, C) in the accumulation dtype -> (dout (K, P, C), dweights (P, K)), both in out's dtype."""
     if native:
         return native_impl.combine_bwd(dy, out, weights, combine)
-    dy, w = dy.float(), weights.float().t().unsqueeze(-1)
+    dy, w = dy.to(out.dtype), weights.to(out.dtype).t().unsqueeze(-1)
     if combine == "sum":
         return (dy * w).contiguous(), (out * dy).sum(-1).t()
     # d y / d o_k = w_k exp(o_k - y): one buffer, updated in place (these passes dominate on CPU).
@@ -156,28 +174,30 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, native
     """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype; GEMMs in out's dtype."""
     P, K = weights.shape
     Hd, dtype, w1_dtype, w2_dtype = w1.shape[2], out.dtype, w1.dtype, w2.dtype  # before the casts below
-    dout, dweights = _combine_bwd(dy, out.view(K, P, x.shape[1]).float(), weights, combine, native)
+    acc = accumulation_dtype(dtype)
+    dout, dweights = _combine_bwd(dy, out.view(K, P, x.shape[1]).to(acc), weights, combine, native)
     w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2))
     tokens = order % P
     dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(dtype)
     dx_sorted = torch.empty_like(dout)
-    # Parameter gradients sum over row chunks in float32, so 16-bit ones are rounded once, at the end.
-    f32 = dict(dtype=torch.float32)
-    dw1, dw2 = torch.zeros_like(w1, **f32), torch.zeros_like(w2, **f32)
-    db1 = w1.new_zeros(w1.shape[0], w1.shape[2], **f32)
-    db2 = w2.new_zeros(w2.shape[0], w2.shape[2], **f32)
+    # Parameter gradients sum over row chunks in the accumulation dtype, so 16-bit ones are rounded
+    # once, at the end.
+    sums = dict(dtype=acc)
+    dw1, dw2 = torch.zeros_like(w1, **sums), torch.zeros_like(w2, **sums)
+    db1 = w1.new_zeros(w1.shape[0], w1.shape[2], **sums)
+    db2 = w2.new_zeros(w2.shape[0], w2.shape[2], **sums)
     for e, lo, hi in _segments(offsets):
         for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
             xe, de = x.index_select(0, tokens[s:t]).to(dtype), dout[s:t]
             hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
             dw2[e] += F.gelu(hpre).t() @ de
-            db2[e] += de.sum(0, **f32)
+            db2[e] += de.sum(0, **sums)
             dh = torch.ops.aten.gelu_backward(de @ w2[e].t(), hpre)
             dw1[e] += xe.t() @ dh
-            db1[e] += dh.sum(0, **f32)
+            db1[e] += dh.sum(0, **sums)
             torch.mm(dh, w1[e].t(), out=dx_sorted[s:t])
     dx_slots = dx_sorted.index_select(0, _inverse(order)).view(K, P, x.shape[1])
-    dx = dx_slots[0].to(torch.float32, copy=True)
+    dx = dx_slots[0].to(acc, copy=True)
     for k in range(1, K):
         dx += dx_slots[k]
     # Gradients in each input's own dtype (autocast's casts are inside the op); custom-op outputs

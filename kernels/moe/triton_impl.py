@@ -117,6 +117,29 @@ def default_config(n_assign: int, n_experts: int, C: int, Hd: int, device: torch
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 @jit
+def _order_key(x):
+    """float32 -> int32 keys that compare as the floats do, with -0.0 equal to 0.0 and every NaN
+    (either sign) above +inf: ``topk_softmax``'s order without a float comparison (a GPU's max
+    drops NaN operands, the interpreter's propagates them)."""
+    b = x.to(tl.int32, bitcast=True)
+    mag = b & 0x7FFFFFFF
+    key = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    key = tl.where(mag == 0, 0, key)
+    return tl.where(mag > 0x7F800000, 0x7FFFFFFF, key)
+
+
+@jit
+def _key_value(key):
+    """The float32 of an ``_order_key`` (a NaN for the NaN key, 0.0 for -0.0)."""
+    return tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@jit
+def _finite(x):
+    return (x.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
+
+
+@jit
 def _topk_softmax_fwd_kernel(logits_ptr, w_ptr, idx_ptr, P, N,
                              K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr):
@@ -125,22 +148,33 @@ def _topk_softmax_fwd_kernel(logits_ptr, w_ptr, idx_ptr, P, N,
     slots = tl.arange(0, BLOCK_K)
     rmask = rows < P
     free = rmask[:, None] & (cols[None, :] < N)
-    s = tl.load(logits_ptr + rows[:, None] * N + cols[None, :], mask=free, other=float("-inf")).to(tl.float32)
-    top_v = tl.full((BLOCK_P, BLOCK_K), float("-inf"), tl.float32)
+    s = tl.load(logits_ptr + rows[:, None] * N + cols[None, :], mask=free, other=0.0).to(tl.float32)
+    # Below every real key (-inf's is -2**31 + 2**23 - 1): taken and padded columns.
+    none = -2147483648
+    key = _order_key(s)
+    top_key = tl.full((BLOCK_P, BLOCK_K), none, tl.int32)
     top_i = tl.zeros((BLOCK_P, BLOCK_K), tl.int32)
-    # K rounds of "take the max": the lowest column holding the max wins, which settles ties.
+    # K rounds of "take the max": the lowest column holding the max wins, which settles ties. The
+    # keys are totally ordered and N >= K, so each round takes a distinct real column.
     for k in tl.static_range(K):
-        cand = tl.where(free, s, float("-inf"))
+        cand = tl.where(free, key, none)
         m = tl.max(cand, axis=1)
         i = tl.min(tl.where(free & (cand == m[:, None]), cols[None, :], BLOCK_N), axis=1)
         free = free & (cols[None, :] != i[:, None])
-        top_v = tl.where(slots[None, :] == k, m[:, None], top_v)
+        top_key = tl.where(slots[None, :] == k, m[:, None], top_key)
         top_i = tl.where(slots[None, :] == k, i[:, None], top_i)
     kept = slots[None, :] < K
-    top_v = tl.where(rmask[:, None], top_v, 0.0)  # rows past P would compute -inf - -inf
-    # Slot 0 holds the row max, so no separate max pass is needed for a stable softmax.
-    num = tl.where(kept, tl.exp(top_v - tl.max(top_v, axis=1)[:, None]), 0.0)
-    w = num / tl.sum(num, axis=1)[:, None]
+    # torch.softmax's answer without computing on infinities: slot 0 holds the row max; a NaN or
+    # +inf there (they rank highest) or a -inf (every kept logit is -inf) spoils the whole row, and
+    # a kept -inf below a finite max gets weight 0. Rows past P hold zeros.
+    top_v = _key_value(top_key)
+    m = _key_value(tl.max(tl.where(kept, top_key, none), axis=1))
+    bad = ~_finite(m)
+    m = tl.where(bad, 0.0, m)
+    ok = kept & _finite(top_v) & ~bad[:, None]
+    num = tl.where(ok, tl.exp(tl.where(ok, top_v, 0.0) - m[:, None]), 0.0)
+    total = tl.where(bad, 1.0, tl.sum(num, axis=1))  # >= 1 elsewhere: slot 0 contributes exp(0)
+    w = tl.where(bad[:, None], float("nan"), num / total[:, None])
     out_mask = rmask[:, None] & kept
     offs = rows[:, None] * K + slots[None, :]
     tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=out_mask)
