@@ -78,6 +78,9 @@ class M2RestoreConfig:
     alpha: str = "vector"
     gate_weights_cnn: bool = True
     backend: str = "auto"
+    # Whether the weights were trained with a degradation prior (DA-CLIP): only then does running
+    # them without one lose a signal the network learned to use (M2Restore warns).
+    trained_with_prior: bool = True
 
     def __post_init__(self):
         for name in ("enc_blocks", "dec_blocks", "heads", "degradation_names"):
