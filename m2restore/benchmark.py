@@ -331,12 +331,14 @@ def run_cases(
     """Time each case; a case that fails is recorded with its error and the others go on."""
     results = []
     inputs_by_size: dict[int, list[torch.Tensor]] = {}
-    for case in cases:
+    cases = list(cases)
+    for number, case in enumerate(cases, 1):
         if case.size not in inputs_by_size:
             inputs_by_size[case.size] = make_inputs(case.size, session.device, n_inputs)
         inputs = inputs_by_size[case.size]
         result = Result(case)
-        log(f"  {case.label:<18} {case.dtype:<5} prior {'on ' if case.prior else 'off'} {case.size}px ...")
+        log(f"  [{number}/{len(cases)}] {case.label:<18} {case.dtype:<5} prior {'on ' if case.prior else 'off'} "
+            f"{case.size}px ...")
         try:
             ref = session.reference_output(case.prior, inputs[0])
             reset_peak_memory(session.device)

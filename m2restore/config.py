@@ -98,6 +98,9 @@ class M2RestoreConfig:
     balance_load: str = "smooth"
     prior_preprocess: str = "daclip"
     backend: str = "auto"
+    # Whether the weights were trained with a degradation prior (DA-CLIP): only then does running
+    # them without one lose a signal the network learned to use (M2Restore warns).
+    trained_with_prior: bool = True
 
     def __post_init__(self):
         for name in ("enc_blocks", "dec_blocks", "heads", "degradation_names"):

@@ -145,8 +145,9 @@ def train_demo(out: Path, minutes: float, steps: int | None = None, crop: int = 
     from .train import CHECKPOINT, TrainOptions, fit, load_checkpoint, seed_everything
 
     seed_everything(seed)
-    # The shipped weights were trained with the counted load term (see M2RestoreConfig.balance_load).
-    config = M2RestoreConfig.tiny(backend="torch", balance_load="count")
+    # The shipped weights were trained without a prior and with the counted load term
+    # (see M2RestoreConfig.balance_load).
+    config = M2RestoreConfig.tiny(backend="torch", balance_load="count", trained_with_prior=False)
     model = M2Restore(config, prior=NullPrior(config.num_degradations, config.prior_dim))
     photos = [load_photo(name) for name in TRAIN_PHOTOS]
     train_set = SyntheticPairs(photos, KINDS, crop=crop, length=BATCHES_PER_EPOCH * batch_size, seed=seed)

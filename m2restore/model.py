@@ -30,6 +30,18 @@ from .prior.null import DegradationPrior, NullPrior
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: Names ``M2Restore.from_pretrained`` accepts beside folders: weights shipped with the package.
+PRETRAINED = ("demo",)
+
+
+def pretrained_path(name_or_dir: str | Path) -> Path:
+    """The weights folder of a :data:`PRETRAINED` name (unless a folder of that name exists), else
+    ``name_or_dir`` as a path."""
+    if str(name_or_dir) in PRETRAINED and not Path(name_or_dir).is_dir():
+        from .restore import DEMO_WEIGHTS
+
+        return DEMO_WEIGHTS
+    return Path(name_or_dir)
 
 
 @dataclass
@@ -79,18 +91,20 @@ class DecoderLevel(nn.Module):
 
 class M2Restore(nn.Module):
     """The network. ``prior`` is any ``DegradationPrior``; a DA-CLIP prior stays frozen and outside
-    ``state_dict()``/``parameters()``, but moves with ``model.to(...)``. Without one, ``NullPrior``."""
+    ``state_dict()``/``parameters()``, but moves with ``model.to(...)``. Without one, ``NullPrior``
+    (with a warning when ``config.trained_with_prior``: the network then misses a learned input)."""
 
     def __init__(self, config: M2RestoreConfig | None = None, prior: DegradationPrior | None = None):
         super().__init__()
         self.config = config = config or M2RestoreConfig.paper()
-        if prior is None:
+        if prior is None and config.trained_with_prior:
             warnings.warn(
                 "M2Restore has no degradation prior: using NullPrior (uniform d_g, zero P_f), so the DDER "
                 "routing bias and the DGF prompt carry no signal. Pass prior=DAClipPrior(...) (or a "
                 "precomputed prior=(d_g, P_f) to forward) for a model trained with DA-CLIP.",
                 stacklevel=2,
             )
+        if prior is None:
             prior = NullPrior(config.num_degradations, config.prior_dim)
         self.set_prior(prior)
 
@@ -215,13 +229,15 @@ class M2Restore(nn.Module):
                         backend: str | None = None) -> "M2Restore":
         """Build the model of ``directory/config.json`` and load ``directory/model.safetensors``.
 
+        ``directory`` may also be a name of :data:`PRETRAINED`: ``"demo"`` is the shipped demo
+        weights (``tiny()``, trained without a prior on synthetic weather; see the README).
         ``prior_checkpoint``: a DA-CLIP checkpoint, loaded with ``DAClipPrior.from_checkpoint``
         (needs open_clip). ``backend`` overrides the saved config's. A checkpoint that does not fit
         the config raises ``ValueError``.
         """
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        directory = pretrained_path(directory)
         config = M2RestoreConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         if backend is not None:
             config = dataclasses.replace(config, backend=backend)

@@ -17,9 +17,9 @@ from typing import Iterable
 
 import torch
 
+from .precision import PRECISIONS
+
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "demo_tiny"
-# The model's precision by name: autocast to that dtype, or (fp32) none.
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Pixels shared by neighbouring tiles: the linear blend over this width hides seams, for
 # (tile / (tile - overlap))² times the work of restoring the image whole.
 TILE_OVERLAP = 32

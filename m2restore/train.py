@@ -434,6 +434,8 @@ def build_model(config: str | dict, backend: str | None = None, prior_checkpoint
         if not quiet:
             print("training without the DA-CLIP prior (NullPrior); pass --prior-checkpoint or --prior-cache "
                   "for the paper's setup")
+            # Saved with the weights, so that running them without a prior does not warn.
+            cfg = dataclasses.replace(cfg, trained_with_prior=False)
         return M2Restore(cfg, prior=NullPrior(cfg.num_degradations, cfg.prior_dim))
     from .prior import DAClipPrior
 

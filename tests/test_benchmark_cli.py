@@ -31,7 +31,7 @@ def _table_rows(out: str) -> dict[str, list[str]]:
 def test_bench_cli_prints_table_and_writes_json(tmp_path, capsys):
     pytest.importorskip("open_clip")
     path = tmp_path / "sub" / "model.json"
-    rc = main(["bench", "--config", "tiny", "--size", "32", "--rounds", "1", "--device", "cpu",
+    rc = main(["bench", "--config", "tiny", "--size", "32", "--rounds", "1", "--device", "cpu", "--full",
                "--json", str(path)])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -45,7 +45,7 @@ def test_bench_cli_prints_table_and_writes_json(tmp_path, capsys):
     report = json.loads(path.read_text())
     assert report["config"] == "tiny" and report["rounds"] == 1
     assert report["paper_seconds_per_image"]["M2Restore"] == PAPER_SECONDS["M2Restore"]
-    # CPU defaults: reference and ours, each in fp32 and in bf16 autocast.
+    # CPU with --full: reference and ours, each in fp32 and in bf16 autocast.
     results = {(r["backend"], r["dtype"]): r for r in report["results"]}
     assert set(results) == {(b, d) for b in ("reference", "torch") for d in ("fp32", "bf16")}
     for r in results.values():
@@ -85,7 +85,7 @@ def test_bench_cli_reports_a_failing_case_and_goes_on(tmp_path, capsys):
 def test_bench_cli_rejects_bad_options(flags, message, capsys):
     rc = main(["bench", "--config", "tiny", "--device", "cpu", *flags])
     assert rc == 2
-    assert message in capsys.readouterr().out
+    assert capsys.readouterr().err.startswith(f"m2restore bench: {message}")
 
 
 def test_time_fn_warms_up_then_times_each_round_rotating_inputs():

@@ -109,3 +109,39 @@ def test_a_module_prior_is_not_saved(tmp_path):
     model = M2Restore(M2RestoreConfig.tiny(backend="torch"), prior=_FakeDAClip(M2RestoreConfig().degradation_names))
     model.save_pretrained(tmp_path)
     assert set(load_file(str(tmp_path / "model.safetensors"))) == set(tiny().state_dict())
+
+
+def test_trained_with_prior_round_trips_and_decides_the_null_prior_warning(tmp_path):
+    """Weights trained without a prior say so in config.json; loading them without one is then
+    expected and silent, while weights trained with a prior still warn."""
+    import warnings
+
+    from m2restore.model import PRETRAINED, pretrained_path
+    from m2restore.restore import DEMO_WEIGHTS
+
+    for trained_with_prior in (True, False):
+        directory = tmp_path / str(trained_with_prior)
+        tiny(trained_with_prior=trained_with_prior).save_pretrained(directory)
+        assert json.loads((directory / "config.json").read_text())["trained_with_prior"] is trained_with_prior
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            loaded = M2Restore.from_pretrained(directory)
+        assert loaded.config.trained_with_prior is trained_with_prior
+        assert [str(w.message).startswith("M2Restore has no degradation prior") for w in record] == (
+            [True] if trained_with_prior else [])
+    # Configs written before the field existed were trained with the prior (the default).
+    assert M2RestoreConfig.from_dict({"dim": 8}).trained_with_prior is True
+    assert "demo" in PRETRAINED and pretrained_path("demo") == DEMO_WEIGHTS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        demo = M2Restore.from_pretrained("demo")
+    assert demo.config.trained_with_prior is False and demo.config.dim == 8
+
+
+def test_training_without_a_prior_records_it(capsys):
+    from m2restore.train import build_model
+
+    assert build_model("tiny").config.trained_with_prior is False
+    assert "training without the DA-CLIP prior" in capsys.readouterr().out
+    # Cached priors stand in for DA-CLIP (quiet=True): the weights are trained with a prior.
+    assert build_model("tiny", quiet=True).config.trained_with_prior is True

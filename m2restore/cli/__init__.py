@@ -1,15 +1,22 @@
 """M2Restore: all-in-one adverse-weather image restoration.
 
 Each subcommand lives in its own module of this package, which exposes ``add_arguments(parser)``
-and ``run(args) -> int`` and calls the library for the work; only the chosen one is imported, so
-``--help`` stays fast."""
+and ``run(args) -> int`` and calls the library for the work; only the chosen one is imported, and
+this module imports neither torch nor the library, so ``--help`` and mistyped commands answer at
+once.
+
+Errors end in one line on stderr, ``m2restore COMMAND: message``: a :class:`~.errors.CliError`
+with its exit status (2 for usage, 1 for a failed input), anything unexpected with status 1 and a
+hint to rerun with ``--debug`` (or ``M2RESTORE_DEBUG=1``), which shows the traceback instead.
+Argument errors exit with 2, argparse's convention.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from ..allocator import retain_freed_memory
 from .errors import CliError
 
 COMMANDS = {
@@ -22,22 +29,67 @@ COMMANDS = {
     "bench": ("m2restore.cli.bench", "time the full model per backend against the paper's 0.17 s"),
     "convert-authors": ("m2restore.cli.convert_authors", "convert a checkpoint of the authors' training code to our weights folder"),
 }
+DEBUG_ENV = "M2RESTORE_DEBUG"
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default) -> None:
+    """``--debug`` and ``--verbose``, accepted before or after the command (``default``:
+    False on the main parser, ``argparse.SUPPRESS`` on the subcommands', so they do not reset it)."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="say which choices were made for you (the --dtype auto precision)")
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv``: its first word that is not an option (the global options
+    take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser of ``m2restore``, with the arguments of ``command`` only (its module imported)."""
+    parser = argparse.ArgumentParser(prog="m2restore", description=__doc__.splitlines()[0])
+    _add_global_options(parser, False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_global_options(p, argparse.SUPPRESS)
+        if name == command:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    return parser
+
+
+def _debugging(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="m2restore", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if argv and argv[0] == name:
-            mod = importlib.import_module(module)
-            mod.add_arguments(p)
-            p.set_defaults(_run=mod.run)
-    args = parser.parse_args(argv)
-    retain_freed_memory()  # every command moves large CPU tensors (see m2restore.allocator)
+    command = _command_of(argv)
+    prefix = f"m2restore {command}" if command in COMMANDS else "m2restore"
     try:
+        args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+        from ..allocator import retain_freed_memory
+
+        retain_freed_memory()  # every command moves large CPU tensors (see m2restore.allocator)
         return int(args._run(args) or 0)
     except CliError as err:
-        print(f"m2restore {args.command}: {err}", file=sys.stderr)
+        if _debugging(argv):
+            raise
+        print(f"{prefix}: {err}", file=sys.stderr)
         return err.exit_status
+    except KeyboardInterrupt:
+        if _debugging(argv):
+            raise
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last resort: one line, not a traceback
+        if _debugging(argv):
+            raise
+        lines = str(err).strip().splitlines()
+        print(f"{prefix}: {type(err).__name__}: {lines[0] if lines else 'no message'} "
+              f"(rerun with --debug, or {DEBUG_ENV}=1, to see the traceback)", file=sys.stderr)
+        return 1

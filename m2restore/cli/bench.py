@@ -12,14 +12,21 @@ import torch
 from ..benchmark import (CAPTURABLE, BenchSession, Case, format_table, machine_name, model_config, report_json,
                          run_cases)
 from ..config import MODEL_BACKENDS
+from ..precision import resolve_precision
 from ..restore import default_device
 from .common import add_device_argument
+from .errors import UsageError
 
-# Timed rounds and untimed warm-up calls per case when not given. A 224² forward takes seconds on a
-# CPU, so a few rounds give a stable median; on a GPU it takes milliseconds, and the first calls
-# pay for autotuning and allocator growth.
-ROUNDS = {"cpu": 5, "cuda": 30}
-WARMUP = {"cpu": 2, "cuda": 5}
+# Timed rounds and untimed warm-up calls per case when not given, by default and with --full. A
+# 224² forward takes seconds on a CPU, so a few rounds give a median; on a GPU it takes
+# milliseconds, and the first calls pay for autotuning and allocator growth. The defaults keep a
+# run near two minutes on a 2-core CPU (bench/RESULTS.md).
+ROUNDS = {"cpu": 3, "cuda": 20}
+WARMUP = {"cpu": 1, "cuda": 5}
+ROUNDS_FULL = {"cpu": 5, "cuda": 30}
+WARMUP_FULL = {"cpu": 2, "cuda": 5}
+# Every dtype a device is benchmarked in with --full (fp16 autocast has no fast CPU path).
+DTYPES_FULL = {"cpu": ["fp32", "bf16"], "cuda": ["fp32", "bf16", "fp16"]}
 # Distinct inputs the timed calls rotate through: enough on a GPU that no call finds its image in L2.
 INPUTS = {"cpu": 2, "cuda": 4}
 
@@ -43,11 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated from {MODEL_BACKENDS} (default: reference plus ours: "
                              "'torch' on CPU, 'triton' on CUDA)")
     parser.add_argument("--dtypes", type=_csv(str), default=None,
-                        help="comma-separated from fp32,bf16,fp16 (default: fp32,bf16 on CPU, all on CUDA)")
+                        help="comma-separated from fp32,bf16,fp16 (default: fp32, plus bf16 where it is native "
+                             "as for --dtype auto; with --full: fp32,bf16 on CPU, all on CUDA)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help=f"timed rounds (default: {ROUNDS['cpu']} CPU, {ROUNDS['cuda']} CUDA)")
+                        help=f"timed rounds (default: {ROUNDS['cpu']} CPU, {ROUNDS['cuda']} CUDA; with --full "
+                             f"{ROUNDS_FULL['cpu']}, {ROUNDS_FULL['cuda']})")
     parser.add_argument("--warmup", type=int, default=None,
-                        help=f"untimed calls first (default: {WARMUP['cpu']} CPU, {WARMUP['cuda']} CUDA)")
+                        help=f"untimed calls first (default: {WARMUP['cpu']} CPU, {WARMUP['cuda']} CUDA; with "
+                             f"--full {WARMUP_FULL['cpu']}, {WARMUP_FULL['cuda']})")
+    parser.add_argument("--full", action="store_true",
+                        help="the long sweep: every dtype of the device and more rounds (on a CPU without native "
+                             "bf16 its bf16 rows take many minutes)")
     add_device_argument(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); on a busy machine 1 avoids "
@@ -62,10 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "beside the measured times (m2restore.cost_model)")
 
 
+def default_dtypes(device: torch.device, full: bool = False) -> list[str]:
+    """fp32, plus bf16 where the device computes it natively (:func:`resolve_precision`);
+    ``full``: every dtype of :data:`DTYPES_FULL`."""
+    if full:
+        return DTYPES_FULL["cuda" if device.type == "cuda" else "cpu"]
+    return list(dict.fromkeys(["fp32", resolve_precision("auto", device)[0]]))
+
+
 def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case]:
     cuda = device.type == "cuda"
     backends = args.backends or ["reference", "triton" if cuda else "torch"]
-    dtypes = args.dtypes or (["fp32", "bf16", "fp16"] if cuda else ["fp32", "bf16"])
+    dtypes = args.dtypes or default_dtypes(device, args.full)
     modes = ["eager"] + ["compile"] * args.compile + ["graph"] * args.graph
     # Modes outermost: a graph capture that fails can leave CUDA unusable, so captures come last.
     return [Case(b, m, d, not args.no_prior, s)
@@ -76,28 +97,29 @@ def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case
 def run(args: argparse.Namespace) -> int:
     device = default_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("m2restore bench: --device cuda, but torch sees no CUDA device")
-        return 2
+        raise UsageError("--device cuda, but torch sees no CUDA device; leave --device out to use the CPU")
     limits = (("--threads", args.threads, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0))
     for flag, value, least in limits:
         if value is not None and value < least:
-            print(f"m2restore bench: {flag} must be at least {least}, got {value}")
-            return 2
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kind = "cuda" if device.type == "cuda" else "cpu"
-    rounds = args.rounds or ROUNDS[kind]
-    warmup = args.warmup if args.warmup is not None else WARMUP[kind]
+    rounds = args.rounds or (ROUNDS_FULL if args.full else ROUNDS)[kind]
+    warmup = args.warmup if args.warmup is not None else (WARMUP_FULL if args.full else WARMUP)[kind]
     try:
         cases = cases_from_args(args, device)
     except ValueError as exc:
-        print(f"m2restore bench: {exc}")
-        return 2
+        raise UsageError(str(exc)) from exc
     machine = machine_name(device)
     print(f"m2restore bench: config {args.config}, batch 1, {len(cases)} case(s) on {machine}, "
           f"{warmup} warm-up + {rounds} timed rounds")
+    if args.dtypes is None and not args.full:
+        print(f"  dtypes {','.join(default_dtypes(device))}: {resolve_precision('auto', device)[1]} "
+              "(--dtypes or --full for others)")
     session = BenchSession(args.config, device)
-    results = run_cases(session, cases, rounds, warmup, n_inputs=INPUTS[kind])
+    results = run_cases(session, cases, rounds, warmup, n_inputs=INPUTS[kind],
+                        log=lambda line: print(line, flush=True))  # progress shows when piped too
     print(format_table(results, machine))
     if args.roofline:
         from ..cost_model import roofline_tables

@@ -1,17 +1,19 @@
 """Options and argument parsing the subcommands share.
 
 The helpers behind them are library code, so that programs reach them without the command line:
-:func:`m2restore.restore.load_model`, :data:`~m2restore.restore.PRECISIONS` (``--dtype``),
+:func:`m2restore.restore.load_model`, :func:`m2restore.precision.resolve_precision` (``--dtype``),
 :func:`~m2restore.restore.default_device` (``--device``) and the one image-folder walker,
 :func:`m2restore.data.io.find_images`.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..config import MODEL_BACKENDS
-from ..restore import DEMO_WEIGHTS, PRECISIONS, TILE_OVERLAP
+from ..precision import AUTO, CHOICES
+from ..restore import DEMO_WEIGHTS, TILE_OVERLAP
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -31,19 +33,33 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path |
                         help="DA-CLIP checkpoint (daclip_ViT-B-32.pt) for weights trained with the prior")
     add_device_argument(parser)
     add_backend_argument(parser, "kernel backend (default: the one saved with the weights)")
-    parser.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp32",
-                        help="run the network under autocast to this dtype (default fp32: none); bf16 is the "
-                             "fast mode on GPUs and on CPUs with AVX512-BF16 or AMX")
+    parser.add_argument("--dtype", choices=CHOICES, default=AUTO,
+                        help="run the network under autocast to this dtype (fp32: none); auto (default): bf16 "
+                             "on GPUs and CPUs with native bf16 (AMX, AVX512-BF16), else fp32; -v says which")
     parser.add_argument("--tile", type=int, default=0, help="restore in tiles of this size (0: whole image)")
     parser.add_argument("--tile-overlap", type=int, default=TILE_OVERLAP, help="overlap between tiles in pixels")
 
 
 def load_model_from_args(args: argparse.Namespace):
-    """(model, device) from the options of :func:`add_model_arguments`."""
+    """(model, device) from the options of :func:`add_model_arguments`; ``args.dtype`` ``auto``
+    becomes the precision chosen for that device, in place."""
     from ..restore import default_device, load_model
 
     device = default_device(args.device)
+    resolve_dtype_from_args(args, device)
     return load_model(args.weights, device, args.backend, args.prior_checkpoint), device
+
+
+def resolve_dtype_from_args(args: argparse.Namespace, device) -> str:
+    """Replace ``args.dtype`` ``auto`` by the precision chosen for ``device``
+    (:func:`m2restore.precision.resolve_precision`), saying which and why under ``--verbose``."""
+    from ..precision import resolve_precision
+
+    precision, why = resolve_precision(args.dtype, device)
+    if args.dtype == AUTO and getattr(args, "verbose", False):
+        print(f"m2restore: --dtype auto chose {precision} on {device}: {why}", file=sys.stderr)
+    args.dtype = precision
+    return precision
 
 
 def parse_set(spec: str) -> tuple[str, Path]:

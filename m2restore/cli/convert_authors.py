@@ -17,7 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None,
                         help="experts per pixel the model was trained with (not stored in checkpoints; default 2)")
     parser.add_argument("--force", action="store_true", help="overwrite a folder that already holds a model")
-    parser.add_argument("-v", "--verbose", action="store_true", help="list every dropped tensor")
 
 
 def run(args: argparse.Namespace) -> int:
