@@ -145,7 +145,7 @@ def fit(model, train_set, out_dir: str | Path, opts: TrainOptions, device: str |
     memory in GiB, in rank order; else empty)."""
     run = setup_run(model, len(train_set), out_dir, opts, device, resume)
     state = run.state
-    bar = _Progress(run.opts.max_steps or run.total_steps, state.step, progress and run.rank == 0)
+    bar = _Progress(run.opts.max_steps or run.total_steps, state.step, progress and run.rank == 0, run.rank == 0)
     stop = run.opts.max_steps is not None and state.step >= run.opts.max_steps
     run.started = time.perf_counter() - state.seconds
     while state.epoch < run.opts.epochs and not stop:
@@ -359,11 +359,13 @@ def _should_stop(run: TrainRun) -> bool:
 
 
 class _Progress:
-    """The progress bar: optimizer steps, with the epoch, a smoothed loss and images per second."""
+    """The progress bar: optimizer steps, with the epoch, a smoothed loss and images per second;
+    ``messages``: print the validation lines (whether or not the bar is ``enabled``)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, messages: bool = True):
         from tqdm import tqdm
 
+        self.messages = messages
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled,
                         dynamic_ncols=True)
         self.smoothed: float | None = None
@@ -375,7 +377,8 @@ class _Progress:
         self.bar.set_postfix(epoch=epoch, loss=f"{self.smoothed:.4f}", img_s=f"{images_per_s:.1f}")
 
     def write(self, message: str) -> None:
-        self.bar.write(message)
+        if self.messages:
+            self.bar.write(message)
 
     def close(self) -> None:
         self.bar.close()
