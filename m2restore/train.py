@@ -12,9 +12,16 @@ checkpoint interval), ``train_log.csv`` (one row per optimizer step), ``val_log.
 validation PSNR). ``--resume`` continues bit-for-bit: the data order and augmentations are
 functions of (seed, epoch, index), and the global RNGs (which drive the router noise) are
 restored from the checkpoint.
+
+Under torchrun (:mod:`m2restore.distributed`) the same code trains data-parallel with
+``DistributedDataParallel``: ``batch_size`` is the global batch, each of the W processes takes its
+batch_size / W items of every batch, the DDER balance loss is that of the global batch, and the
+data order (global batches in order) does not depend on W, so a run resumes on any number of
+processes. Rank 0 alone writes logs, checkpoints and weights; validation is sharded over the ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import itertools
@@ -30,9 +37,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from . import distributed
+
 CHECKPOINT = "checkpoint.pt"
 CROP = 224  # side of the random training crops (paper §IV-A)
-TRAIN_LOG_FIELDS = ("step", "epoch", "loss", "l1", "balance", "lr", "images_per_s", "seconds")
+TRAIN_LOG_FIELDS = ("step", "epoch", "loss", "l1", "balance", "lr", "images_per_s", "peak_mem_gib", "seconds")
 VAL_LOG_FIELDS = ("step", "epoch", "psnr", "ssim")
 # Options that define the optimisation trajectory; on --resume they come from the checkpoint.
 _TRAJECTORY = ("epochs", "batch_size", "accum", "lr", "min_lr", "schedule", "seed", "total_steps")
@@ -61,6 +70,7 @@ class TrainOptions:
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in all
     max_seconds: float | None = None  # stop (with a checkpoint) after this much training time
     amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 with loss scaling)
+    compile: bool = False  # torch.compile the model's forward and backward
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "accum", "val_every"):
@@ -93,11 +103,14 @@ class TrainState:
 class TrainRun:
     """A run between steps: the model and what optimises it, the position, the logs.
 
-    An epoch is ``batches_per_epoch`` batches of ``opts.batch_size`` items; ``groups`` cuts it
-    into optimizer steps of ``opts.accum`` batches, (first batch, number of batches) each.
+    An epoch is ``batches_per_epoch`` (global) batches of ``opts.batch_size`` items; ``groups``
+    cuts it into optimizer steps of ``opts.accum`` batches, (first batch, number of batches) each.
+    ``model`` is the network itself (saved, validated); ``net`` is what training forwards go
+    through: ``model``, or its DistributedDataParallel wrapper, compiled with ``opts.compile``.
     """
 
     model: torch.nn.Module
+    net: torch.nn.Module
     opts: TrainOptions
     device: torch.device
     out_dir: Path
@@ -112,6 +125,8 @@ class TrainRun:
     total_steps: int
     train_log: "_CsvLog"
     val_log: "_CsvLog"
+    rank: int = 0  # this process's place among the world_size processes of the run
+    world_size: int = 1
     started: float = 0.0  # time.perf_counter() at which state.seconds was 0
 
     @property
@@ -124,11 +139,13 @@ def fit(model, train_set, out_dir: str | Path, opts: TrainOptions, device: str |
     """Train ``model`` on ``train_set`` (items: dicts with ``input``/``gt`` (3, h, w) float32
     tensors in [0, 1], optionally the cached priors ``d_g`` (D,) and ``P_f`` (E,)), validating on
     ``val_set`` (whole images) every ``opts.val_every`` epochs; with ``resume``, continue the run
-    in ``out_dir`` from its checkpoint. Returns a summary: steps, epoch, seconds,
-    steps_per_epoch, total_steps."""
+    in ``out_dir`` from its checkpoint. In a process group (:func:`m2restore.distributed.init`)
+    every process calls it with the same arguments. Returns a summary: steps, epoch, seconds,
+    steps_per_epoch, total_steps, world_size, and peak_mem_gib (CUDA: each process's peak
+    memory in GiB, in rank order; else empty)."""
     run = setup_run(model, len(train_set), out_dir, opts, device, resume)
     state = run.state
-    bar = _Progress(run.opts.max_steps or run.total_steps, state.step, progress)
+    bar = _Progress(run.opts.max_steps or run.total_steps, state.step, progress and run.rank == 0, run.rank == 0)
     stop = run.opts.max_steps is not None and state.step >= run.opts.max_steps
     run.started = time.perf_counter() - state.seconds
     while state.epoch < run.opts.epochs and not stop:
@@ -137,9 +154,13 @@ def fit(model, train_set, out_dir: str | Path, opts: TrainOptions, device: str |
             break
         end_epoch(run, val_set, bar)
     bar.close()
-    model.save_pretrained(run.out_dir / "weights")
+    if run.rank == 0:
+        model.save_pretrained(run.out_dir / "weights")
+    peaks = distributed.gather_rows(torch.tensor([_peak_memory_gib(run.device)]))[:, 0]
+    distributed.barrier()  # the weights are written when any process returns
     return {"steps": state.step, "epoch": state.epoch, "seconds": state.seconds,
-            "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps}
+            "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
+            "world_size": run.world_size, "peak_mem_gib": [] if peaks.isnan().any() else peaks.tolist()}
 
 
 def setup_run(model, num_items: int, out_dir: str | Path, opts: TrainOptions, device: str | torch.device = "cpu",
@@ -147,10 +168,15 @@ def setup_run(model, num_items: int, out_dir: str | Path, opts: TrainOptions, de
     """Move ``model`` to ``device`` in train mode and build its optimizer, learning-rate schedule
     and loss scaler for a training set of ``num_items`` items; with ``resume``, restore them, the
     position, the RNG states and the options that define the trajectory from
-    ``out_dir/checkpoint.pt`` and drop log rows written after it; else start empty logs."""
+    ``out_dir/checkpoint.pt`` and drop log rows written after it; else start empty logs.
+    In a process group, wrap ``model`` in DistributedDataParallel (which copies rank 0's
+    weights to every process) and give each process a router-noise stream of its own."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
+    rank, world = distributed.rank(), distributed.world_size()
+    if opts.batch_size % world:
+        raise ValueError(f"the global batch size {opts.batch_size} does not divide among {world} processes")
     model.to(device).train()
     batches_per_epoch = num_items // opts.batch_size
     if batches_per_epoch == 0:
@@ -168,7 +194,7 @@ def setup_run(model, num_items: int, out_dir: str | Path, opts: TrainOptions, de
         ckpt = load_checkpoint(out_dir / CHECKPOINT)
         saved = TrainOptions(**ckpt["options"])
         changed = [k for k in _TRAJECTORY if getattr(saved, k) != getattr(opts, k)]
-        if changed:
+        if changed and rank == 0:
             print(f"resume: keeping the checkpoint's {', '.join(f'{k}={getattr(saved, k)}' for k in changed)}")
         opts = dataclasses.replace(opts, **{k: getattr(saved, k) for k in _TRAJECTORY})
     total_steps = opts.total_steps or opts.epochs * len(groups)
@@ -179,35 +205,61 @@ def setup_run(model, num_items: int, out_dir: str | Path, opts: TrainOptions, de
         schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["state"])
-        _set_rng_state(ckpt["rng"])
-        _truncate_log(out_dir / "train_log.csv", state.step)
-        _truncate_log(out_dir / "val_log.csv", state.step)
+        rng = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        # The same number of processes continues every stream; another number continues rank 0's
+        # and starts the others afresh.
+        _set_rng_state(rng[rank] if len(rng) == world else rng[0])
+        if len(rng) != world and rank > 0:
+            _seed_rank(opts.seed, rank, state.step)
+        if rank == 0:
+            _truncate_log(out_dir / "train_log.csv", state.step, TRAIN_LOG_FIELDS)
+            _truncate_log(out_dir / "val_log.csv", state.step, VAL_LOG_FIELDS)
     else:
-        for name in ("train_log.csv", "val_log.csv"):
-            (out_dir / name).unlink(missing_ok=True)
-    return TrainRun(model, opts, device, out_dir, optimizer, schedule, scaler, use_amp, amp_dtype,
+        if rank > 0:
+            _seed_rank(opts.seed, rank, 0)
+        if rank == 0:
+            for name in ("train_log.csv", "val_log.csv"):
+                (out_dir / name).unlink(missing_ok=True)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Some parameters take no gradient (the AFLB's rate convs feed an integer box size).
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
+    if opts.compile:
+        net = torch.compile(net)
+    log = rank == 0
+    return TrainRun(model, net, opts, device, out_dir, optimizer, schedule, scaler, use_amp, amp_dtype,
                     state, batches_per_epoch, groups, total_steps,
-                    train_log=_CsvLog(out_dir / "train_log.csv", TRAIN_LOG_FIELDS),
-                    val_log=_CsvLog(out_dir / "val_log.csv", VAL_LOG_FIELDS))
+                    train_log=_CsvLog(out_dir / "train_log.csv", TRAIN_LOG_FIELDS, log),
+                    val_log=_CsvLog(out_dir / "val_log.csv", VAL_LOG_FIELDS, log),
+                    rank=rank, world_size=world)
 
 
 def save_checkpoint(run: TrainRun) -> None:
-    """Write ``run``'s complete state to ``out_dir/checkpoint.pt``, atomically."""
+    """Write ``run``'s complete state to ``out_dir/checkpoint.pt``, atomically. Every process of
+    a run calls it (their RNG states are gathered); rank 0 writes."""
+    rng = distributed.gather_objects(_rng_state())
+    if run.rank != 0:
+        return
     _save_checkpoint(run.out_dir / CHECKPOINT, {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "schedule": run.schedule.state_dict(), "scaler": run.scaler.state_dict(),
-        "state": dataclasses.asdict(run.state), "rng": _rng_state(), "options": dataclasses.asdict(run.opts),
-        "config": run.model.config.to_dict()})
+        "state": dataclasses.asdict(run.state), "rng": rng[0], "rng_ranks": rng,
+        "options": dataclasses.asdict(run.opts), "config": run.model.config.to_dict()})
 
 
-def epoch_batches(opts: TrainOptions, num_items: int, epoch: int) -> list[list[int]]:
-    """The item indices of every batch of ``epoch``: (num_items // batch_size, batch_size), a
-    permutation that depends on (seed, epoch) only; the last num_items % batch_size items of
-    it are left out."""
+def epoch_batches(opts: TrainOptions, num_items: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """The item indices of process ``rank``'s share of every batch of ``epoch``:
+    (num_items // batch_size, batch_size // world_size). The global batches are a permutation
+    that depends on (seed, epoch) only, whatever ``world_size``; the last num_items % batch_size
+    items of it are left out; process r takes the r-th slice of each."""
     per_epoch = num_items // opts.batch_size
     generator = torch.Generator().manual_seed(opts.seed * _EPOCH_SEED_STRIDE + epoch)
     order = torch.randperm(num_items, generator=generator)
-    return order[:per_epoch * opts.batch_size].view(per_epoch, opts.batch_size).tolist()
+    batches = order[:per_epoch * opts.batch_size].view(per_epoch, world_size, opts.batch_size // world_size)
+    return batches[:, rank].tolist()
 
 
 def train_epoch(run: TrainRun, train_set, bar: "_Progress") -> bool:
@@ -219,7 +271,7 @@ def train_epoch(run: TrainRun, train_set, bar: "_Progress") -> bool:
     opts, state, epoch = run.opts, run.state, run.state.epoch
     if hasattr(train_set, "set_epoch"):
         train_set.set_epoch(epoch)
-    batches = epoch_batches(opts, len(train_set), epoch)
+    batches = epoch_batches(opts, len(train_set), epoch, run.rank, run.world_size)
     # The loader gets its own generator: creating an iterator would otherwise draw from
     # the global torch RNG and shift the router noise of a resumed run.
     loader = iter(DataLoader(train_set, batch_sampler=batches[state.micro:], num_workers=opts.workers,
@@ -232,11 +284,14 @@ def train_epoch(run: TrainRun, train_set, bar: "_Progress") -> bool:
         loss, l1, balance = train_step(run, itertools.islice(loader, size), size)
         state.micro = first + size
         state.seconds = time.perf_counter() - run.started
-        ips = size * opts.batch_size / (time.perf_counter() - t0)
-        run.train_log.write(step=state.step, epoch=epoch, loss=loss, l1=l1, balance=balance,
-                            lr=lr, images_per_s=ips, seconds=state.seconds)
+        ips = size * opts.batch_size / (time.perf_counter() - t0)  # of all processes together
+        peak = _peak_memory_gib(run.device)
+        run.train_log.write(step=state.step, epoch=epoch, loss=loss, l1=l1, balance=balance, lr=lr,
+                            images_per_s=ips, peak_mem_gib="" if math.isnan(peak) else peak, seconds=state.seconds)
         bar.update(epoch, loss, ips)
         stop = _should_stop(run)
+        if opts.max_seconds is not None:  # the clocks differ: all stop when one does
+            stop = distributed.any_rank(stop)
         if stop or (opts.ckpt_every and state.step % opts.ckpt_every == 0):
             save_checkpoint(run)
         if stop:
@@ -247,11 +302,13 @@ def train_epoch(run: TrainRun, train_set, bar: "_Progress") -> bool:
 def train_step(run: TrainRun, batches: Iterable[dict], count: int) -> tuple[float, float, float]:
     """One optimizer step on the gradient of the mean loss over ``count`` batches (loader
     batches: ``input`` and ``gt`` (B, 3, h, w), optionally ``d_g`` (B, D) and ``P_f`` (B, E)),
-    drawn from ``batches`` one at a time; then the schedule's step. Returns the batches' mean
-    (loss, L1, Σ balance)."""
+    drawn from ``batches`` one at a time; then the schedule's step. With several processes, each
+    passes its shares of the same batches and the gradients are averaged over the processes once,
+    on the last batch. Returns the batches' mean (loss, L1, Σ balance) over all processes."""
     sums = torch.zeros(3)
-    for batch in batches:
-        sums += accumulate_gradients(run, batch, count)
+    for i, batch in enumerate(batches):
+        sums += accumulate_gradients(run, batch, count, sync=i == count - 1)
+    sums = distributed.gather_rows(sums).mean(0)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -261,17 +318,21 @@ def train_step(run: TrainRun, batches: Iterable[dict], count: int) -> tuple[floa
     return loss, l1, balance
 
 
-def accumulate_gradients(run: TrainRun, batch: dict, count: int) -> torch.Tensor:
-    """Forward ``batch`` (as in :func:`train_step`) and add the gradient of its loss / ``count``
-    to the parameters' ``.grad``, so that ``count`` calls accumulate the gradient of their mean.
-    Returns (3,) float32 on the CPU: loss, L1, Σ balance."""
+def accumulate_gradients(run: TrainRun, batch: dict, count: int, sync: bool = True) -> torch.Tensor:
+    """Forward ``batch`` (as in :func:`train_step`; with several processes, this process's share
+    of a global batch) and add the gradient of its loss / ``count`` to the parameters' ``.grad``,
+    so that ``count`` calls accumulate the gradient of their mean; with several processes,
+    averaged over them when ``sync`` (the last batch of a step), kept local otherwise. Returns
+    (3,) float32 on the CPU: this process's loss, L1 and Σ balance (of the global batch)."""
     device = run.device
     x, gt = batch["input"].to(device), batch["gt"].to(device)
     prior = (batch["d_g"].to(device), batch["P_f"].to(device)) if "d_g" in batch else None
-    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
-        out, aux = run.model(x, prior=prior, return_aux=True)
-        loss, l1, balance = _loss(run.model, out.float(), gt, aux)
-    run.scaler.scale(loss / count).backward()
+    local = run.world_size > 1 and not sync
+    with run.net.no_sync() if local else contextlib.nullcontext(), distributed.global_batch():
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+            out, aux = run.net(x, prior=prior, return_aux=True)
+            loss, l1, balance = _loss(run.model, out.float(), gt, aux)
+        run.scaler.scale(loss / count).backward()
     return torch.stack([loss.detach(), l1.detach(), balance.detach()]).float().cpu()
 
 
@@ -280,12 +341,13 @@ def end_epoch(run: TrainRun, val_set, bar: "_Progress") -> None:
     ``best/``), move on to the next epoch and save a checkpoint."""
     state, epoch = run.state, run.state.epoch
     if val_set is not None and (epoch + 1) % run.opts.val_every == 0:
-        result = _validate(run.model, val_set, run.device)
-        run.val_log.write(step=state.step, epoch=epoch, psnr=result.psnr, ssim=result.ssim)
-        bar.write(f"epoch {epoch}: validation PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f}")
-        if result.psnr > state.best_psnr:
-            state.best_psnr = result.psnr
-            run.model.save_pretrained(run.out_dir / "best")
+        psnr, ssim = _validate(run, val_set)
+        run.val_log.write(step=state.step, epoch=epoch, psnr=psnr, ssim=ssim)
+        bar.write(f"epoch {epoch}: validation PSNR {psnr:.2f} dB, SSIM {ssim:.4f}")
+        if psnr > state.best_psnr:
+            state.best_psnr = psnr
+            if run.rank == 0:
+                run.model.save_pretrained(run.out_dir / "best")
     state.epoch, state.micro = epoch + 1, 0
     save_checkpoint(run)
 
@@ -297,11 +359,13 @@ def _should_stop(run: TrainRun) -> bool:
 
 
 class _Progress:
-    """The progress bar: optimizer steps, with the epoch, a smoothed loss and images per second."""
+    """The progress bar: optimizer steps, with the epoch, a smoothed loss and images per second;
+    ``messages``: print the validation lines (whether or not the bar is ``enabled``)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, messages: bool = True):
         from tqdm import tqdm
 
+        self.messages = messages
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled,
                         dynamic_ncols=True)
         self.smoothed: float | None = None
@@ -313,7 +377,8 @@ class _Progress:
         self.bar.set_postfix(epoch=epoch, loss=f"{self.smoothed:.4f}", img_s=f"{images_per_s:.1f}")
 
     def write(self, message: str) -> None:
-        self.bar.write(message)
+        if self.messages:
+            self.bar.write(message)
 
     def close(self) -> None:
         self.bar.close()
@@ -329,14 +394,34 @@ def _loss(model, out, gt, aux):
 
 
 @torch.no_grad()
-def _validate(model, val_set, device):
+def _validate(run: TrainRun, val_set) -> tuple[float, float]:
+    """(PSNR, SSIM) means over ``val_set``: each process restores the images i ≡ rank (mod W),
+    and the shards' means are combined weighted by their sizes, the same on every process.
+    Its eval-mode forwards are the network's alone (no collectives inside)."""
+    from torch.utils.data import Subset
+
     from .evaluate import evaluate_set
 
-    model.eval()
-    try:
-        return evaluate_set(model, val_set, "val", device, progress=False)
-    finally:
-        model.train()
+    shard = Subset(val_set, range(run.rank, len(val_set), run.world_size))
+    row = torch.zeros(3)
+    if len(shard):
+        run.model.eval()
+        try:
+            result = evaluate_set(run.model, shard, "val", run.device, progress=False)
+        finally:
+            run.model.train()
+        row = torch.tensor([len(shard), result.psnr, result.ssim], dtype=torch.float64)
+    rows = distributed.gather_rows(row)
+    if rows[:, 0].sum() == 0:
+        raise ValueError("the validation set is empty")
+    weights = rows[:, 0] / rows[:, 0].sum()
+    psnr, ssim = (weights[:, None] * rows[:, 1:]).sum(0).tolist()
+    return psnr, ssim
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    """The most memory this process's CUDA ``device`` held so far, GiB; NaN elsewhere."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
 
 
 def _accumulation_groups(micro: int, accum: int) -> list[tuple[int, int]]:
@@ -366,6 +451,11 @@ def _rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def _seed_rank(seed: int, rank: int, step: int) -> None:
+    """Give process ``rank`` > 0 its own router-noise stream, a function of (seed, rank, step)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]))
+
+
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -391,12 +481,15 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class _CsvLog:
-    """Append-only CSV with a header, flushed per row so a killed run keeps its log."""
+    """Append-only CSV with a header, flushed per row so a killed run keeps its log; writes
+    nothing unless ``enabled`` (the processes of a run other than rank 0)."""
 
-    def __init__(self, path: Path, fields: tuple[str, ...]):
-        self.path, self.fields = path, fields
+    def __init__(self, path: Path, fields: tuple[str, ...], enabled: bool = True):
+        self.path, self.fields, self.enabled = path, fields, enabled
 
     def write(self, **row) -> None:
+        if not self.enabled:
+            return
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.fields)
@@ -405,17 +498,15 @@ class _CsvLog:
             writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint a run resumes from (the killed run's tail)."""
+def _truncate_log(path: Path, step: int, fields: tuple[str, ...]) -> None:
+    """Drop rows logged after the checkpoint a run resumes from (the killed run's tail), and
+    rewrite the rest with the columns ``fields`` (empty where a log of an older version lacks one)."""
     if not path.exists():
         return
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-        fields = rows[0].keys() if rows else None
-    if fields is None:
-        return
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(r for r in rows if int(r["step"]) <= step)
 

@@ -1,13 +1,18 @@
 """``m2restore train --data ... --out RUN_DIR``: train M2Restore with the paper's recipe (see
-:mod:`m2restore.train` for the defaults and what RUN_DIR holds)."""
+:mod:`m2restore.train` for the defaults and what RUN_DIR holds).
+
+``torchrun --nproc_per_node N -m m2restore train ...`` trains data-parallel on N processes with
+the same flags; ``--batch-size`` is the global batch (see :mod:`m2restore.distributed`)."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
+from ..distributed import DEFAULT_TIMEOUT
 from ..train import CROP, TrainOptions
 from .common import add_backend_argument, add_device_argument
+from .errors import CliError, UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior-cache", type=Path, default=None, help="precomputed priors (m2restore prior-cache)")
     parser.add_argument("--crop", type=int, default=CROP)
     parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="global batch: with N processes (torchrun) each takes batch-size / N images")
     parser.add_argument("--accum", type=int, default=d.accum, help="batches per optimizer step")
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--min-lr", type=float, default=d.min_lr)
@@ -34,20 +40,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-every", type=int, default=d.val_every, help="epochs between validations")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     add_device_argument(parser)
-    parser.add_argument("--no-amp", dest="amp", action="store_false", help="no autocast on CUDA")
+    parser.add_argument("--no-amp", dest="amp", action="store_false",
+                        help="no autocast on CUDA (default there: bf16 autocast, float32 weights)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="under torchrun: how long a process waits for the others before the job stops "
+                             "with an error")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import PairedImages, open_pairs
+    from .. import distributed
     from ..restore import default_device
+
+    world = distributed.env_world_size()
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch and must divide among the {world} "
+                         f"processes torchrun started; use a multiple of {world}")
+    if args.dist_timeout <= 0:
+        raise UsageError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    device = distributed.init(default_device(args.device), args.dist_timeout)
+    try:
+        summary = _train(args, device)
+    except (RuntimeError, ConnectionError) as err:
+        if not distributed.active() or not _collective_failure(err):
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CliError(f"process {distributed.rank()} of {world} stopped: another process exited or did not answer "
+                       f"within --dist-timeout {args.dist_timeout:g} s ({first_line})") from err
+    distributed.cleanup()
+    if summary["rank"] == 0:
+        peaks = ", ".join(f"{p:.2f}" for p in summary["peak_mem_gib"])
+        print(f"trained {summary['steps']} steps ({summary['epoch']} epochs) on {world} process(es) in "
+              f"{summary['seconds']:.1f} s; weights in {args.out / 'weights'}"
+              + (f"; peak memory per process {peaks} GiB" if peaks else ""))
+    return 0
+
+
+def _collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because a peer died or timed out."""
+    import torch.distributed as dist
+
+    if isinstance(err, (dist.DistError, ConnectionError)):
+        return True
+    # gloo reports a peer's death as a plain RuntimeError naming its transport.
+    text = str(err).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection reset", "connection closed"))
+
+
+def _train(args: argparse.Namespace, device) -> dict:
+    from .. import distributed
+    from ..data import PairedImages, open_pairs
     from ..train import CHECKPOINT, build_model, fit, load_checkpoint, seed_everything
 
+    lead = distributed.is_main()
     opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=args.lr,
                         min_lr=args.min_lr, schedule=args.schedule, seed=args.seed, workers=args.workers,
                         ckpt_every=args.ckpt_every, val_every=args.val_every, max_steps=args.max_steps,
-                        amp=args.amp)
+                        amp=args.amp, compile=args.compile)
     config = args.config
     if args.resume:
         ckpt = load_checkpoint(args.out / CHECKPOINT)
@@ -56,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         seed = opts.seed
     seed_everything(seed)
-    model = build_model(config, args.backend, args.prior_checkpoint, quiet=args.prior_cache is not None)
+    model = build_model(config, args.backend, args.prior_checkpoint, quiet=args.prior_cache is not None or not lead)
     prior_cache = None
     if args.prior_cache is not None:
         from ..prior.cache import PriorCache
@@ -69,10 +120,9 @@ def run(args: argparse.Namespace) -> int:
         val_pairs = [p for spec in args.val_data for p in open_pairs(spec)][:args.val_limit]
         val_set = PairedImages(val_pairs, crop=None, flip=False, prior_cache=prior_cache)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "run.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                   for k, v in vars(args).items() if not k.startswith("_")},
-                                                  indent=2, default=str))
-    summary = fit(model, train_set, args.out, opts, default_device(args.device), val_set, args.resume, args.progress)
-    print(f"trained {summary['steps']} steps ({summary['epoch']} epochs) in {summary['seconds']:.1f} s; "
-          f"weights in {args.out / 'weights'}")
-    return 0
+    if lead:
+        (args.out / "run.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                       for k, v in vars(args).items() if not k.startswith("_")},
+                                                      indent=2, default=str))
+    return {**fit(model, train_set, args.out, opts, device, val_set, args.resume, args.progress),
+            "rank": distributed.rank()}

@@ -14,7 +14,9 @@ E_n: Linear(C→int(2.66C)) → GELU → Linear(→C). Balance loss: cv²(import
 pixels of the batch (paper's L_balance). The paper does not define the load; in training it is by
 default the smooth estimator of Shazeer et al.'s noisy top-K gating (:func:`smooth_load`, as in the
 authors' code), which carries a gradient to the router; ``balance_load="count"`` counts the pixels
-routed to each expert (no gradient), which is also the load in eval mode.
+routed to each expert (no gradient), which is also the load in eval mode. In a data-parallel run
+the importance and load of training forwards are summed over the processes before the cv²
+(:func:`m2restore.distributed.global_batch`), so the loss is that of the global batch.
 """
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
+from .. import distributed, ops
 from ..config import M2RestoreConfig
 
 
 def cv_squared(v: torch.Tensor, eps: float = M2RestoreConfig.balance_eps) -> torch.Tensor:
-    """Squared coefficient of variation var(v) / (mean(v)² + eps), unbiased variance, in float32."""
-    v = v.float()
+    """Squared coefficient of variation var(v) / (mean(v)² + eps), unbiased variance, in float32
+    (float64 stays float64)."""
+    v = v.to(torch.promote_types(v.dtype, torch.float32))
     return v.var() / (v.mean() ** 2 + eps)
 
 
@@ -58,13 +61,21 @@ def smooth_load(clean: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, k
     return prob.sum(0)
 
 
-def balance_loss(gates: torch.Tensor, eps: float = M2RestoreConfig.balance_eps, load: torch.Tensor | None = None) -> torch.Tensor:
+def balance_loss(gates: torch.Tensor, eps: float = M2RestoreConfig.balance_eps, load: torch.Tensor | None = None,
+                 reduce=None) -> torch.Tensor:
     """gates (P, N) dense routing weights (zeros for unselected experts) -> scalar.
 
     cv²(importance) + cv²(load); importance[n] = Σ_p gates[p, n]; ``load`` (N,) defaults to the
-    count #{p : gates[p, n] > 0}, which carries no gradient (:func:`smooth_load` does).
+    count #{p : gates[p, n] > 0}, which carries no gradient (:func:`smooth_load` does). ``reduce``
+    maps the stacked (2, N) [importance; load], in float32 or wider, to their sums over the
+    processes of a data-parallel run (:func:`m2restore.distributed.batch_reducer`).
     """
-    return cv_squared(gates.sum(0), eps) + cv_squared((gates > 0).sum(0) if load is None else load, eps)
+    importance = gates.sum(0)
+    load = (gates > 0).sum(0) if load is None else load
+    if reduce is not None:
+        dtype = torch.promote_types(importance.dtype, torch.float32)
+        importance, load = reduce(torch.stack([importance.to(dtype), load.to(dtype)]))
+    return cv_squared(importance, eps) + cv_squared(load, eps)
 
 
 class DDER(nn.Module):
@@ -146,4 +157,6 @@ class DDER(nn.Module):
         out = x + y.reshape(b, h, w, c).permute(0, 3, 1, 2)
         routing = gates.reshape(b, h, w, -1).permute(0, 3, 1, 2)
         load = self._load(gate_logits, clean, logits, sigma)
-        return out, balance_loss(gates, self.balance_eps, load), routing
+        # Only training forwards reduce: validation and inference run on one process at a time.
+        reduce = distributed.batch_reducer() if self.training else None
+        return out, balance_loss(gates, self.balance_eps, load, reduce), routing
