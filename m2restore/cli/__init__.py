@@ -17,7 +17,7 @@ import importlib
 import os
 import sys
 
-from .errors import CliError
+from .errors import CliError, UsageError
 
 COMMANDS = {
     "train": ("m2restore.cli.train", "train M2Restore on a paired data set"),
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         if _debugging(argv):
             raise
-        print(f"{prefix}: {err}", file=sys.stderr)
+        # Under torchrun every process parses the same flags: a usage error is said once, by rank 0.
+        if not (isinstance(err, UsageError) and os.environ.get("RANK", "0") != "0"):
+            print(f"{prefix}: {err}", file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
         if _debugging(argv):
