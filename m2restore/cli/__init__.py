@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from ..allocator import retain_freed_memory
+from .errors import CliError
 
 COMMANDS = {
     "train": ("m2restore.cli.train", "train M2Restore on a paired data set"),
@@ -34,4 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             p.set_defaults(_run=mod.run)
     args = parser.parse_args(argv)
     retain_freed_memory()  # every command moves large CPU tensors (see m2restore.allocator)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except CliError as e:
+        print(f"m2restore {args.command}: {e}", file=sys.stderr)
+        return e.exit_status
