@@ -178,15 +178,17 @@ def default_overlap(config, tile: int) -> int:
     return max(m, min(receptive_radius(config), tile // 4) // m * m)
 
 
-# Peak memory of one forward pass per (padded) input pixel, fitted as BASE + PER_CHANNEL · dim on
-# peak-RSS measurements of M2RestoreConfig.tiny() (dim 8) and .paper() (dim 48) in float32 on a CPU
-# (bench/test_bench_memory.py measures them; bench/RESULTS.md has the numbers and the fit).
-BYTES_PER_PIXEL_BASE = 0
-BYTES_PER_PIXEL_PER_CHANNEL = 0
+# Peak memory of one float32 forward pass per (padded) input pixel, as BASE + PER_CHANNEL · dim: a
+# line through the largest peak-RSS-per-pixel measured for M2RestoreConfig.tiny() (dim 8, ~2150 B)
+# and .paper() (dim 48, ~12970 B) on a CPU, rounded up to cover both (bench/test_bench_memory.py
+# measures them, bench/RESULTS.md has the numbers). The activations scale with the channel width;
+# the DA-CLIP prior, which sees a fixed 224×224 resize, is not included.
+BYTES_PER_PIXEL_BASE = 256
+BYTES_PER_PIXEL_PER_CHANNEL = 280
 # Without --max-memory: this fraction of the memory the system has available, and at most
 # DEFAULT_BUDGET_CAP, so a big photo is tiled before it crowds out everything else.
 DEFAULT_BUDGET_FRACTION = 0.5
-DEFAULT_BUDGET_CAP = 2 << 30
+DEFAULT_BUDGET_CAP = 3 << 29  # 1.5 GiB
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -194,7 +196,11 @@ def working_set_bytes(config, h: int, w: int) -> int:
     """Estimated peak memory (bytes) of restoring an H×W image whole with a ``config`` network."""
     m = config.pad_multiple
     pixels = -(-h // m) * m * (-(-w // m) * m)
-    return pixels * (BYTES_PER_PIXEL_BASE + BYTES_PER_PIXEL_PER_CHANNEL * config.dim)
+    return pixels * _bytes_per_pixel(config)
+
+
+def _bytes_per_pixel(config) -> int:
+    return BYTES_PER_PIXEL_BASE + BYTES_PER_PIXEL_PER_CHANNEL * config.dim
 
 
 def parse_size(text: str) -> int:
@@ -241,8 +247,7 @@ def auto_tile(config, h: int, w: int, budget: int) -> int:
     if working_set_bytes(config, h, w) <= budget:
         return 0
     m = config.pad_multiple
-    per_pixel = BYTES_PER_PIXEL_BASE + BYTES_PER_PIXEL_PER_CHANNEL * config.dim
-    side = int((budget / per_pixel) ** 0.5) // m * m
+    side = int((budget / _bytes_per_pixel(config)) ** 0.5) // m * m
     return max(4 * m, side)
 
 

@@ -2,7 +2,7 @@
 
 Each output keeps its input's size, format, bit depth, grayscale-ness, alpha channel, EXIF and ICC
 profile. Images whose estimated working set exceeds ``--max-memory`` (default: half the available
-memory, at most 2 GiB) are restored in tiles; ``--tile N`` asks for N×N tiles. A file that cannot be
+memory, at most 1.5 GiB) are restored in tiles; ``--tile N`` asks for N×N tiles. A file that cannot be
 read does not stop the others: each is reported by name, a summary line follows, and the exit
 status is 1.
 """
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(tile_overlap=None)
     parser.add_argument("--max-memory", default=None, metavar="SIZE",
                         help="memory for one image's working set, e.g. 3G or 512M; larger images are tiled "
-                             "(default: half the available memory, at most 2G)")
+                             "(default: half the available memory, at most 1.5G)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
