@@ -33,5 +33,6 @@ def test_tiled_vs_whole_on_photos(benchmark, quick, photo):
     tiled = benchmark.pedantic(restore_tensor, args=(model, x, tile), rounds=1, iterations=1)
     diff = ((whole - tiled).abs() * 255).double()
     benchmark.extra_info.update(photo=photo, h=h, w=w, tile=tile, mean_diff_255=diff.mean().item(),
-                                max_diff_255=diff.max().item(), network_change_255=((whole - x).abs() * 255).mean().item())
+                                max_diff_255=diff.max().item(),
+                                network_change_255=((whole - x).abs() * 255).mean().item())
     assert tiled.shape == x.shape

@@ -95,13 +95,6 @@ def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = 
     return out.clamp(0.0, 1.0)
 
 
-def tile_count(h: int, w: int, tile: int, overlap: int) -> int:
-    """How many windows :func:`restore_tensor` cuts an H×W image into (1 when it is not tiled)."""
-    if tile == 0 or (h <= tile and w <= tile):
-        return 1
-    return len(_starts(h, tile, overlap)) * len(_starts(w, tile, overlap))
-
-
 def blend_windows(size: int, tile: int, overlap: int, like: torch.Tensor | None = None
                   ) -> list[tuple[int, torch.Tensor]]:
     """(offset, weights (min(tile, size),)) for each window covering [0, size) along one axis.

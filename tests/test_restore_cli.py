@@ -51,25 +51,44 @@ def _image(path, size=(24, 40), seed=0, **save):
     Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path, **save)
 
 
-def test_usage_mistakes_are_one_line_with_exit_status_2(tmp_path):
+def _usage_cases(tmp_path):
     _image(tmp_path / "x.png")
     (tmp_path / "empty").mkdir()
+    x, out = tmp_path / "x.png", tmp_path / "out"
     cases = [
-        ([tmp_path / "nothere.png", "-o", tmp_path / "out"], "nothere.png"),
-        ([tmp_path / "empty", "-o", tmp_path / "out"], "no images in the folder"),
-        ([tmp_path / "x.png", "-o", tmp_path], "would overwrite the input"),
-        ([tmp_path / "x.png", "-o", tmp_path / "out", "--tile", "-8"], "--tile -8"),
-        ([tmp_path / "x.png", "-o", tmp_path / "out", "--tile", "12"], "multiple of 8"),
-        ([tmp_path / "x.png", "-o", tmp_path / "out", "--tile", "64", "--tile-overlap", "64"], "--tile-overlap 64"),
-        ([tmp_path / "x.png", "-o", tmp_path / "out", "--max-memory", "lots"], "--max-memory"),
+        ([tmp_path / "nothere.png", "-o", out], "input not found: " + str(tmp_path / "nothere.png")),
+        ([tmp_path / "empty", "-o", out], "no images in the folder"),
+        ([x, "-o", tmp_path], "would overwrite the input"),
+        ([x, "-o", out, "--tile", "-8"], "--tile -8"),
+        ([x, "-o", out, "--tile", "12"], "multiple of 8"),
+        ([x, "-o", out, "--tile", "64", "--tile-overlap", "64"], "--tile-overlap 64"),
+        ([x, "-o", out, "--tile-overlap", "-1"], "--tile-overlap -1"),
+        ([x, "-o", out, "--max-memory", "lots"], "--max-memory"),
+        ([x, "-o", out, "--weights", tmp_path / "empty"], "--weights"),
     ]
     if not torch.cuda.is_available():
-        cases.append(([tmp_path / "x.png", "-o", tmp_path / "out", "--device", "cuda"], "--device cuda"))
-    for args, expected in cases:
+        cases.append(([x, "-o", out, "--device", "cuda"], "--device cuda"))
+    return cases
+
+
+def test_usage_mistakes_are_one_line_with_exit_status_2(tmp_path, capsys):
+    from m2restore.cli import main
+
+    for args, expected in _usage_cases(tmp_path):
+        status = main(["restore", *map(str, args), "--device", "cpu"] if "--device" not in args
+                      else ["restore", *map(str, args)])
+        line = _one_line(capsys.readouterr().err)
+        assert status == 2 and line.startswith("m2restore restore: ") and expected in line, (args, line)
+    assert not (tmp_path / "out").exists()
+
+
+def test_usage_mistakes_in_a_subprocess_have_no_traceback(tmp_path):
+    """The same, as a user runs it: two of the cases above in a real process."""
+    cases = _usage_cases(tmp_path)
+    for args, expected in (cases[0], cases[4]):
         status, stderr = _run(*args)
         line = _one_line(stderr)
         assert status == 2 and line.startswith("m2restore restore: ") and expected in line, (args, stderr)
-    assert not (tmp_path / "out").exists()
 
 
 def _icc_srgb() -> bytes:

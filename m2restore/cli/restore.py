@@ -33,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..data.io import UnreadableImageError
-    from ..restore import collect_inputs, parse_size, restore_file, tile_count
+    from ..restore import restore_file
 
-    max_memory = _max_memory(args.max_memory, parse_size)
-    jobs = _jobs(args.inputs, args.out, collect_inputs)
+    max_memory = _max_memory(args.max_memory)
+    jobs = _jobs(args.inputs, args.out)
     device = _device(args.device)
     model = _model(args, device)
     _check_tiling(args.tile, args.tile_overlap, model.config)
@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _max_memory(text: str | None, parse_size) -> int | None:
+def _max_memory(text: str | None) -> int | None:
+    from ..restore import parse_size
+
     if text is None:
         return None
     try:
@@ -82,8 +84,10 @@ def _max_memory(text: str | None, parse_size) -> int | None:
         raise UsageError(f"--max-memory: {e}") from e
 
 
-def _jobs(inputs: list[str], out: Path, collect_inputs) -> list[tuple[Path, Path]]:
+def _jobs(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
     """collect_inputs, with its complaints and outputs that would overwrite an input as usage errors."""
+    from ..restore import collect_inputs
+
     try:
         jobs = collect_inputs(inputs)
     except FileNotFoundError as e:

@@ -63,7 +63,8 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def find_images(root: str | Path) -> list[Path]:
-    """Image files (by :data:`IMAGE_EXTENSIONS`) under ``root``, recursively, sorted by path; [] when ``root`` is not a folder."""
+    """Image files (by :data:`IMAGE_EXTENSIONS`) under ``root``, recursively, sorted by path; [] when
+    ``root`` is not a folder."""
     return sorted(p for p in Path(root).rglob("*") if p.is_file() and is_image_file(p))
 
 
