@@ -1,10 +1,13 @@
 """``m2restore restore`` run as a user runs it, in a subprocess: exit status, the one-line messages,
 no traceback, the files written. Uses the shipped demo weights on tiny images."""
+import fcntl
 import io
 import os
 import pty
+import struct
 import subprocess
 import sys
+import termios
 
 import numpy as np
 import pytest
@@ -24,6 +27,8 @@ def _run(*args, tty=False):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         return proc.returncode, proc.stderr
     master, slave = pty.openpty()
+    # A new pty is 0 columns wide, and tqdm cuts its bar to the width: make it a terminal's 80.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave, env=env)
     os.close(slave)
     chunks = []
