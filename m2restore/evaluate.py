@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .restore import TILE_OVERLAP, restore_tensor
+from .restore import restore_tensor
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
 
@@ -59,7 +59,7 @@ class SetResult:
     ssim_y: float
 
 
-def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int = TILE_OVERLAP,
+def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int | None = None,
                  limit: int | None = None, progress: bool = True) -> SetResult:
     """Restore every pair of ``dataset`` (items with whole-image ``input``/``gt`` tensors, and
     cached priors ``d_g``/``P_f`` when it has them) and average the per-image metrics."""

@@ -2,11 +2,13 @@
 
 :func:`load_model` gives a trained M2Restore in eval mode; :data:`PRECISIONS` and :func:`autocast`
 name the precisions it can run at, :func:`default_device` picks the device. :func:`restore_tensor`
-restores a batch, whole or in overlapping tiles blended with linear ramps (the degradation prior
-computed once on the whole image, so every tile is routed alike). :func:`restore_file` restores
-one image file into another that keeps its size, format, bit depth, grayscale-ness and alpha
-channel (alpha is passed through untouched; the network sees RGB); :func:`collect_inputs` maps
-files and folders to the outputs ``m2restore restore`` writes.
+restores a batch, whole or in overlapping tiles blended with raised-cosine windows (the
+degradation prior computed once on the whole image, so every tile is routed alike).
+:func:`restore_file` restores one image file into another that keeps its size, format, bit depth,
+grayscale-ness, alpha channel (passed through untouched; the network sees RGB), EXIF and ICC
+profile, tiling on its own when the image's estimated working set (:func:`working_set_bytes`)
+exceeds a memory budget; :func:`collect_inputs` maps files and folders to the outputs
+``m2restore restore`` writes.
 """
 from __future__ import annotations
 
@@ -20,10 +22,6 @@ import torch
 from .precision import PRECISIONS
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "demo_tiny"
-# Pixels shared by neighbouring tiles: the linear blend over this width hides seams, for
-# (tile / (tile - overlap))² times the work of restoring the image whole.
-TILE_OVERLAP = 32
-
 
 def default_device(device: str | None = None) -> torch.device:
     """``device`` if given, else cuda when torch sees a GPU, else cpu."""
@@ -59,33 +57,71 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu", backend:
 
 
 @torch.no_grad()
-def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int = TILE_OVERLAP,
-                   prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = None,
+                   prior: tuple[torch.Tensor, torch.Tensor] | None = None, progress=None) -> torch.Tensor:
     """Restore x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1], in x's dtype (also under autocast).
 
-    With ``tile`` > 0 and an image larger than it, the image is cut into ``tile × tile``
-    windows overlapping by ``overlap`` pixels; outputs are averaged with weights that ramp
-    linearly over the overlap, which hides tile seams. ``prior`` (d_g, P_f) is the degradation
-    prior of the whole image; by default the model's prior module computes it once.
+    With ``tile`` > 0 and an image larger than it, the image is cut into ``tile × tile`` windows
+    overlapping by ``overlap`` pixels (default :func:`default_overlap`) and the outputs are
+    summed with the weights of :func:`blend_windows`, which add up to 1 at every pixel and fall
+    smoothly to the tile edges, so no seam shows. ``prior`` (d_g, P_f) is the degradation prior of
+    the whole image; by default the model's prior module computes it once, on the whole image,
+    and every tile gets it. ``progress(n)`` is called after each tile with the number of tiles.
     """
-    if tile < 0 or overlap < 0:
-        raise ValueError(f"tile and overlap must be non-negative, got tile={tile}, overlap={overlap}")
     _, _, h, w = x.shape
+    if tile < 0:
+        raise ValueError(f"tile must be non-negative, got {tile}")
     if tile == 0 or (h <= tile and w <= tile):
         return model(x, prior=prior).to(x.dtype).clamp(0.0, 1.0)
-    if overlap >= tile:
-        raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile ({tile})")
+    if overlap is None:
+        overlap = default_overlap(model.config, tile)
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile_overlap ({overlap}) must be non-negative and smaller than tile ({tile})")
     if prior is None:
         prior = model.prior(x)
+    rows, cols = blend_windows(h, tile, overlap, x), blend_windows(w, tile, overlap, x)
     out = torch.zeros_like(x)
-    weight = torch.zeros_like(x[:, :1])
-    for top in _starts(h, tile, overlap):
-        for left in _starts(w, tile, overlap):
+    for top, row_weight in rows:
+        for left, col_weight in cols:
             window = x[:, :, top:top + tile, left:left + tile]
-            ramp = _ramp(window.shape[2], overlap, x)[:, None] * _ramp(window.shape[3], overlap, x)[None, :]
-            out[:, :, top:top + tile, left:left + tile] += model(window, prior=prior) * ramp
-            weight[:, :, top:top + tile, left:left + tile] += ramp
-    return (out / weight).clamp(0.0, 1.0)
+            weight = row_weight[:, None] * col_weight[None, :]
+            out[:, :, top:top + tile, left:left + tile] += model(window, prior=prior).to(x.dtype) * weight
+            if progress is not None:
+                progress(len(rows) * len(cols))
+    return out.clamp(0.0, 1.0)
+
+
+def blend_windows(size: int, tile: int, overlap: int, like: torch.Tensor | None = None
+                  ) -> list[tuple[int, torch.Tensor]]:
+    """(offset, weights (min(tile, size),)) for each window covering [0, size) along one axis.
+
+    Each window's raw weight is 1 except over the pixels it shares with a neighbour, where it
+    rises as a raised cosine, sin²(π/2 · (i + ½) / n) over the n shared pixels; dividing by the
+    sum over windows makes the weights a partition of unity (they add up to 1 at every pixel),
+    and the raw weights being > 0 keeps that division safe. Two neighbours overlapping by
+    exactly ``overlap`` cross-fade as sin² + cos² = 1, so the division only matters where the
+    last window, flush with the end, overlaps more. In ``like``'s dtype and device (float64 CPU
+    without it).
+    """
+    like = torch.empty(0, dtype=torch.float64) if like is None else like
+    starts = _starts(size, tile, overlap)
+    n = min(tile, size)
+    i = torch.arange(n, dtype=torch.float64)
+    raw = []
+    for k, start in enumerate(starts):
+        weight = torch.ones(n, dtype=torch.float64)
+        if k > 0:  # shared with the previous window: [start, previous end)
+            shared = starts[k - 1] + n - start
+            weight[:shared] = torch.sin(torch.pi / 2 * (i[:shared] + 0.5) / shared) ** 2
+        if k + 1 < len(starts):  # shared with the next window: [next start, start + n)
+            shared = start + n - starts[k + 1]
+            weight[n - shared:] = torch.sin(torch.pi / 2 * (i[:shared].flip(0) + 0.5) / shared) ** 2
+        raw.append(weight)
+    total = torch.zeros(size, dtype=torch.float64)
+    for start, weight in zip(starts, raw):
+        total[start:start + n] += weight
+    return [(start, (weight / total[start:start + n]).to(like.dtype).to(like.device))
+            for start, weight in zip(starts, raw)]
 
 
 def _starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -96,24 +132,132 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts + [size - tile]
 
 
-def _ramp(n: int, overlap: int, like: torch.Tensor) -> torch.Tensor:
-    """(n,) weights rising linearly over ``overlap`` pixels at both ends, 1 in between; > 0."""
-    i = torch.arange(n, dtype=like.dtype, device=like.device)
-    edge = torch.minimum(i + 1, n - i) / (overlap + 1)
-    return edge.clamp(max=1.0)
+def receptive_radius(config) -> int:
+    """How far (input pixels) the network's convolutions see around an output pixel.
+
+    Each k×k convolution working at 1/s of the input resolution widens the view by (k // 2)·s
+    pixels on each side: the 3×3 patch embedding and output conv (s = 1), per transformer block
+    its two depthwise 3×3s (MDTA, GDFN) at the level's scale s = 2^(l−1), the 3×3 before each
+    down- and upsampling, per MCDB its depthwise 3×3 and the Mamba branch's causal conv
+    (d_conv − 1 steps along a row) at s = 8, per AFLB its image 3×3, its query and key/value
+    depthwise 3×3s and its spatial-gate k×k at the scale of the features it refines. Channel
+    attention, the AFLB's Fourier filter, its channel gate and the Mamba scan are global and not
+    counted: no overlap makes tiles exact for those, which is why tiled output only approximates
+    the whole-image one.
+    """
+    c = config
+    radius = 1 + 1  # patch embedding, output conv
+    radius += 2 * c.refinement_blocks
+    for level in (1, 2, 3):
+        s = 2 ** (level - 1)
+        radius += 2 * s * (c.enc_blocks[level - 1] + c.dec_blocks[level - 1])
+        radius += s  # downsampling conv
+        incoming = 2 * s  # decoder level l refines and upsamples features of level l + 1
+        radius += incoming * (1 + 1 + 1 + c.aflb_spatial_kernel // 2)  # AFLB: image conv, q, kv, gate
+        radius += incoming  # upsampling conv
+    radius += 8 * c.latent_blocks * (1 + c.mamba_d_conv - 1)
+    return radius
+
+
+def default_overlap(config, tile: int) -> int:
+    """Tile overlap for ``tile``: the receptive radius of :func:`receptive_radius`, at most a
+    quarter of the tile (beyond that the extra work, (tile / (tile − overlap))², outgrows 1.8×),
+    rounded down to the network's padding multiple so tiles stay aligned with its downsampling."""
+    m = config.pad_multiple
+    return max(m, min(receptive_radius(config), tile // 4) // m * m)
+
+
+# Peak memory of one float32 forward pass per (padded) input pixel, as BASE + PER_CHANNEL · dim: a
+# line through the largest peak-RSS-per-pixel measured for M2RestoreConfig.tiny() (dim 8, ~2150 B)
+# and .paper() (dim 48, ~12970 B) on a CPU, rounded up to cover both (bench/test_bench_memory.py
+# measures them, bench/RESULTS.md has the numbers). The activations scale with the channel width;
+# the DA-CLIP prior, which sees a fixed 224×224 resize, is not included.
+BYTES_PER_PIXEL_BASE = 256
+BYTES_PER_PIXEL_PER_CHANNEL = 280
+# Without --max-memory: this fraction of the memory the system has available, and at most
+# DEFAULT_BUDGET_CAP, so a big photo is tiled before it crowds out everything else.
+DEFAULT_BUDGET_FRACTION = 0.5
+DEFAULT_BUDGET_CAP = 3 << 29  # 1.5 GiB
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def working_set_bytes(config, h: int, w: int) -> int:
+    """Estimated peak memory (bytes) of restoring an H×W image whole with a ``config`` network."""
+    m = config.pad_multiple
+    pixels = -(-h // m) * m * (-(-w // m) * m)
+    return pixels * _bytes_per_pixel(config)
+
+
+def _bytes_per_pixel(config) -> int:
+    return BYTES_PER_PIXEL_BASE + BYTES_PER_PIXEL_PER_CHANNEL * config.dim
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``"3G"``, ``"512M"``, ``"1.5GB"``, ``"2048"`` (binary units K, M, G, T)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS and not t[-1:].isdigit() else ""
+    try:
+        value = float(t[:len(t) - len(unit)])
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 3G or 512M") from None
+    if value <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give without swapping (psutil, else /proc/meminfo), None if unknown."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def default_memory_budget() -> int:
+    """The working-set budget without ``--max-memory``: DEFAULT_BUDGET_FRACTION of the available
+    memory, at most DEFAULT_BUDGET_CAP (the cap alone when the available memory is unknown)."""
+    available = available_memory()
+    if available is None:
+        return DEFAULT_BUDGET_CAP
+    return min(int(available * DEFAULT_BUDGET_FRACTION), DEFAULT_BUDGET_CAP)
+
+
+def auto_tile(config, h: int, w: int, budget: int) -> int:
+    """0 when an H×W image fits ``budget`` bytes whole, else the largest tile (a multiple of the
+    padding multiple, at least 4 of them) whose working set fits it."""
+    if working_set_bytes(config, h, w) <= budget:
+        return 0
+    m = config.pad_multiple
+    side = int((budget / _bytes_per_pixel(config)) ** 0.5) // m * m
+    return max(4 * m, side)
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
-    """(image file, its output path relative to OUTDIR) for files and folders (recursive)."""
-    from .data.io import find_images, is_image_file
+    """(image file, its output path relative to OUTDIR) for files and folders (recursive).
+
+    A missing path raises FileNotFoundError, a file that is not an image by its extension or a
+    folder without images ValueError, two inputs bound for the same output ValueError.
+    """
+    from .data.io import IMAGE_EXTENSIONS, find_images, is_image_file
 
     found: list[tuple[Path, Path]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += [(p, p.relative_to(item)) for p in find_images(item)]
+            images = find_images(item)
+            if not images:
+                raise ValueError(f"no images in the folder {item} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            found += [(p, p.relative_to(item)) for p in images]
         elif item.is_file():
             if not is_image_file(item):
-                raise ValueError(f"not a PNG or JPEG file: {item}")
+                raise ValueError(f"{item} is not an image file by its extension ({', '.join(IMAGE_EXTENSIONS)})")
             found.append((item, Path(item.name)))
         else:
             raise FileNotFoundError(f"input not found: {item}")
@@ -126,14 +270,24 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
 
 
 def restore_file(model, src: Path, dst: Path, device: torch.device, precision: str = "fp32", tile: int = 0,
-                 overlap: int = TILE_OVERLAP) -> None:
+                 overlap: int | None = None, max_memory: int | None = None, progress=None) -> int:
     """Restore the image file ``src`` into ``dst`` (format by its extension) with ``model`` on
-    ``device`` at ``precision``; ``dst`` keeps ``src``'s alpha, bit depth and grayscale-ness."""
+    ``device`` at ``precision``; ``dst`` keeps ``src``'s alpha, bit depth, grayscale-ness, EXIF
+    and ICC profile. ``tile`` 0 restores the image whole when its working set fits ``max_memory``
+    bytes (default :func:`default_memory_budget`), else in the tiles :func:`auto_tile` picks.
+    ``progress`` goes to :func:`restore_tensor`. Returns the tile size used (0: whole image).
+
+    Unreadable files raise :class:`m2restore.data.io.UnreadableImageError`.
+    """
     from .data.io import ImageData, read_image, write_image
 
     image = read_image(src)
+    h, w = image.rgb.shape[:2]
+    if tile == 0:
+        tile = auto_tile(model.config, h, w, default_memory_budget() if max_memory is None else max_memory)
     x = torch.from_numpy(image.rgb).permute(2, 0, 1)[None].to(device)
     with autocast(device, precision):
-        y = restore_tensor(model, x, tile, overlap)
+        y = restore_tensor(model, x, tile, overlap, progress=progress)
     y = y[0].permute(1, 2, 0).cpu().numpy()
-    write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale))
+    write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale, image.exif, image.icc_profile))
+    return tile

@@ -6,7 +6,8 @@ from PIL import Image
 
 from m2restore import M2Restore, M2RestoreConfig, NullPrior
 from m2restore.cli import main
-from m2restore.restore import collect_inputs, restore_tensor
+from m2restore.restore import (auto_tile, blend_windows, collect_inputs, default_overlap, parse_size, receptive_radius,
+                               restore_tensor, working_set_bytes)
 
 pytestmark = pytest.mark.filterwarnings("ignore:M2Restore has no degradation prior")
 
@@ -54,17 +55,10 @@ def test_folders_are_walked_and_jpeg_stays_jpeg(weights, tmp_path):
     assert (a.format, a.size, b.mode, b.size) == ("JPEG", (30, 20), "L", (9, 17))
 
 
-def test_corrupt_image_fails_with_its_path(weights, tmp_path):
-    bad = tmp_path / "corrupt.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
-    with pytest.raises(ValueError, match="corrupt.png"):
-        _restore(weights, bad, "-o", tmp_path / "out")
-
-
-def test_refuses_to_overwrite_inputs_and_duplicate_outputs(weights, tmp_path):
+def test_refuses_to_overwrite_inputs_and_duplicate_outputs(weights, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
-    with pytest.raises(ValueError, match="overwrite"):
-        _restore(weights, tmp_path / "x.png", "-o", tmp_path)
+    assert _restore(weights, tmp_path / "x.png", "-o", tmp_path) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
     (tmp_path / "d").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "d" / "x.png")
     with pytest.raises(ValueError, match="both be written"):
@@ -95,16 +89,72 @@ def test_tiles_blend_back_to_the_whole_image(shape, tile, overlap):
         assert len(model.priors) > 1 and all(p is not None for p in model.priors)
 
 
-def test_tiled_real_model_keeps_size_and_stays_close(weights):
-    from m2restore.restore import load_model
+def test_tiled_demo_model_stays_close_to_whole():
+    """Tiles see the whole image's prior but compute channel attention, the AFLB's Fourier filter and
+    the Mamba scan over themselves, so tiled output only approximates whole-image output. Bound: the
+    change tiling makes stays under a fifth of the change the network makes to the image, on a
+    smooth photo-like image (a 4×4-upsampled random field) with 32-pixel tiles, 5 × 6 of them."""
+    from m2restore.restore import DEMO_WEIGHTS, load_model
 
-    model = load_model(weights, "cpu", "torch")
-    x = torch.rand(1, 3, 40, 56)
-    whole, tiled = restore_tensor(model, x), restore_tensor(model, x, tile=32, overlap=16)
+    model = load_model(DEMO_WEIGHTS)
+    torch.manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 20, 24), scale_factor=4, mode="bilinear")
+    whole, tiled = restore_tensor(model, x), restore_tensor(model, x, tile=32)
     assert tiled.shape == x.shape
-    assert (whole - tiled).abs().mean() < 0.1 * (whole - x).abs().mean() + 1e-3
+    assert (whole - tiled).abs().mean() < 0.2 * (whole - x).abs().mean()
     with pytest.raises(ValueError, match="tile_overlap"):
         restore_tensor(model, x, tile=16, overlap=16)
+
+
+@pytest.mark.parametrize("size,tile,overlap", [(100, 32, 8), (97, 32, 8), (64, 32, 0), (250, 64, 16), (40, 64, 16),
+                                               (33, 32, 31)])
+def test_blend_windows_are_a_partition_of_unity(size, tile, overlap):
+    windows = blend_windows(size, tile, overlap)
+    total = np.zeros(size)
+    covered = np.zeros(size, dtype=int)
+    for start, weight in windows:
+        w = weight.numpy()
+        assert w.shape == (min(tile, size),) and (w > 0).all()
+        total[start:start + len(w)] += w
+        covered[start:start + len(w)] += 1
+    np.testing.assert_allclose(total, 1.0, rtol=0, atol=1e-12)
+    assert covered.min() >= 1 and windows[0][0] == 0 and windows[-1][0] + min(tile, size) == size
+
+
+def test_blend_windows_cross_fade_as_a_raised_cosine():
+    """Where two windows overlap by exactly ``overlap``, the earlier one falls as cos² and the
+    later one rises as sin² of π/2 · (i + ½) / overlap (they sum to 1 without normalising)."""
+    tile, overlap = 32, 8
+    (s0, w0), (s1, w1), *_ = blend_windows(200, tile, overlap)
+    assert s1 - s0 == tile - overlap
+    i = np.arange(overlap)
+    rise = np.sin(np.pi / 2 * (i + 0.5) / overlap) ** 2
+    np.testing.assert_allclose(w1.numpy()[:overlap], rise, atol=1e-12)
+    np.testing.assert_allclose(w0.numpy()[tile - overlap:], 1 - rise, atol=1e-12)
+    np.testing.assert_allclose(w0.numpy()[:tile - overlap], 1.0, atol=1e-12)
+
+
+def test_default_overlap_follows_the_receptive_field():
+    tiny, paper = M2RestoreConfig.tiny(), M2RestoreConfig.paper()
+    # More blocks see further: the paper network's receptive radius exceeds the tiny one's.
+    assert receptive_radius(paper) > receptive_radius(tiny) > 8
+    # Capped at a quarter tile, in multiples of the padding; a large tile takes the whole radius.
+    assert default_overlap(tiny, 256) == 64 and default_overlap(tiny, 128) == 32
+    assert default_overlap(tiny, 4096) == receptive_radius(tiny) // 8 * 8
+
+
+def test_memory_sizes_and_automatic_tiles():
+    sizes = [parse_size(t) for t in ("3G", "512M", "1.5GiB", "2048", "64k")]
+    assert sizes == [3 * 2**30, 512 * 2**20, 1.5 * 2**30, 2048, 64 * 2**10]
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_size(bad)
+    cfg = M2RestoreConfig.tiny()
+    assert working_set_bytes(cfg, 100, 100) == working_set_bytes(cfg, 104, 104)  # padded to 8
+    assert auto_tile(cfg, 100, 100, working_set_bytes(cfg, 100, 100)) == 0
+    budget = working_set_bytes(cfg, 1600, 2400) // 10
+    tile = auto_tile(cfg, 1600, 2400, budget)
+    assert tile % 8 == 0 and working_set_bytes(cfg, tile, tile) <= budget < working_set_bytes(cfg, tile + 8, tile + 8)
 
 
 def test_bf16_restore_runs_under_autocast_and_stays_close(weights, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import MODEL_BACKENDS
 from ..precision import AUTO, CHOICES
-from ..restore import DEMO_WEIGHTS, TILE_OVERLAP
+from ..restore import DEMO_WEIGHTS
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +36,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path |
     parser.add_argument("--dtype", choices=CHOICES, default=AUTO,
                         help="run the network under autocast to this dtype (fp32: none); auto (default): bf16 "
                              "on GPUs and CPUs with native bf16 (AMX, AVX512-BF16), else fp32; -v says which")
-    parser.add_argument("--tile", type=int, default=0, help="restore in tiles of this size (0: whole image)")
-    parser.add_argument("--tile-overlap", type=int, default=TILE_OVERLAP, help="overlap between tiles in pixels")
+    parser.add_argument("--tile", type=int, default=0,
+                        help="restore in tiles of this size (0: the whole image, tiled only where it would not fit "
+                             "in memory)")
+    parser.add_argument("--tile-overlap", type=int, default=None,
+                        help="overlap between tiles in pixels (default: from the network's receptive field)")
 
 
 def load_model_from_args(args: argparse.Namespace):

@@ -1,37 +1,148 @@
 """``m2restore restore INPUT... -o OUTDIR``: restore image files and folders (see :mod:`m2restore.restore`).
 
-Each output keeps its input's size, format, bit depth, grayscale-ness and alpha channel.
-``--tile N`` restores big images in overlapping N×N tiles.
+Each output keeps its input's size, format, bit depth, grayscale-ness, alpha channel, EXIF and ICC
+profile. Images whose estimated working set exceeds ``--max-memory`` (default: half the available
+memory, at most 1.5 GiB) are restored in tiles; ``--tile N`` asks for N×N tiles. A file that cannot be
+read does not stop the others: each is reported by name, a summary line follows, and the exit
+status is 1.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from .common import add_model_arguments
+from .common import add_model_arguments, resolve_dtype_from_args
+from .errors import InputError, UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (PNG/JPEG)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files or folders (PNG, JPEG, WebP, TIFF, BMP; folders recursively)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
     add_model_arguments(parser)
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory for one image's working set, e.g. 3G or 512M; larger images are tiled "
+                             "(default: half the available memory, at most 1.5G)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..restore import collect_inputs, restore_file
-    from .common import load_model_from_args
+    from ..data.io import UnreadableImageError
+    from ..restore import restore_file
 
-    jobs = collect_inputs(args.inputs)
-    if not jobs:
-        raise ValueError("no PNG or JPEG images in the given inputs")
-    model, device = load_model_from_args(args)
+    max_memory = _max_memory(args.max_memory)
+    jobs = _jobs(args.inputs, args.out)
+    device = _device(args.device)
+    resolve_dtype_from_args(args, device)
+    model = _model(args, device)
+    _check_tiling(args.tile, args.tile_overlap, model.config)
+
+    show = not args.quiet and sys.stderr.isatty()
+    failed: list[tuple[Path, str]] = []
     out_dir = args.out.resolve()
-    for src, rel in tqdm(jobs, desc="restore", unit="img", disable=len(jobs) == 1):
-        dst = out_dir / rel
-        if dst.resolve() == src.resolve():
-            raise ValueError(f"refusing to overwrite the input {src}; choose another --out")
-        restore_file(model, src, dst, device, args.dtype, args.tile, args.tile_overlap)
-    print(f"restored {len(jobs)} image(s) into {out_dir}")
+    for src, rel in tqdm(jobs, desc="restore", unit="img", disable=not show or len(jobs) == 1):
+        bar = tqdm(desc=src.name, unit="tile", leave=False, disable=not show)
+
+        def progress(total: int) -> None:
+            bar.total = total
+            bar.update()
+
+        try:
+            restore_file(model, src, out_dir / rel, device, args.dtype, args.tile, args.tile_overlap,
+                         max_memory, progress)
+        except UnreadableImageError as e:
+            failed.append((src, e.reason))
+            tqdm.write(f"m2restore restore: {e}", file=sys.stderr)
+        except FileNotFoundError:
+            failed.append((src, "vanished"))
+            tqdm.write(f"m2restore restore: {src} disappeared before it was read", file=sys.stderr)
+        except (OSError, ValueError) as e:
+            failed.append((src, "not written"))
+            tqdm.write(f"m2restore restore: cannot write {out_dir / rel}: {e}", file=sys.stderr)
+        finally:
+            bar.close()
+    done = len(jobs) - len(failed)
+    if failed:
+        listed = ", ".join(f"{src.name} ({reason})" for src, reason in failed)
+        raise InputError(f"restored {done} of {len(jobs)} into {out_dir}; failed: {listed}")
+    print(f"restored {done} of {len(jobs)} into {out_dir}")
     return 0
+
+
+def _max_memory(text: str | None) -> int | None:
+    from ..restore import parse_size
+
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"--max-memory: {e}") from e
+
+
+def _jobs(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
+    """collect_inputs, with its complaints and outputs that would overwrite an input as usage errors."""
+    from ..restore import collect_inputs
+
+    try:
+        jobs = collect_inputs(inputs)
+    except FileNotFoundError as e:
+        raise UsageError(f"{e}; check the path") from e
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    out_dir = out.resolve()
+    for src, rel in jobs:
+        if (out_dir / rel).resolve() == src.resolve():
+            raise UsageError(f"--out {out} would overwrite the input {src}; choose another output folder")
+    return jobs
+
+
+def _device(name: str | None):
+    import torch
+
+    from ..restore import default_device
+
+    try:
+        device = default_device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name}: not a torch device ({e}); use cpu or cuda") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu or leave --device out")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: m2restore runs on cpu or cuda")
+    return device
+
+
+def _model(args: argparse.Namespace, device):
+    from ..restore import load_model
+
+    try:
+        return load_model(args.weights, device, args.backend, args.prior_checkpoint)
+    except FileNotFoundError as e:
+        raise UsageError(f"--weights: {e}") from e
+
+
+def _check_tiling(tile: int, overlap: int | None, config) -> None:
+    """--tile and --tile-overlap against each other and the network's padding multiple."""
+    from ..restore import default_overlap
+
+    m = config.pad_multiple
+    if tile < 0:
+        raise UsageError(f"--tile {tile}: give a positive tile size (a multiple of {m}), or 0 to tile only "
+                         "when an image exceeds --max-memory")
+    if overlap is not None and overlap < 0:
+        raise UsageError(f"--tile-overlap {overlap}: give 0 or more pixels")
+    if tile == 0:
+        return
+    if tile % m or tile < 4 * m:
+        raise UsageError(f"--tile {tile}: the network works on multiples of {m} pixels; give a multiple of {m} "
+                         f"from {4 * m} up (e.g. {max(4 * m, tile // m * m)})")
+    overlap = default_overlap(config, tile) if overlap is None else overlap
+    if overlap >= tile:
+        raise UsageError(f"--tile {tile} must be larger than --tile-overlap {overlap}; raise --tile or lower "
+                         "--tile-overlap")

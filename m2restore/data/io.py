@@ -1,9 +1,10 @@
-"""Image files in and out: PNG and JPEG, 8- and 16-bit, grayscale, RGB and with alpha.
+"""Image files in and out: PNG, JPEG, WebP, TIFF and BMP; 8- and 16-bit, grayscale, RGB and with alpha.
 
 The network sees RGB float32 in [0, 1]; everything else about a file (alpha, bit depth, whether
-it was grayscale) travels beside the pixels in an :class:`ImageData` so that a restored image can
-be written back in the form it came in. Pillow does the work except for 16-bit colour PNGs,
-which Pillow reads and writes only as 8-bit; a small numpy PNG codec covers those.
+it was grayscale, its EXIF and ICC colour profile) travels beside the pixels in an
+:class:`ImageData` so that a restored image can be written back in the form it came in. Pillow
+does the work except for 16-bit colour PNGs, which Pillow reads and writes only as 8-bit; a small
+numpy PNG codec covers those.
 """
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+# Formats whose files can carry an alpha channel (as Pillow writes them); 16-bit samples only as PNG.
+_ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff")
+# Formats Pillow writes EXIF and ICC profiles into.
+_METADATA_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # ITU-R 601-2 luma, the weights Pillow uses for its own RGB -> L conversion.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -29,12 +34,28 @@ class ImageData:
     alpha: (H, W) float32 in [0, 1], or None when the file has no alpha channel.
     bit_depth: 8 or 16, the depth of the file's samples.
     grayscale: True when the file stores one colour channel.
+    exif: the file's EXIF block (bytes, orientation already applied to the pixels), or None.
+    icc_profile: the file's ICC colour profile (bytes), or None.
     """
 
     rgb: np.ndarray
     alpha: np.ndarray | None = None
     bit_depth: int = 8
     grayscale: bool = False
+    exif: bytes | None = None
+    icc_profile: bytes | None = None
+
+
+class UnreadableImageError(ValueError):
+    """A file that is not an image, or whose image data is truncated or corrupt.
+
+    ``reason`` is the short cause (``"not an image"``, ``"truncated or corrupt"``), the message
+    names the file and the decoder's complaint.
+    """
+
+    def __init__(self, path: Path, reason: str, detail: str):
+        super().__init__(f"cannot read image {path}: {reason} ({detail})")
+        self.path, self.reason = path, reason
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -42,39 +63,53 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def find_images(root: str | Path) -> list[Path]:
-    """PNG and JPEG files under ``root``, recursively, sorted by path; [] when ``root`` is not a folder."""
+    """Image files (by :data:`IMAGE_EXTENSIONS`) under ``root``, recursively, sorted by path; [] when
+    ``root`` is not a folder."""
     return sorted(p for p in Path(root).rglob("*") if p.is_file() and is_image_file(p))
 
 
 def read_image(path: str | Path) -> ImageData:
-    """Decode a PNG or JPEG file. Missing files raise FileNotFoundError, undecodable ones
-    ValueError; both messages name the path."""
+    """Decode an image file Pillow reads (plus 16-bit colour PNG). Missing files raise
+    FileNotFoundError, undecodable ones :class:`UnreadableImageError`; both messages name the path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         header = _png_header(path)
         if header is not None and header[0] == 16 and header[1] != 0:
-            return _from_array(_read_png(path), 16)
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _from_pil(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zlib.error, struct.error) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+            with Image.open(path) as im:  # metadata only: Pillow decodes these pixels as 8-bit
+                metadata = _metadata(im)
+            image = _from_array(_read_png(path), 16)
+        else:
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                image, metadata = _from_pil(im), _metadata(im)
+    except UnidentifiedImageError as e:
+        raise UnreadableImageError(path, "not an image", str(e)) from e
+    except (OSError, ValueError, SyntaxError, zlib.error, struct.error) as e:
+        raise UnreadableImageError(path, "truncated or corrupt", str(e) or type(e).__name__) from e
+    image.exif, image.icc_profile = metadata
+    return image
+
+
+def _metadata(im: Image.Image) -> tuple[bytes | None, bytes | None]:
+    """(EXIF block, ICC profile) of an open image, None for what it lacks."""
+    exif = im.getexif()
+    return (exif.tobytes() if len(exif) else None), im.info.get("icc_profile") or None
 
 
 def write_image(path: str | Path, image: ImageData, quality: int = 95) -> None:
-    """Encode ``image`` by the file extension (.png or .jpg/.jpeg), at its bit depth, in
-    grayscale when ``image.grayscale``, with its alpha channel when it has one (PNG only)."""
+    """Encode ``image`` by the file extension (one of :data:`IMAGE_EXTENSIONS`), at its bit depth
+    (16 only as PNG, 8 elsewhere), in grayscale when ``image.grayscale``, with its alpha channel
+    when it has one (PNG, WebP, TIFF), its EXIF and ICC profile (all but BMP)."""
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in IMAGE_EXTENSIONS:
-        raise ValueError(f"unsupported output format {ext!r} for {path}; use .png, .jpg or .jpeg")
-    jpeg = ext != ".png"
-    if jpeg and image.alpha is not None:
-        raise ValueError(f"JPEG has no alpha channel; write {path.with_suffix('.png')} instead")
-    depth = 8 if jpeg else image.bit_depth
+        raise ValueError(f"unsupported output format {ext!r} for {path}; use one of {', '.join(IMAGE_EXTENSIONS)}")
+    if image.alpha is not None and ext not in _ALPHA_EXTENSIONS:
+        raise ValueError(f"{ext} has no alpha channel; write {path.with_suffix('.png')} instead")
+    depth = image.bit_depth if ext == ".png" else 8
     if depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {image.bit_depth}")
     rgb = np.clip(image.rgb, 0.0, 1.0)
@@ -85,14 +120,14 @@ def write_image(path: str | Path, image: ImageData, quality: int = 95) -> None:
     samples = np.rint(np.stack(channels, axis=-1) * scale).astype(np.uint8 if depth == 8 else np.uint16)
     path.parent.mkdir(parents=True, exist_ok=True)
     if depth == 16:
-        _write_png16(path, samples)
+        _write_png16(path, samples, image.exif, image.icc_profile)
         return
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[samples.shape[-1]]
     im = Image.fromarray(samples[..., 0] if mode == "L" else samples, mode=mode)
-    if jpeg:
-        im.save(path, quality=quality)
-    else:
-        im.save(path)
+    options = {"quality": quality} if ext in (".jpg", ".jpeg", ".webp") else {}
+    if ext in _METADATA_EXTENSIONS:
+        options.update({k: v for k, v in (("exif", image.exif), ("icc_profile", image.icc_profile)) if v})
+    im.save(path, **options)
 
 
 def _from_pil(im: Image.Image) -> ImageData:
@@ -184,8 +219,9 @@ def _unfilter(filters: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out[1:, 1:].astype(np.uint8)
 
 
-def _write_png16(path: Path, samples: np.ndarray) -> None:
-    """Encode (H, W, C) uint16, C in 1..4, as a 16-bit PNG (rows filtered with "Up")."""
+def _write_png16(path: Path, samples: np.ndarray, exif: bytes | None = None, icc_profile: bytes | None = None) -> None:
+    """Encode (H, W, C) uint16, C in 1..4, as a 16-bit PNG (rows filtered with "Up"), with an
+    iCCP chunk for ``icc_profile`` and an eXIf chunk for ``exif`` when given."""
     h, w, c = samples.shape
     ctype = {1: 0, 2: 4, 3: 2, 4: 6}[c]
     rows = samples.astype(">u2").view(np.uint8).reshape(h, w * c * 2)
@@ -196,9 +232,15 @@ def _write_png16(path: Path, samples: np.ndarray) -> None:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
+    metadata = b""
+    if icc_profile:  # iCCP: name, NUL, compression method 0 (zlib), compressed profile
+        metadata += chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc_profile))
+    if exif:  # eXIf holds the TIFF structure without the "Exif\0\0" prefix JPEG uses
+        metadata += chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\0\0") else exif)
     path.write_bytes(
         _PNG_SIGNATURE
         + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, ctype, 0, 0, 0))
+        + metadata
         + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
         + chunk(b"IEND", b"")
     )
