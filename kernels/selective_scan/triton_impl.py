@@ -129,9 +129,12 @@ def _reverse_linear_scan(a, b, BY_FLIP: tl.constexpr):
 def _bc_rows(X_ptr, pid_b, c0, per_g, g, L, n, ns, state_off, VARIABLE: tl.constexpr):
     """Pointers to a program's rows of B or C: time-varying (b, g, n, L), its group's first steps
     (BLOCK_N,); time-invariant (d, n), its channels' rows (BLOCK_D, BLOCK_N)."""
+    # one return after a compile-time branch: the compiler rejects returns of two shapes
     if VARIABLE:
-        return X_ptr + (pid_b * g + c0 // per_g) * n * L + ns * L
-    return X_ptr + state_off
+        rows = X_ptr + (pid_b * g + c0 // per_g) * n * L + ns * L
+    else:
+        rows = X_ptr + state_off
+    return rows
 
 
 @jit
@@ -139,9 +142,11 @@ def _load_bc(rows, t, cmask, nmask, tmask, VARIABLE: tl.constexpr):
     """B or C at the steps t (CHUNK,), float32: time-varying (1, BLOCK_N, CHUNK), time-invariant
     (BLOCK_D, BLOCK_N, 1); both broadcast against the (BLOCK_D, BLOCK_N, CHUNK) states."""
     if VARIABLE:
-        return tl.load(rows[:, None] + t[None, :], mask=nmask[:, None] & tmask[None, :],
-                       other=0.0).to(tl.float32)[None, :, :]
-    return tl.load(rows, mask=cmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)[:, :, None]
+        X = tl.load(rows[:, None] + t[None, :], mask=nmask[:, None] & tmask[None, :], other=0.0).to(tl.float32)
+        X = X[None, :, :]
+    else:
+        X = tl.load(rows, mask=cmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)[:, :, None]
+    return X
 
 
 @jit
