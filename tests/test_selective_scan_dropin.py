@@ -214,9 +214,11 @@ def test_flag_matrix_complex_A(form, flags, monkeypatch):
 @pytest.mark.parametrize("wtype", [torch.float32, torch.complex64])
 @pytest.mark.parametrize("form", FORMS, ids=form_id)
 def test_long_sequence(form, wtype):
-    """l = 2048 (mamba_ssm's test sweeps 128..4096): many chunks of the PyTorch scan / C checkpoints."""
+    """l = 2048 (mamba_ssm's test sweeps 128..4096): many chunks of the PyTorch scan / C checkpoints.
+    The parameter gradients (A, B/C (d, n), D, delta_bias) sum 2048 float32 terms of both signs:
+    relative 1e-5 of their float64 values is at that sum's rounding (1.05e-5 measured), hence 3e-5."""
     flags = (True, True, True, True, True)
-    check_against_reference(make_args(form, flags, wtype, l=2048, b=1), flags, "torch")
+    check_against_reference(make_args(form, flags, wtype, l=2048, b=1), flags, "torch", tol=3e-5)
 
 
 @pytest.mark.parametrize("itype", [torch.float16, torch.bfloat16])
@@ -277,7 +279,7 @@ def test_bad_complex_and_time_invariant_forms_raise(bad, match):
     u, delta = torch.randn(b, d, l), torch.rand(b, d, l)
     A, B, C = -torch.rand(d, n, dtype=torch.complex64), torch.randn(b, n, 2 * l), torch.randn(d, n)
     if bad == "complex_varying_B":
-        B = torch.randn(b, n, l, dtype=torch.complex64)
+        B = torch.randn(b, n, 2 * l, dtype=torch.complex64)
     elif bad == "unpacked_B":
         B = torch.randn(b, n, l)
     elif bad == "complex_B_real_A":
