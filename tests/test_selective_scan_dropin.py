@@ -255,6 +255,27 @@ def test_triton_time_invariant_forms(form, flags):
 
 
 # --------------------------------------------------------------------------------------------
+# NaN rule of the docstring
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["native", "chunked", "triton"])
+def test_nan_propagates_forward_in_time_only(impl, monkeypatch):
+    """A NaN in u at (channel 1, step 30): that channel is NaN from step 30 on, all else finite; one in
+    B at step 50 (shared by every channel): every channel NaN from step 50 on."""
+    if impl == "chunked":
+        monkeypatch.setenv(DISABLE_ENV, "native")
+    backend = "triton" if impl == "triton" else "torch"
+    u, delta, A, B, C, D, z, bias = [t.detach() for t in make_args(FORMS[3], (True,) * 5, b=1, d=4, n=4, l=100)]
+    u_nan, B_nan = u.clone(), B.clone()
+    u_nan[0, 1, 30] = float("nan")
+    B_nan[0, 2, 50] = float("nan")
+    out = selective_scan(u_nan, delta, A, B, C, D, z, bias, True, backend=backend)
+    assert out[0, 1, :30].isfinite().all() and out[0, 1, 30:].isnan().all()
+    assert out[0, [0, 2, 3]].isfinite().all()
+    out = selective_scan(u, delta, A, B_nan, C, D, z, bias, True, backend=backend)
+    assert out[..., :50].isfinite().all() and out[..., 50:].isnan().all()
+
+
+# --------------------------------------------------------------------------------------------
 # Errors: one line naming what to do
 # --------------------------------------------------------------------------------------------
 def test_triton_refuses_complex_A_and_float64_naming_torch():

@@ -133,7 +133,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Shapes: u, delta, z: (b, d, l); A: (d, n), real or complex; B, C: (b, n, l), (b, g, n, l) with g
     dividing d, or time-invariant (d, n) (complex A: time-varying ones real, (b, n, 2l) or
     (b, g, n, 2l)); D, delta_bias: (d,). Every backend takes every real-A form; complex A runs on
-    the PyTorch scan (``backend="torch"``, or ``"auto"`` off CUDA) and mamba_ssm's kernel.
+    the PyTorch scan (``backend="torch"``, or ``"auto"`` unless mamba_ssm's kernel takes it) and
+    mamba_ssm's kernel; ``backend="triton"`` raises a ValueError for it.
 
     Dtypes: any real float for u, delta, z, B, C, D, delta_bias, each input its own. The recurrence
     runs in float32, or in float64 when delta is float64 (PyTorch scan only: ``backend="triton"``
@@ -142,8 +143,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     (complex for complex A). Gradients reach every floating input, each in its dtype (and flow from
     the last state).
 
-    NaN and inf are not checked: they propagate through the recurrence (a NaN at step t reaches
-    every later step of its channel, and through B/C every channel sharing them).
+    NaN and inf are not checked: they propagate forward in time. A NaN in u, delta or z at step t
+    of a channel makes that channel's outputs NaN from step t on; one in B or C at step t those of
+    every channel reading that row; earlier steps and other channels stay finite.
 
     ``backend``: "auto" (mamba_ssm's kernel on CUDA when installed, else Triton where it runs, else
     PyTorch), "triton" or "torch" (the C loop on CPU, else PyTorch). Raises a one-line ValueError
