@@ -133,14 +133,19 @@ def scan_cases(quick: bool):
     tiles = dict(BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk)
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
     params = dict(A_ptr="fp32", D_ptr="fp32", bias_ptr="fp32")
+    f32 = {f"{g}_ptr": "fp32" for g in ("ckpt", "dlast", "dA", "dD", "dbias", "dB", "dC")}
     for dtype in _dtypes(quick):
-        yield Case("selective_scan", scan.KERNELS["selective_scan_fwd"], "d=768 L=784 n=16", dtype,
-                   dict(**flags, **tiles), cfg.fwd_warps, ptrs=dict(last_ptr="fp32", ckpt_ptr="fp32", **params))
-        f32 = {f"{g}_ptr": "fp32" for g in ("ckpt", "dlast", "dA", "dD", "dbias", "dB", "dC")}
-        for flip in (False, True):  # the two ways of the reverse-time scan (scan.REVERSE_SCAN)
-            yield Case("selective_scan", scan.KERNELS["selective_scan_bwd"], "d=768 L=784 n=16" + " flip" * flip, dtype,
-                       dict(HAS_DLAST=True, REVERSE_BY_FLIP=flip, **flags, **tiles), cfg.bwd_warps,
-                       ptrs=dict(**f32, **params))
+        # time-varying B and C (the model's), and both time-invariant (d, n), the other branch of each load
+        for var in (True, False):
+            form = dict(VAR_B=var, VAR_C=var)
+            name = "d=768 L=784 n=16" + ("" if var else " BC(d,n)")
+            yield Case("selective_scan", scan.KERNELS["selective_scan_fwd"], name, dtype,
+                       dict(**flags, **form, **tiles), cfg.fwd_warps,
+                       ptrs=dict(last_ptr="fp32", ckpt_ptr="fp32", **params))
+            for flip in (False, True):  # the two ways of the reverse-time scan (scan.REVERSE_SCAN)
+                yield Case("selective_scan", scan.KERNELS["selective_scan_bwd"], name + " flip" * flip, dtype,
+                           dict(HAS_DLAST=True, REVERSE_BY_FLIP=flip, **flags, **form, **tiles), cfg.bwd_warps,
+                           ptrs=dict(**f32, **params))
 
 
 def gated_fusion_cases(quick: bool):

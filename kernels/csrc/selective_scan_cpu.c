@@ -5,12 +5,15 @@
  * headers. Every tensor is float32 and contiguous:
  *   u, delta, z, out, du, ddelta, dz, dout : (b, d, l)
  *   A : (d, n);  D, bias : (d)
- *   Bt, Ct : (b, g, l, n), time-major so the n states of one step are adjacent (one vector)
+ *   Bt, Ct : the n states of one step adjacent (one vector), rows addressed by the strides of
+ *            scan_shape: time-varying (b, g, l, n) contiguous, or time-invariant (d, n) as g = d
+ *            groups with batch and time strides 0
  *   last, dlast : (b, d, n);  ckpt : (b, nck, d, n), the state before each chunk's first step
  * Channels run in parallel (OpenMP); each keeps its n states in registers and walks the sequence.
  * The backward recomputes a chunk's states from its checkpoint into a small buffer, then runs the
  * adjoint recurrence backwards over them. Gradients shared by channels (B, C) go to per-thread
- * partial buffers (threads, b, g, l, n) that the caller sums, so results do not depend on timing.
+ * partial buffers (threads, nB or nC elements laid out like Bt, Ct) that the caller sums, so results
+ * do not depend on timing; a time-invariant B or C adds every step into its one row.
  */
 #include <math.h>
 #include <stdint.h>
@@ -20,6 +23,8 @@
 
 typedef struct {
     int64_t b, d, l, n, gB, gC, chunk, nck;
+    int64_t sBb, sBg, sBt, sCb, sCg, sCt; /* element strides of Bt, Ct per batch, group, step */
+    int64_t nB, nC;                       /* elements of Bt, Ct */
     int has_D, has_z, has_bias, softplus;
 } scan_shape;
 
@@ -46,9 +51,9 @@ static void row_delta(const float *delta, float bias, int64_t l, int softplus, f
     }
 }
 
-static inline const float *group_rows(const float *X, const scan_shape *s, int64_t g, int64_t bi, int64_t ch) {
-    int64_t gi = ch / (s->d / g);
-    return X + (bi * g + gi) * s->l * s->n;
+/* Offset of the first step's row of B or C that channel ch of batch bi reads. */
+static inline int64_t group_offset(int64_t g, int64_t sb, int64_t sg, const scan_shape *s, int64_t bi, int64_t ch) {
+    return bi * sb + ch / (s->d / g) * sg;
 }
 
 void scan_fwd(const scan_shape *s, int threads, const float *u, const float *delta, const float *A,
@@ -62,7 +67,8 @@ void scan_fwd(const scan_shape *s, int threads, const float *u, const float *del
         for (int64_t bd = 0; bd < s->b * d; bd++) {
             const int64_t bi = bd / d, ch = bd % d;
             const float *a_row = A + ch * n;
-            const float *Bg = group_rows(Bt, s, s->gB, bi, ch), *Cg = group_rows(Ct, s, s->gC, bi, ch);
+            const float *Bg = Bt + group_offset(s->gB, s->sBb, s->sBg, s, bi, ch);
+            const float *Cg = Ct + group_offset(s->gC, s->sCb, s->sCg, s, bi, ch);
             const float *ur = u + bd * l;
             const float Dc = s->has_D ? D[ch] : 0.0f;
             float *restrict yr = out + bd * l;
@@ -73,7 +79,7 @@ void scan_fwd(const scan_shape *s, int threads, const float *u, const float *del
                 if (t % s->chunk == 0)
                     memcpy(ckpt + ((bi * s->nck + t / s->chunk) * d + ch) * n, h, n * sizeof(float));
                 const float dt = dl[t], du = dt * ur[t];
-                const float *Bs = Bg + t * n, *Cs = Cg + t * n;
+                const float *Bs = Bg + t * s->sBt, *Cs = Cg + t * s->sCt;
                 float y = 0.0f;
 #pragma omp simd reduction(+ : y)
                 for (int64_t k = 0; k < n; k++) {
@@ -104,19 +110,19 @@ void scan_bwd(const scan_shape *s, int threads, const float *u, const float *del
               float *du, float *ddelta, float *dz, float *dA_part, float *dD_part, float *dbias_part,
               float *dB_part, float *dC_part) {
     const int64_t d = s->d, l = s->l, n = s->n;
-    const int64_t part_B = s->b * s->gB * l * n, part_C = s->b * s->gC * l * n;
 #pragma omp parallel num_threads(threads)
     {
         const int tid = omp_get_thread_num();
         float *H = malloc((size_t)(s->chunk + 1) * n * sizeof(float)); /* row 0: the chunk's entry state */
         float *dh = malloc((size_t)n * sizeof(float)), *dA = malloc((size_t)n * sizeof(float));
         float *dl = malloc((size_t)(l > 0 ? l : 1) * sizeof(float)), *slope = malloc((size_t)(l > 0 ? l : 1) * sizeof(float));
-        float *dBt = dB_part + tid * part_B, *dCt = dC_part + tid * part_C;
+        float *dBt = dB_part + tid * s->nB, *dCt = dC_part + tid * s->nC;
 #pragma omp for schedule(static)
         for (int64_t bd = 0; bd < s->b * d; bd++) {
             const int64_t bi = bd / d, ch = bd % d;
             const float *a_row = A + ch * n;
-            const int64_t off_B = group_rows(Bt, s, s->gB, bi, ch) - Bt, off_C = group_rows(Ct, s, s->gC, bi, ch) - Ct;
+            const int64_t off_B = group_offset(s->gB, s->sBb, s->sBg, s, bi, ch);
+            const int64_t off_C = group_offset(s->gC, s->sCb, s->sCg, s, bi, ch);
             const float *Bg = Bt + off_B, *Cg = Ct + off_C;
             float *dBg = dBt + off_B, *dCg = dCt + off_C;
             const float *ur = u + bd * l;
@@ -132,7 +138,7 @@ void scan_bwd(const scan_shape *s, int threads, const float *u, const float *del
                 memcpy(H, ckpt + ((bi * s->nck + c) * d + ch) * n, n * sizeof(float));
                 for (int64_t t = t0; t < t1; t++) { /* recompute the chunk's states */
                     const float dt = dl[t], dus = dt * ur[t];
-                    const float *Bs = Bg + t * n, *hp = H + (t - t0) * n;
+                    const float *Bs = Bg + t * s->sBt, *hp = H + (t - t0) * n;
                     float *hn = H + (t - t0 + 1) * n;
 #pragma omp simd
                     for (int64_t k = 0; k < n; k++)
@@ -140,9 +146,9 @@ void scan_bwd(const scan_shape *s, int threads, const float *u, const float *del
                 }
                 for (int64_t t = t1 - 1; t >= t0; t--) { /* adjoint, backwards in time */
                     const float dt = dl[t], ut = ur[t];
-                    const float *Bs = Bg + t * n, *Cs = Cg + t * n;
+                    const float *Bs = Bg + t * s->sBt, *Cs = Cg + t * s->sCt;
                     const float *ht = H + (t - t0 + 1) * n, *hp = H + (t - t0) * n;
-                    float *dBs = dBg + t * n, *dCs = dCg + t * n;
+                    float *dBs = dBg + t * s->sBt, *dCs = dCg + t * s->sCt;
                     float gy = dout[bd * l + t];
                     if (s->has_z) {
                         float y = Dc * ut;

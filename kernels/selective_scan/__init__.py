@@ -5,18 +5,23 @@ Per batch b, channel d and state n (delta' = softplus(delta + delta_bias) or del
     x_t = exp(delta'_t A[d, n]) x_{t-1} + delta'_t B[n, t] u_t,    x_{-1} = 0
     y_t = sum_n C[n, t] x_t[n];    out = (y + D u) * silu(z)
 
-B and C are shared by all channels, (b, n, l), or by the channels of one of g groups, (b, g, n, l)
-(channel d reads group d // (d_inner / g)). A is real, (d, n).
+B and C are time-varying and shared by all channels, (b, n, l), or by the channels of one of g
+groups, (b, g, n, l) (channel d reads group d // (d_inner / g)); or time-invariant, one row per
+channel, (d, n) (mamba_ssm's ``is_variable_B/C=False``). A is (d, n), real or complex. With complex
+A the state is complex, y_t = 2 Re(sum_n C[n, t] x_t[n]), and time-varying B and C come as real
+(b, n, 2l) or (b, g, n, 2l), real and imaginary parts interleaved along time (mamba_ssm's packing);
+time-invariant ones are (d, n), real or complex.
 
 Implementations, chosen by ``_backend.resolve_impl`` (one module each):
 
 * ``reference.py``: ``selective_scan_ref``, the recurrence one step at a time, the float reference
   of the tests, and the argument checks.
-* ``torch_impl.py`` (``"torch"``: non-CPU tensors without Triton, float64, or no C compiler): a
-  chunked scan in PyTorch ops, autograd through them.
+* ``torch_impl.py`` (``"torch"``: non-CPU tensors without Triton, float64, complex A, or no C
+  compiler): a chunked scan in PyTorch ops, autograd through them; every form above.
 * ``native_impl.py`` (``"native"``: ``backend="torch"`` or ``"auto"`` without Triton, on CPU,
   float32/16/bf16): the recurrence as one fused C loop, ``csrc/selective_scan_cpu.c``.
-* ``triton_impl.py`` (``"triton"``): chunk-parallel scans in Triton, forward and backward.
+* ``triton_impl.py`` (``"triton"``): chunk-parallel scans in Triton, forward and backward; real A,
+  float32/16/bf16 (float64 or complex A under ``backend="auto"`` go to the PyTorch scan).
 * ``"extension"``: ``backend="auto"`` on CUDA uses mamba_ssm's own kernel when that package
   imports (it is imported lazily, never on CPU).
 
@@ -103,6 +108,21 @@ def _selective_scan_backward(ctx, dout, dlast, _dckpt):
 _selective_scan_op.register_autograd(_selective_scan_backward, setup_context=_selective_scan_setup_context)
 
 
+def _resolve(device: torch.device, dtype: torch.dtype, complex_A: bool, backend: str) -> str:
+    """``resolve_impl``'s choice, narrowed to an implementation that takes these inputs: the fused
+    kernels compute in float32 with real A, mamba_ssm's kernel takes no float64."""
+    impl = resolve_impl("selective_scan", device, dtype, backend, native_ok=not complex_A)
+    wide = dtype == torch.float64
+    if impl == "triton" and (wide or complex_A):
+        if backend == "triton":
+            what = f"{dtype} delta (it computes in float32)" if wide else "complex A"
+            raise ValueError(f"selective_scan: backend='triton' does not take {what}; backend='torch' does")
+        impl = resolve_impl("selective_scan", device, dtype, "torch", native_ok=not complex_A)
+    if impl == "extension" and wide:
+        impl = "torch"
+    return impl
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry
 # --------------------------------------------------------------------------------------------
@@ -110,15 +130,29 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False, backend: str = "auto"):
     """Mamba's selective scan; mamba_ssm ``selective_scan_fn`` semantics (see the module docstring).
 
-    u, delta, z: (b, d, l); A: (d, n) real; B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,).
-    Any float dtype; the recurrence runs in float32 (float64 for float64 inputs on the torch path).
-    Returns out (b, d, l) in u's dtype, plus with ``return_last_state`` the last state (b, d, n) in
-    that compute dtype. Gradients reach every floating input (and flow from the last state).
+    Shapes: u, delta, z: (b, d, l); A: (d, n), real or complex; B, C: (b, n, l), (b, g, n, l) with g
+    dividing d, or time-invariant (d, n) (complex A: time-varying ones real, (b, n, 2l) or
+    (b, g, n, 2l)); D, delta_bias: (d,). Every backend takes every real-A form; complex A runs on
+    the PyTorch scan (``backend="torch"``, or ``"auto"`` unless mamba_ssm's kernel takes it) and
+    mamba_ssm's kernel; ``backend="triton"`` raises a ValueError for it.
+
+    Dtypes: any real float for u, delta, z, B, C, D, delta_bias, each input its own. The recurrence
+    runs in float32, or in float64 when delta is float64 (PyTorch scan only: ``backend="triton"``
+    raises a ValueError for float64, ``"auto"`` takes the PyTorch scan). Returns out (b, d, l) in
+    u's dtype, plus with ``return_last_state`` the last state (b, d, n) in that compute dtype
+    (complex for complex A). Gradients reach every floating input, each in its dtype (and flow from
+    the last state).
+
+    NaN and inf are not checked: they propagate forward in time. A NaN in u, delta or z at step t
+    of a channel makes that channel's outputs NaN from step t on; one in B or C at step t those of
+    every channel reading that row; earlier steps and other channels stay finite.
+
     ``backend``: "auto" (mamba_ssm's kernel on CUDA when installed, else Triton where it runs, else
-    PyTorch), "triton" or "torch".
+    PyTorch), "triton" or "torch" (the C loop on CPU, else PyTorch). Raises a one-line ValueError
+    for bad shapes, or a form the requested backend does not take, naming the backend that does.
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias)
-    impl = resolve_impl("selective_scan", u.device, delta.dtype, backend)
+    impl = _resolve(u.device, delta.dtype, A.is_complex(), backend)
     if impl == "extension":
         # mamba_ssm wants A, D and delta_bias in float32 (casts are differentiable)
         return optional_op(*MAMBA_SELECTIVE_SCAN_FN)(

@@ -21,7 +21,8 @@ NATIVE_CHUNK = 64  # steps per checkpoint: the backward's per-thread buffer is (
 
 class _ScanShape(ctypes.Structure):
     """``scan_shape`` of csrc/selective_scan_cpu.c, field for field."""
-    _fields_ = [(f, ctypes.c_int64) for f in ("b", "d", "l", "n", "gB", "gC", "chunk", "nck")] + \
+    _fields_ = [(f, ctypes.c_int64) for f in ("b", "d", "l", "n", "gB", "gC", "chunk", "nck", "sBb", "sBg", "sBt",
+                                               "sCb", "sCg", "sCt", "nB", "nC")] + \
                [(f, ctypes.c_int) for f in ("has_D", "has_z", "has_bias", "softplus")]
 
 
@@ -41,11 +42,21 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+def _layout(X: Tensor, b: int, d: int, l: int, n: int) -> tuple:
+    """(groups, strides per batch, group and step, elements) of :func:`_state_minor`'s B or C."""
+    if X.dim() == 2:  # time-invariant: every channel its own row, the same at every batch and step
+        return d, 0, n, 0, d * n
+    g = group_sizes(X, d)[0]
+    return g, g * l * n, l * n, n, b * g * l * n
+
+
 def _native_shape(u, A, B, C, D, z, delta_bias, delta_softplus) -> _ScanShape:
     b, d, l = u.shape
-    return _ScanShape(b, d, l, A.shape[1], group_sizes(B, d)[0], group_sizes(C, d)[0], NATIVE_CHUNK,
-                      -(-l // NATIVE_CHUNK), D is not None, z is not None, delta_bias is not None,
-                      delta_softplus)
+    n = A.shape[1]
+    gB, *sB, nB = _layout(B, b, d, l, n)
+    gC, *sC, nC = _layout(C, b, d, l, n)
+    return _ScanShape(b, d, l, n, gB, gC, NATIVE_CHUNK, -(-l // NATIVE_CHUNK), *sB, *sC, nB, nC,
+                      D is not None, z is not None, delta_bias is not None, delta_softplus)
 
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -53,7 +64,10 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _state_minor(X: Tensor, l: int) -> Tensor:
-    """B or C, (b, n, l) or (b, g, n, l) -> (b, g, l, n) float32: one step's states adjacent."""
+    """B or C, (b, n, l) or (b, g, n, l) -> (b, g, l, n) float32: one step's states adjacent;
+    time-invariant (d, n) stays (d, n)."""
+    if X.dim() == 2:
+        return _f32(X)
     b, g, n = X.shape[0], X.shape[1] if X.dim() == 4 else 1, X.shape[-2]
     return X.reshape(b, g, n, l).transpose(-1, -2).to(torch.float32).contiguous()
 
@@ -86,13 +100,16 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
     dz = torch.empty(b, d, l) if z is not None else None
     dA_part, dD_part, dbias_part = torch.empty(b, d, n), torch.empty(b, d), torch.empty(b, d)
     # Per-thread partial sums of the gradients every channel of a group adds to.
-    dB_part, dC_part = torch.zeros(threads, b, shape.gB, l, n), torch.zeros(threads, b, shape.gC, l, n)
+    dB_part, dC_part = torch.zeros(threads, shape.nB), torch.zeros(threads, shape.nC)
     library().scan_bwd(
         ctypes.byref(shape), ctypes.c_int(threads),
         *map(_native.ptr, ins + [du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part]))
 
     def per_group(part: Tensor, X: Tensor) -> Tensor:
-        return part.sum(0).transpose(-1, -2).reshape(X.shape).to(X.dtype).contiguous()
+        if X.dim() == 2:
+            return part.sum(0).view(X.shape).to(X.dtype)
+        g = X.shape[1] if X.dim() == 4 else 1
+        return part.sum(0).view(b, g, l, n).transpose(-1, -2).reshape(X.shape).to(X.dtype).contiguous()
 
     return (du.to(u.dtype), ddelta.to(delta.dtype), dA_part.sum(0).to(A.dtype), per_group(dB_part, B),
             per_group(dC_part, C), dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0),

@@ -9,7 +9,8 @@ recomputes the chunk's states (and, by the same scan over steps shifted by one, 
 each step) from the checkpoint, then gets the adjoint dLoss/dx_t of every step from one reverse
 scan of G_t = C_t dy_t + a_{t+1} G_{t+1}. Cross-channel gradients (B, C) and cross-batch ones
 (A, D, delta_bias) are written as per-program partial sums and reduced in PyTorch, so results are
-deterministic.
+deterministic. Time-invariant B and C, (d, n), load like A (constexprs VAR_B, VAR_C pick the form)
+and their gradients sum over steps in the program, per batch like dA. Real A, float32 compute.
 
 Public but advanced (``m2restore_kernels.tuning``): :class:`LaunchConfig`, :func:`default_config`,
 :func:`selective_scan_fwd` and :func:`selective_scan_bwd` with ``config=``, ``KERNELS``.
@@ -125,11 +126,36 @@ def _reverse_linear_scan(a, b, BY_FLIP: tl.constexpr):
 
 
 @jit
+def _bc_rows(X_ptr, pid_b, c0, per_g, g, L, n, ns, state_off, VARIABLE: tl.constexpr):
+    """Pointers to a program's rows of B or C: time-varying (b, g, n, L), its group's first steps
+    (BLOCK_N,); time-invariant (d, n), its channels' rows (BLOCK_D, BLOCK_N)."""
+    # one return after a compile-time branch: the compiler rejects returns of two shapes
+    if VARIABLE:
+        rows = X_ptr + (pid_b * g + c0 // per_g) * n * L + ns * L
+    else:
+        rows = X_ptr + state_off
+    return rows
+
+
+@jit
+def _load_bc(rows, t, cmask, nmask, tmask, VARIABLE: tl.constexpr):
+    """B or C at the steps t (CHUNK,), float32: time-varying (1, BLOCK_N, CHUNK), time-invariant
+    (BLOCK_D, BLOCK_N, 1); both broadcast against the (BLOCK_D, BLOCK_N, CHUNK) states."""
+    if VARIABLE:
+        X = tl.load(rows[:, None] + t[None, :], mask=nmask[:, None] & tmask[None, :], other=0.0).to(tl.float32)
+        X = X[None, :, :]
+    else:
+        X = tl.load(rows, mask=cmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)[:, :, None]
+    return X
+
+
+@jit
 def _program_setup(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pid_b, pid_d, d, L, n, gB, gC, per_gB, per_gC,
-                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, VAR_B: tl.constexpr, VAR_C: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """What both kernels know of program (batch pid_b, channel block pid_d): its channels and states
     with their masks, A (BLOCK_D, BLOCK_N), delta_bias and D as (BLOCK_D, 1) columns (0.0 if absent),
-    the offsets of its rows of (b, d, L) tensors and the pointers of its B and C rows (BLOCK_N,)."""
+    the offsets of its rows of (b, d, L) tensors and the pointers of its B and C rows (``_bc_rows``)."""
     c0 = pid_d * BLOCK_D
     ch = c0 + tl.arange(0, BLOCK_D)
     ns = tl.arange(0, BLOCK_N)
@@ -141,23 +167,22 @@ def _program_setup(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pid_b, pid_d, d, L, n, 
     bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None] if HAS_D else 0.0
     rows = (pid_b * d + ch) * L
-    b_rows = B_ptr + (pid_b * gB + c0 // per_gB) * n * L + ns * L
-    c_rows = C_ptr + (pid_b * gC + c0 // per_gC) * n * L + ns * L
+    b_rows = _bc_rows(B_ptr, pid_b, c0, per_gB, gB, L, n, ns, state_off, VAR_B)
+    c_rows = _bc_rows(C_ptr, pid_b, c0, per_gC, gC, L, n, ns, state_off, VAR_C)
     return ch, ns, cmask, nmask, smask, state_off, A, bias, Dv, rows, b_rows, c_rows
 
 
 @jit
 def _chunk_states(u_ptr, dlt_ptr, b_rows, bias, A, h0, io, t, cmask, nmask, tmask,
-                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VAR_B: tl.constexpr):
     """The states after each of a chunk's steps, (BLOCK_D, BLOCK_N, CHUNK), from the state h0
     (BLOCK_D, BLOCK_N) entering it: the steps x -> a_t x + b_t compose in one parallel scan and h0
     applies through their cumulative decay. ``io`` (BLOCK_D, CHUNK) and ``t`` (CHUNK,) address the
     steps, ``tmask`` (CHUNK,) keeps them; the others are identities. Also returns u, delta',
-    d(delta')/d(delta) (BLOCK_D, CHUNK), B (1, BLOCK_N, CHUNK) and the decays a. The forward and
+    d(delta')/d(delta) (BLOCK_D, CHUNK), B (``_load_bc``) and the decays a. The forward and
     the backward's recomputation share it, so they agree to the last bit."""
     uu, dt, ddt_draw = _load_step(u_ptr, dlt_ptr, bias, io, cmask[:, None] & tmask[None, :], HAS_BIAS, SOFTPLUS)
-    Bt = tl.load(b_rows[:, None] + t[None, :], mask=nmask[:, None] & tmask[None, :], other=0.0).to(tl.float32)
-    Bt = Bt[None, :, :]
+    Bt = _load_bc(b_rows, t, cmask, nmask, tmask, VAR_B)
     a = tl.exp(dt[:, None, :] * A[:, :, None])
     decay, inject = tl.associative_scan((a, (dt * uu)[:, None, :] * Bt), 2, _linear_recurrence)
     return uu, dt, ddt_draw, Bt, a, decay * h0[:, :, None] + inject
@@ -167,6 +192,7 @@ def _chunk_states(u_ptr, dlt_ptr, b_rows, bias, A, h0, io, t, cmask, nmask, tmas
 def _selective_scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
                      d, L, n, gB, gC, per_gB, per_gC, n_chunks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     VAR_B: tl.constexpr, VAR_C: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     """Chunks of CHUNK steps in order, each as a whole: its (BLOCK_D, CHUNK) rows of u, delta, z and
     (BLOCK_N, CHUNK) of B, C load as contiguous tiles, and the CHUNK steps of x_t = a_t x_{t-1} + b_t
@@ -176,7 +202,7 @@ def _selective_scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
     pid_b = tl.program_id(0)
     ch, ns, cmask, nmask, smask, state_off, A, bias, Dv, rows, b_rows, c_rows = _program_setup(
         A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pid_b, tl.program_id(1), d, L, n, gB, gC, per_gB, per_gC,
-        HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
+        HAS_D, HAS_BIAS, VAR_B, VAR_C, BLOCK_D, BLOCK_N)
     ts = tl.arange(0, CHUNK)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for c in range(n_chunks):
@@ -188,9 +214,8 @@ def _selective_scan_fwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
         iomask = cmask[:, None] & tmask[None, :]
         # Steps past L are identities, so the last column is the chunk's end state.
         uu, _, _, _, _, states = _chunk_states(u_ptr, dlt_ptr, b_rows, bias, A, h, io, t, cmask, nmask, tmask,
-                                               HAS_BIAS, SOFTPLUS)
-        Ct = tl.load(c_rows[:, None] + t[None, :], mask=nmask[:, None] & tmask[None, :], other=0.0).to(tl.float32)
-        y = tl.sum(states * Ct[None, :, :], axis=1)
+                                               HAS_BIAS, SOFTPLUS, VAR_B)
+        y = tl.sum(states * _load_bc(c_rows, t, cmask, nmask, tmask, VAR_C), axis=1)
         if HAS_D:
             y += Dv * uu
         if HAS_Z:
@@ -206,7 +231,8 @@ def _selective_scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
                      du_ptr, ddlt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
                      d, L, n, gB, gC, per_gB, per_gC, n_chunks, n_blocks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     HAS_DLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+                     HAS_DLAST: tl.constexpr, VAR_B: tl.constexpr, VAR_C: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
                      REVERSE_BY_FLIP: tl.constexpr):
     """Reverse-time adjoint, a chunk at a time from the last. With G_t = dLoss/dx_t and a_t = exp(dt_t A):
     G_t = C_t dy_t + a_{t+1} G_{t+1}, a linear recurrence backwards in time, so one reverse parallel
@@ -219,7 +245,7 @@ def _selective_scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
     pid_d = tl.program_id(1)
     ch, ns, cmask, nmask, smask, state_off, A, bias, Dv, rows, b_rows, c_rows = _program_setup(
         A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pid_b, pid_d, d, L, n, gB, gC, per_gB, per_gC,
-        HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
+        HAS_D, HAS_BIAS, VAR_B, VAR_C, BLOCK_D, BLOCK_N)
     ts = tl.arange(0, CHUNK)
     A3 = A[:, :, None]
     part_rows = (pid_b * n_blocks + pid_d) * n * L + ns * L
@@ -228,6 +254,8 @@ def _selective_scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
     else:
         carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dB_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # time-invariant B and C: sums over steps
+    dC_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for ci in range(n_chunks):
@@ -239,11 +267,11 @@ def _selective_scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
         iomask = cmask[:, None] & tmask[None, :]
         nt_mask = nmask[:, None] & tmask[None, :]
         uu, dt, ddt_draw, Bt, a, states = _chunk_states(u_ptr, dlt_ptr, b_rows, bias, A, h0, io, t, cmask, nmask,
-                                                        tmask, HAS_BIAS, SOFTPLUS)
-        Ct = tl.load(c_rows[:, None] + t[None, :], mask=nt_mask, other=0.0).to(tl.float32)[None, :, :]
+                                                        tmask, HAS_BIAS, SOFTPLUS, VAR_B)
+        Ct = _load_bc(c_rows, t, cmask, nmask, tmask, VAR_C)
         # x_{t-1}: the scan of steps t - 1 (the chunk's first column gets the identity, so x_{t0-1} = h0)
         _, _, _, _, _, prev = _chunk_states(u_ptr, dlt_ptr, b_rows, bias, A, h0, io - 1, t - 1, cmask, nmask,
-                                            (ts > 0) & tmask, HAS_BIAS, SOFTPLUS)
+                                            (ts > 0) & tmask, HAS_BIAS, SOFTPLUS, VAR_B)
         # a_{t+1} inside the chunk; 1 in its last column, where the carry already holds a_{t0+T} G_{t0+T}
         _, dt_n, _ = _load_step(u_ptr, dlt_ptr, bias, io + 1,
                                 cmask[:, None] & ((ts < CHUNK - 1) & (t + 1 < L))[None, :], HAS_BIAS, SOFTPLUS)
@@ -259,8 +287,15 @@ def _selective_scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
         ga, gb = _reverse_linear_scan(tl.exp(dt_n[:, None, :] * A3), dy[:, None, :] * Ct, REVERSE_BY_FLIP)
         G = ga * carry[:, :, None] + gb
         # Masked channels and steps have u = dy = 0 and zero states, so they add nothing to these sums.
-        tl.store(dC_ptr + part_rows[:, None] + t[None, :], tl.sum(dy[:, None, :] * states, axis=0), mask=nt_mask)
-        tl.store(dB_ptr + part_rows[:, None] + t[None, :], tl.sum(G * (dt * uu)[:, None, :], axis=0), mask=nt_mask)
+        if VAR_C:
+            tl.store(dC_ptr + part_rows[:, None] + t[None, :], tl.sum(dy[:, None, :] * states, axis=0), mask=nt_mask)
+        else:
+            dC_acc += tl.sum(dy[:, None, :] * states, axis=2)
+        if VAR_B:
+            tl.store(dB_ptr + part_rows[:, None] + t[None, :], tl.sum(G * (dt * uu)[:, None, :], axis=0),
+                     mask=nt_mask)
+        else:
+            dB_acc += tl.sum(G * (dt * uu)[:, None, :], axis=2)
         gB_sum = tl.sum(G * Bt, axis=1)
         decay_grad = G * a * prev  # dLoss/d(dt A) per state and step
         du = dt * gB_sum
@@ -275,6 +310,10 @@ def _selective_scan_bwd_kernel(u_ptr, dlt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
         tl.store(ddlt_ptr + io, ddt.to(ddlt_ptr.dtype.element_ty), mask=iomask)
         carry = tl.sum(tl.where(ts[None, None, :] == 0, a * G, 0.0), axis=2)
     tl.store(dA_ptr + pid_b * d * n + state_off, dA_acc, mask=smask)
+    if not VAR_B:
+        tl.store(dB_ptr + pid_b * d * n + state_off, dB_acc, mask=smask)
+    if not VAR_C:
+        tl.store(dC_ptr + pid_b * d * n + state_off, dC_acc, mask=smask)
     if HAS_D:
         tl.store(dD_ptr + pid_b * d + ch, dD_acc, mask=cmask)
     if HAS_BIAS:
@@ -300,6 +339,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, conf
         delta_bias if delta_bias is not None else u, out, last, ckpt,
         d, l, n, gB, gC, per_gB, per_gC, n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        VAR_B=B.dim() > 2, VAR_C=C.dim() > 2,
         BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.fwd_warps)
     return out, last, ckpt
 
@@ -321,19 +361,22 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
     dA_part = torch.empty(b, d, n, **f32)
     dD_part = torch.empty(b, d, **f32)
     dbias_part = torch.empty(b, d, **f32)
-    dB_part = torch.empty(b, n_blocks, n, l, **f32)
-    dC_part = torch.empty(b, n_blocks, n, l, **f32)
+    # time-varying B, C: per channel block and step; time-invariant: per batch, like dA
+    dB_part, dC_part = (torch.empty(b, n_blocks, n, l, **f32) if X.dim() > 2 else torch.empty(b, d, n, **f32)
+                        for X in (B, C))
     _selective_scan_bwd_kernel[(b, n_blocks)](
         u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
         delta_bias if delta_bias is not None else u, ckpt, dout, dlast if dlast is not None else u,
         du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part,
         d, l, n, gB, gC, per_gB, per_gC, n_chunks, n_blocks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_DLAST=dlast is not None, BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk,
+        HAS_DLAST=dlast is not None, VAR_B=B.dim() > 2, VAR_C=C.dim() > 2, BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk,
         REVERSE_BY_FLIP=REVERSE_SCAN == "flip", num_warps=cfg.bwd_warps)
 
     def per_group(part: Tensor, X: Tensor) -> Tensor:
         # blocks never straddle groups, so each group's blocks are consecutive
+        if X.dim() == 2:
+            return part.sum(0).to(X.dtype)
         if X.dim() == 3:
             return part.sum(1).to(X.dtype)
         return part.view(b, X.shape[1], -1, n, l).sum(2).to(X.dtype)
