@@ -30,6 +30,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -224,11 +225,16 @@ def setup_run(model, num_items: int, out_dir: str | Path, opts: TrainOptions, de
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        # The depthwise convs' weight gradients come back in another (equally dense) layout than
+        # DDP's buckets; DDP copies them and warns on every rank, which says nothing a user can act on.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         # Some parameters take no gradient (the AFLB's rate convs feed an integer box size).
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=True)
     if opts.compile:
-        net = torch.compile(net)
+        # Static shapes: training crops are one size, and symbolic sizes trip inductor on the
+        # model's padding arithmetic; a differently sized last batch compiles once more.
+        net = torch.compile(net, dynamic=False)
     log = rank == 0
     return TrainRun(model, net, opts, device, out_dir, optimizer, schedule, scaler, use_amp, amp_dtype,
                     state, batches_per_epoch, groups, total_steps,

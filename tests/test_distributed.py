@@ -51,9 +51,10 @@ def _free_port() -> int:
 
 
 def _launch(fn, *args) -> list[int]:
-    """Run ``fn(rank, *args)`` in WORLD forked processes with torchrun's environment; their exit
+    """Run ``fn(rank, *args)`` in WORLD spawned processes with torchrun's environment; their exit
     codes (0: returned, 1: raised). Fails if any process is still running after DEADLINE."""
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: a parent that has already run autograd (any earlier test) cannot fork safely.
+    ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(fn, rank, port, args)) for rank in range(WORLD)]
     for p in procs:
