@@ -129,6 +129,9 @@ class AFLB(nn.Module):
         self.a = nn.Parameter(torch.zeros(dim, 1, 1))
         self.b = nn.Parameter(torch.ones(dim, 1, 1))
 
+    # Runs eagerly under torch.compile: inductor cannot trace the backward of the complex FFT
+    # product (it views complex as float with a non-unit stride), and the box edge depends on data.
+    @torch.compiler.disable
     def split_frequencies(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f (B, C, H, W) -> (low, high), magnitudes of the inverse FFTs inside / outside the box."""
         h, w = f.shape[-2:]
