@@ -10,7 +10,6 @@ import sys
 import termios
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image, ImageCms
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from m2restore_kernels import causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref
-from m2restore_kernels._backend import DISABLE_ENV, native_ready, optional_op
+from m2restore_kernels._backend import native_ready, optional_op
 from m2restore_kernels.testing import assert_close_rel
 
 ss = importlib.import_module("m2restore_kernels.selective_scan")  # the package re-exports a function of that name
@@ -119,34 +119,15 @@ def test_reference_grouped_b_c_reads_channel_group():
 # --------------------------------------------------------------------------------------------
 # backend="torch": the C loop (CPU tensors) and the chunked PyTorch scan, the full grid for each
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(params=["native", "chunked"])
-def torch_impl(request, monkeypatch):
-    """Runs the test with one implementation behind backend="torch", and checks it was the one used."""
-    calls = []
-    if request.param == "native":
-        if DEVICE.type != "cpu":
-            pytest.skip("the C scan serves CPU tensors")
-        if not native_ready(ss_native.LIBRARY):
-            pytest.skip("no working C compiler here: backend='torch' runs the chunked scan")
-        native_fwd = ss_native.selective_scan_fwd
-        monkeypatch.setattr(ss_native, "selective_scan_fwd", lambda *a: calls.append(1) or native_fwd(*a))
-    else:
-        monkeypatch.setenv(DISABLE_ENV, "native")
-        chunked = ss_torch.selective_scan_fwd
-        monkeypatch.setattr(ss_torch, "selective_scan_fwd", lambda *a, **k: calls.append(1) or chunked(*a, **k))
-    yield request.param
-    assert calls, f"the {request.param} implementation never ran"
-
-
 @pytest.mark.parametrize("l", [1, 7, 64, 300])
 @pytest.mark.parametrize("n", [1, 4, 16])
-def test_torch_all_options(l, n, torch_impl):
+def test_torch_all_options(l, n, scan_torch_impl):
     check_against_float64(make_inputs(2, 6, l, n), "torch")
 
 
 @pytest.mark.parametrize("regime", ["memory", "forget"])
 @pytest.mark.parametrize("l", [64, 300])
-def test_torch_decay_regimes(regime, l, torch_impl):
+def test_torch_decay_regimes(regime, l, scan_torch_impl):
     """Long memory (carries across all chunks) and near-total forgetting (chunks of one step)."""
     check_against_float64(make_inputs(2, 4, l, 16, regime=regime), "torch")
 
@@ -154,17 +135,17 @@ def test_torch_decay_regimes(regime, l, torch_impl):
 @pytest.mark.parametrize("D,z,bias,softplus", [
     (False, False, False, False), (True, False, False, True), (False, True, False, True),
     (False, False, True, True), (True, True, True, False), (False, True, True, False)])
-def test_torch_option_subsets(D, z, bias, softplus, torch_impl):
+def test_torch_option_subsets(D, z, bias, softplus, scan_torch_impl):
     args = make_inputs(2, 4, 64, 4, D=D, z=z, bias=bias, regime="mamba" if softplus or bias else "memory")
     check_against_float64(positive_steps(args) if not softplus else args, "torch", softplus=softplus)
 
 
 @pytest.mark.parametrize("groups,l", [(2, 64), (3, 300), (6, 7)])
-def test_torch_grouped(groups, l, torch_impl):
+def test_torch_grouped(groups, l, scan_torch_impl):
     check_against_float64(make_inputs(2, 6, l, 4, groups=groups), "torch")
 
 
-def test_torch_without_last_state_grad_and_float16(torch_impl):
+def test_torch_without_last_state_grad_and_float16(scan_torch_impl):
     check_against_float64(make_inputs(2, 4, 300, 16, dtype=torch.float16), "torch", last_state=False)
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from m2restore_kernels import selective_scan, selective_scan_ref
-from m2restore_kernels._backend import DISABLE_ENV, native_ready
+from m2restore_kernels._backend import DISABLE_ENV
 
 ss_native = importlib.import_module("m2restore_kernels.selective_scan.native_impl")
 ss_torch = importlib.import_module("m2restore_kernels.selective_scan.torch_impl")
@@ -151,23 +151,6 @@ def test_reference_complex_packing_order():
 # --------------------------------------------------------------------------------------------
 # backend="torch": mamba_ssm's flag matrix, the C loop and the chunked PyTorch scan
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(params=["native", "chunked"])
-def real_impl(request, monkeypatch):
-    """The implementation behind backend="torch" for real A; checks that it ran."""
-    calls = []
-    if request.param == "native":
-        if DEVICE.type != "cpu" or not native_ready(ss_native.LIBRARY):
-            pytest.skip("the C scan serves CPU tensors where a C compiler works")
-        fwd = ss_native.selective_scan_fwd
-        monkeypatch.setattr(ss_native, "selective_scan_fwd", lambda *a: calls.append(1) or fwd(*a))
-    else:
-        monkeypatch.setenv(DISABLE_ENV, "native")
-        fwd = ss_torch.selective_scan_fwd
-        monkeypatch.setattr(ss_torch, "selective_scan_fwd", lambda *a, **k: calls.append(1) or fwd(*a, **k))
-    yield request.param
-    assert calls, f"the {request.param} implementation never ran"
-
-
 def check_against_reference(args, flags, backend, tol=None):
     """Forward (and last state) and the gradient of every input against selective_scan_ref in float64."""
     softplus, last_state = flags[3], flags[4]
@@ -196,7 +179,7 @@ def check_against_reference(args, flags, backend, tol=None):
 
 @pytest.mark.parametrize("flags", FLAGS, ids=flag_id)
 @pytest.mark.parametrize("form", FORMS, ids=form_id)
-def test_flag_matrix_real_A(form, flags, real_impl):
+def test_flag_matrix_real_A(form, flags, scan_torch_impl):
     check_against_reference(make_args(form, flags), flags, "torch")
 
 
