@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from .checkpoints import read_state_dict
 from .config import DEGRADATIONS, M2RestoreConfig
 
 # Wrappers whose attribute names prefix every key: DataParallel, the authors' LightningModule.
@@ -252,17 +253,4 @@ def config_summary(config: M2RestoreConfig) -> str:
 def read_authors_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict in a file saved by the authors' training code, loaded with ``weights_only=True``:
     a Lightning checkpoint (``{"state_dict": ...}``) or a bare state dict. Raises ``ValueError``."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:  # pickle, zip and weights_only errors all mean "cannot read it safely"
-        detail = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path} does not load with torch.load(weights_only=True) ({type(err).__name__}: "
-                         f"{detail}); if you trust it, save its state_dict alone and convert that") from err
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if (not isinstance(obj, Mapping) or not obj
-            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return dict(obj)
+    return read_state_dict(path, hint="; if you trust it, save its state_dict alone and convert that")

@@ -29,6 +29,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from ..checkpoints import read_state_dict
 from ..config import DEGRADATIONS as DEFAULT_NAMES  # the six adverse-weather types M2Restore routes on
 
 DACLIP_NAMES = (
@@ -117,21 +118,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Accepts a bare state dict or one under ``"state_dict"`` (the training script's layout), and
     strips DataParallel's ``module.`` prefixes. Raises ``ValueError`` for anything else.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:  # pickle, zip and weights_only errors all mean "not a checkpoint"
-        detail = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(
-            f"{path} is not a PyTorch checkpoint that loads with weights_only=True ({type(err).__name__}: {detail})"
-        ) from err
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if (not isinstance(obj, Mapping) or not obj
-            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    state = read_state_dict(path)
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 class DAClipPrior(nn.Module):
