@@ -13,8 +13,7 @@ from ..benchmark import (CAPTURABLE, BenchSession, Case, format_table, machine_n
                          run_cases)
 from ..config import MODEL_BACKENDS
 from ..precision import resolve_precision
-from ..restore import default_device
-from .common import add_device_argument
+from .common import add_device_argument, device_from_args
 from .errors import UsageError
 
 # Timed rounds and untimed warm-up calls per case when not given, by default and with --full. A
@@ -95,9 +94,7 @@ def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case
 
 
 def run(args: argparse.Namespace) -> int:
-    device = default_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA device; leave --device out to use the CPU")
+    device = device_from_args(args.device)
     limits = (("--threads", args.threads, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0))
     for flag, value, least in limits:
         if value is not None and value < least:

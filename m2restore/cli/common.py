@@ -14,6 +14,7 @@ from pathlib import Path
 from ..config import MODEL_BACKENDS
 from ..precision import AUTO, CHOICES
 from ..restore import DEMO_WEIGHTS
+from .errors import UsageError
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +44,30 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path |
                         help="overlap between tiles in pixels (default: from the network's receptive field)")
 
 
+def device_from_args(name: str | None):
+    """The torch device ``--device`` names (cuda when torch sees a GPU and none is named, else cpu),
+    or a one-line :class:`UsageError` for a name torch does not know or a GPU it does not see."""
+    import torch
+
+    from ..restore import default_device
+
+    try:
+        device = default_device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name}: not a torch device ({e}); use cpu or cuda") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: torch sees no CUDA device here; use --device cpu or leave --device out")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: m2restore runs on cpu or cuda")
+    return device
+
+
 def load_model_from_args(args: argparse.Namespace):
     """(model, device) from the options of :func:`add_model_arguments`; ``args.dtype`` ``auto``
     becomes the precision chosen for that device, in place."""
-    from ..restore import default_device, load_model
+    from ..restore import load_model
 
-    device = default_device(args.device)
+    device = device_from_args(args.device)
     resolve_dtype_from_args(args, device)
     return load_model(args.weights, device, args.backend, args.prior_checkpoint), device
 

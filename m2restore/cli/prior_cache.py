@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import DEGRADATIONS
 from ..prior.cache import BATCH_SIZE
-from .common import add_device_argument
+from .common import add_device_argument, device_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from ..data.io import find_images
     from ..prior.cache import write_prior_cache
     from ..prior.daclip import DAClipPrior
-    from ..restore import default_device
 
     images = find_images(args.images)
     if not images:
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.names.split(",") if n.strip()]
     prior = DAClipPrior.from_checkpoint(args.checkpoint, names=names, model_name=args.model, model_cfg=model_cfg,
                                      preprocessing=args.preprocess)
-    prior.to(default_device(args.device))
+    prior.to(device_from_args(args.device))
     count = write_prior_cache(prior, images, args.images, args.out, batch_size=args.batch_size,
                               metadata={"checkpoint": args.checkpoint.name})
     print(f"prior-cache: {count} images -> {args.out} (names: {', '.join(names)}; {args.preprocess} preprocessing)")

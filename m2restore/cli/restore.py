@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_model_arguments, resolve_dtype_from_args
+from .common import add_model_arguments, device_from_args, resolve_dtype_from_args
 from .errors import InputError, UsageError
 
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     max_memory = _max_memory(args.max_memory)
     jobs = _jobs(args.inputs, args.out)
-    device = _device(args.device)
+    device = device_from_args(args.device)
     resolve_dtype_from_args(args, device)
     model = _model(args, device)
     _check_tiling(args.tile, args.tile_overlap, model.config)
@@ -100,22 +100,6 @@ def _jobs(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
         if (out_dir / rel).resolve() == src.resolve():
             raise UsageError(f"--out {out} would overwrite the input {src}; choose another output folder")
     return jobs
-
-
-def _device(name: str | None):
-    import torch
-
-    from ..restore import default_device
-
-    try:
-        device = default_device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name}: not a torch device ({e}); use cpu or cuda") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu or leave --device out")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: m2restore runs on cpu or cuda")
-    return device
 
 
 def _model(args: argparse.Namespace, device):

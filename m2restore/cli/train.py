@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..distributed import DEFAULT_TIMEOUT
 from ..train import CROP, TrainOptions
-from .common import add_backend_argument, add_device_argument
+from .common import add_backend_argument, add_device_argument, device_from_args
 from .errors import CliError, UsageError
 
 
@@ -52,7 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed
-    from ..restore import default_device
 
     world = distributed.env_world_size()
     if args.batch_size % world:
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                          f"processes torchrun started; use a multiple of {world}")
     if args.dist_timeout <= 0:
         raise UsageError(f"--dist-timeout must be positive, got {args.dist_timeout}")
-    device = distributed.init(default_device(args.device), args.dist_timeout)
+    device = distributed.init(device_from_args(args.device), args.dist_timeout)
     try:
         summary = _train(args, device)
     except (RuntimeError, ConnectionError) as err:
