@@ -118,10 +118,11 @@ class M2Restore(nn.Module):
         self.output = nn.Conv2d(config.decoder_channels(1), 3, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None = None,
-                return_aux: bool = False):
+                return_aux: bool = False, *, task_prompt: torch.Tensor | None = None):
         """x (B, 3, H, W) float in [0, 1], any H, W >= 1 -> restored (B, 3, H, W) [, M2RestoreAux].
 
-        ``prior=(d_g (B, D), P_f (B, prior_dim))`` skips the prior module (e.g. cached DA-CLIP outputs).
+        ``prior=(d_g (B, D), P_f (B, prior_dim))`` skips the prior module (e.g. cached DA-CLIP outputs);
+        ``task_prompt`` (B, prompt_dim) skips the TPGS (a tile gets its whole image's, as it does the prior).
         """
         self._check_input(x)
         d_g, p_f = self._degradation_prior(x, prior)
@@ -129,7 +130,8 @@ class M2Restore(nn.Module):
         m = self.config.pad_multiple
         image = F.pad(x, (0, -w % m, 0, -h % m), mode="replicate")
 
-        task_prompt = self.task_prompt(image)
+        if task_prompt is None:
+            task_prompt = self.task_prompt(image)
         feats = self.patch_embed(image)
 
         skips, balances, routing = [], [], []

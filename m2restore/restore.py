@@ -18,10 +18,17 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 
+from .modules.statistics import TileStatistics
 from .precision import PRECISIONS
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "demo_tiny"
+
+#: Gathering passes over the tiles before the output pass (:func:`restore_tensor`); the tiled and
+#: whole-image outputs of the demo weights are compared in bench/RESULTS.md (tiling).
+DEFAULT_STAT_PASSES = 2
+
 
 def default_device(device: str | None = None) -> torch.device:
     """``device`` if given, else cuda when torch sees a GPU, else cpu."""
@@ -58,37 +65,67 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu", backend:
 
 @torch.no_grad()
 def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = None,
-                   prior: tuple[torch.Tensor, torch.Tensor] | None = None, progress=None) -> torch.Tensor:
+                   prior: tuple[torch.Tensor, torch.Tensor] | None = None, progress=None,
+                   stat_passes: int = DEFAULT_STAT_PASSES) -> torch.Tensor:
     """Restore x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1], in x's dtype (also under autocast).
 
-    With ``tile`` > 0 and an image larger than it, the image is cut into ``tile × tile`` windows
-    overlapping by ``overlap`` pixels (default :func:`default_overlap`) and the outputs are
-    summed with the weights of :func:`blend_windows`, which add up to 1 at every pixel and fall
-    smoothly to the tile edges, so no seam shows. ``prior`` (d_g, P_f) is the degradation prior of
-    the whole image; by default the model's prior module computes it once, on the whole image,
-    and every tile gets it. ``progress(n)`` is called after each tile with the number of tiles.
+    With ``tile`` > 0 and an image larger than it, the image (padded as the network pads it) is cut
+    into ``tile × tile`` windows overlapping by ``overlap`` pixels (default :func:`default_overlap`;
+    both rounded to multiples of ``config.pad_multiple``, so every tile's feature maps line up with
+    the whole image's) and the outputs are summed with the weights of :func:`blend_windows`, which
+    add up to 1 at every pixel and fall smoothly to the tile edges, so no seam shows.
+
+    Every tile gets the whole image's degradation prior (``prior`` (d_g, P_f), by default computed
+    once by the model's prior module) and task prompt. The pixel reductions of the network
+    (channel attention, the AFLB's pooling) are gathered over the tiles in ``stat_passes`` passes
+    before the output pass (:class:`~m2restore.modules.statistics.TileStatistics`); 0 lets each
+    tile reduce over itself. The AFLB's Fourier split and the Mamba scan still see one tile.
+    ``progress(n)`` is called after each tile's forward with the number of forwards, n.
     """
     _, _, h, w = x.shape
     if tile < 0:
         raise ValueError(f"tile must be non-negative, got {tile}")
+    if stat_passes < 0:
+        raise ValueError(f"stat_passes must be non-negative, got {stat_passes}")
     if tile == 0 or (h <= tile and w <= tile):
         return model(x, prior=prior).to(x.dtype).clamp(0.0, 1.0)
-    if overlap is None:
-        overlap = default_overlap(model.config, tile)
+    m = model.config.pad_multiple
+    tile = max(m, tile // m * m)
+    overlap = -(-(default_overlap(model.config, tile) if overlap is None else overlap) // m) * m
     if not 0 <= overlap < tile:
         raise ValueError(f"tile_overlap ({overlap}) must be non-negative and smaller than tile ({tile})")
     if prior is None:
         prior = model.prior(x)
-    rows, cols = blend_windows(h, tile, overlap, x), blend_windows(w, tile, overlap, x)
-    out = torch.zeros_like(x)
-    for top, row_weight in rows:
-        for left, col_weight in cols:
-            window = x[:, :, top:top + tile, left:left + tile]
-            weight = row_weight[:, None] * col_weight[None, :]
-            out[:, :, top:top + tile, left:left + tile] += model(window, prior=prior).to(x.dtype) * weight
-            if progress is not None:
-                progress(len(rows) * len(cols))
-    return out.clamp(0.0, 1.0)
+    image = F.pad(x, (0, -w % m, 0, -h % m), mode="replicate")
+    task_prompt = model.task_prompt(image)
+    rows, cols = (list(zip(blend_windows(size, tile, overlap, x), tile_cores(size, tile, overlap, m)))
+                  for size in image.shape[-2:])
+    statistics = TileStatistics()
+    out = torch.zeros_like(image)
+    forwards = (stat_passes + 1) * len(rows) * len(cols)
+    for output_pass in [False] * stat_passes + [True]:
+        for (top, row_weight), row_core in rows:
+            for (left, col_weight), col_core in cols:
+                window = image[:, :, top:top + tile, left:left + tile]
+                with statistics.tile(window.shape[-2:], row_core, col_core):
+                    y = model(window, prior=prior, task_prompt=task_prompt)
+                if output_pass:
+                    weight = row_weight[:, None] * col_weight[None, :]
+                    out[:, :, top:top + tile, left:left + tile] += y.to(x.dtype) * weight
+                if progress is not None:
+                    progress(forwards)
+        statistics.next_pass()
+    return out[:, :, :h, :w].clamp(0.0, 1.0)
+
+
+def tile_cores(size: int, tile: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """The core [start, stop) of each window of :func:`blend_windows` along one axis, in the
+    window's own pixels: the pixels closer to its centre than to its neighbours', split at the
+    middle of each shared stretch rounded down to ``multiple``. The cores partition [0, size)."""
+    starts = _starts(size, tile, overlap)
+    n = min(tile, size)
+    bounds = [0] + [(nxt + start + n) // 2 // multiple * multiple for start, nxt in zip(starts, starts[1:])] + [size]
+    return [(lo - start, hi - start) for start, lo, hi in zip(starts, bounds, bounds[1:])]
 
 
 def blend_windows(size: int, tile: int, overlap: int, like: torch.Tensor | None = None

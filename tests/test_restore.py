@@ -1,4 +1,6 @@
 """``m2restore restore``: formats, sizes, alpha, bit depth, folders, tiles and errors."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from PIL import Image
 from m2restore import M2Restore, M2RestoreConfig, NullPrior
 from m2restore.cli import main
 from m2restore.restore import (auto_tile, blend_windows, collect_inputs, default_overlap, parse_size, receptive_radius,
-                               restore_tensor, working_set_bytes)
+                               restore_tensor, tile_cores, working_set_bytes)
 
 pytestmark = pytest.mark.filterwarnings("ignore:M2Restore has no degradation prior")
 
@@ -69,15 +71,89 @@ class _Pointwise:
     """A per-pixel stand-in model: tiling it must reproduce the whole-image output exactly,
     so any error is in the tiling and blending, and the prior must reach every tile."""
 
+    config = SimpleNamespace(pad_multiple=1)
+
     def __init__(self):
         self.priors = []
 
     def prior(self, x):
         return torch.ones(x.shape[0], 1), torch.zeros(x.shape[0], 1)
 
-    def __call__(self, x, prior=None):
+    def task_prompt(self, x):
+        return x.mean(dim=(2, 3))
+
+    def __call__(self, x, prior=None, task_prompt=None):
         self.priors.append(prior)
         return torch.sigmoid(3 * x - 1)
+
+
+class _Reducing(torch.nn.Module):
+    """Per-pixel layers, a 2× down- and upsampled branch, and pixel reductions that depend on one
+    another three deep: channel attention (full resolution), channel attention on the branch
+    (half resolution), then a mean and a max gate. Without the reductions and the task prompt
+    (a mean over the whole image, as the TPGS is) every tile would reproduce its pixels exactly,
+    so the gap between tiled and whole output is what the shared statistics leave."""
+
+    config = SimpleNamespace(pad_multiple=4)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d
+        self.embed, self.down, self.up, self.out = conv(3, 8, 1), conv(32, 8, 1), conv(8, 32, 1), conv(8, 3, 1)
+        self.temperature = torch.nn.Parameter(torch.full((2, 1, 1), 4.0))
+        self.double()
+
+    def prior(self, x):
+        return torch.ones(x.shape[0], 1, dtype=x.dtype), torch.zeros(x.shape[0], 1, dtype=x.dtype)
+
+    def task_prompt(self, x):
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x, prior=None, task_prompt=None):
+        from m2restore.modules.statistics import pixel_amax, pixel_mean
+        from m2restore.modules.transformer import channel_attention
+
+        h, w = x.shape[-2:]
+        image = torch.nn.functional.pad(x, (0, -w % 4, 0, -h % 4), mode="replicate")
+        prompt = self.task_prompt(image) if task_prompt is None else task_prompt
+        f = self.embed(image)
+        f = f + channel_attention(f, f, f, 2, self.temperature)
+        half = self.down(torch.nn.functional.pixel_unshuffle(f, 2))
+        half = half + channel_attention(half, half, half, 2, self.temperature)
+        f = f + torch.nn.functional.pixel_shuffle(self.up(half), 2)
+        gate = torch.sigmoid(pixel_mean(f) - pixel_amax(f))
+        return torch.sigmoid(self.out(f * gate) + prompt[:, :, None, None])[:, :, :h, :w]
+
+
+def test_shared_statistics_make_tiles_exact():
+    """With a gathering pass per level of dependent reductions (three), tiles give the whole-image
+    output to float64 rounding; with fewer passes they do not, and without any, far from it."""
+    model = _Reducing()
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 45, 70, dtype=torch.float64)
+    whole = restore_tensor(model, x)
+    errors = [(restore_tensor(model, x, 24, 8, stat_passes=p) - whole).abs().max().item() for p in range(4)]
+    assert errors[3] < 1e-12
+    assert errors[2] > 1e-9 and errors[0] > 1e3 * errors[2]
+
+
+@pytest.mark.parametrize("size,tile,overlap,multiple", [(100, 32, 8, 1), (96, 32, 16, 8), (264, 256, 64, 8),
+                                                        (456, 256, 64, 8), (40, 64, 16, 8), (64, 32, 0, 8)])
+def test_tile_cores_partition_the_axis(size, tile, overlap, multiple):
+    """Each window's core lies inside it, on the grid of ``multiple``, at least half the shared
+    stretch (rounded to the grid) from an edge it shares; the cores tile [0, size) without gaps."""
+    windows = blend_windows(size, tile, overlap)
+    cores = tile_cores(size, tile, overlap, multiple)
+    assert len(cores) == len(windows)
+    n = min(tile, size)
+    covered = np.zeros(size, dtype=int)
+    for k, ((start, _), (lo, hi)) in enumerate(zip(windows, cores)):
+        assert 0 <= lo < hi <= n and (start + lo) % multiple == 0
+        covered[start + lo:start + hi] += 1
+        if k > 0:
+            assert lo >= (windows[k - 1][0] + n - start) // 2 // multiple * multiple - multiple
+    assert (covered == 1).all()
 
 
 @pytest.mark.parametrize("shape,tile,overlap", [((45, 70), 16, 4), ((33, 17), 20, 8), ((10, 10), 16, 4)])
@@ -90,20 +166,25 @@ def test_tiles_blend_back_to_the_whole_image(shape, tile, overlap):
 
 
 def test_tiled_demo_model_stays_close_to_whole():
-    """Tiles see the whole image's prior but compute channel attention, the AFLB's Fourier filter and
-    the Mamba scan over themselves, so tiled output only approximates whole-image output. Bound: the
-    change tiling makes stays under a fifth of the change the network makes to the image, on a
-    smooth photo-like image (a 4×4-upsampled random field) with 32-pixel tiles, 5 × 6 of them."""
+    """Tiles share the whole image's prior, task prompt and (over the gathering passes) pixel
+    reductions; the AFLB's Fourier split and the Mamba scan still see one tile. On a smooth
+    photo-like image (a 4×4-upsampled random field) in 32-pixel tiles, 5 × 6 of them, the default
+    passes bring the tiled output four times closer to the whole-image one than tiles reducing over
+    themselves, and within 5 % of the change the network makes."""
     from m2restore.restore import DEMO_WEIGHTS, load_model
 
     model = load_model(DEMO_WEIGHTS)
     torch.manual_seed(0)
     x = torch.nn.functional.interpolate(torch.rand(1, 3, 20, 24), scale_factor=4, mode="bilinear")
     whole, tiled = restore_tensor(model, x), restore_tensor(model, x, tile=32)
+    alone = restore_tensor(model, x, tile=32, stat_passes=0)
     assert tiled.shape == x.shape
-    assert (whole - tiled).abs().mean() < 0.2 * (whole - x).abs().mean()
+    gap = (whole - tiled).abs().mean()
+    assert gap < 0.05 * (whole - x).abs().mean() and 4 * gap < (whole - alone).abs().mean()
     with pytest.raises(ValueError, match="tile_overlap"):
         restore_tensor(model, x, tile=16, overlap=16)
+    with pytest.raises(ValueError, match="stat_passes"):
+        restore_tensor(model, x, tile=16, stat_passes=-1)
 
 
 @pytest.mark.parametrize("size,tile,overlap", [(100, 32, 8), (97, 32, 8), (64, 32, 0), (250, 64, 16), (40, 64, 16),

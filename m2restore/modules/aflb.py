@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .statistics import pixel_amax, pixel_mean
 from .transformer import channel_attention
 
 
@@ -66,7 +67,7 @@ class ChannelGate(nn.Module):
                                  nn.Conv2d(hidden, dim, 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.mlp(x.mean(dim=(2, 3), keepdim=True)) + self.mlp(x.amax(dim=(2, 3), keepdim=True)))
+        return torch.sigmoid(self.mlp(pixel_mean(x)) + self.mlp(pixel_amax(x)))
 
 
 class FrequencyRefine(nn.Module):
@@ -135,7 +136,7 @@ class AFLB(nn.Module):
     def split_frequencies(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f (B, C, H, W) -> (low, high), magnitudes of the inverse FFTs inside / outside the box."""
         h, w = f.shape[-2:]
-        thresholds = torch.sigmoid(self.rate_conv(f.mean(dim=(2, 3), keepdim=True)))[:, :, 0, 0]
+        thresholds = torch.sigmoid(self.rate_conv(pixel_mean(f)))[:, :, 0, 0]
         # Half-precision FFTs are missing on CPU and limited to powers of two on CUDA: go to float32.
         work = f if f.dtype in (torch.float32, torch.float64) else f.float()
         mask = box_mask(thresholds, h, w, self.box).to(work.dtype)

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .statistics import normalized_gram
+
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of every pixel, with weight and bias (Restormer's "WithBias")."""
@@ -30,14 +32,12 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     """Transposed (C×C per head) attention of Restormer's MDTA and AdaIR's cross-attention.
 
     q, k, v (B, C, H, W); temperature (heads, 1, 1). q and k are L2-normalised along the pixels, so
-    the cost is linear in H·W.
+    the cost is linear in H·W. The pixel reduction is :func:`normalized_gram`, which the tiles of one
+    image share.
     """
     b, c, h, w = q.shape
-    q, k, v = (t.reshape(b, heads, c // heads, h * w) for t in (q, k, v))
-    q = F.normalize(q, dim=-1)
-    k = F.normalize(k, dim=-1)
-    attn = torch.softmax((q @ k.transpose(-2, -1)) * temperature, dim=-1)
-    return (attn @ v).reshape(b, c, h, w)
+    attn = torch.softmax(normalized_gram(q, k, heads) * temperature, dim=-1)
+    return (attn @ v.reshape(b, heads, c // heads, h * w)).reshape(b, c, h, w)
 
 
 class MDTA(nn.Module):
