@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .restore import restore_tensor
+from .restore import DEFAULT_STAT_PASSES, restore_tensor
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
 
@@ -60,9 +60,10 @@ class SetResult:
 
 
 def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int | None = None,
-                 limit: int | None = None, progress: bool = True) -> SetResult:
+                 limit: int | None = None, progress: bool = True, stat_passes: int = DEFAULT_STAT_PASSES) -> SetResult:
     """Restore every pair of ``dataset`` (items with whole-image ``input``/``gt`` tensors, and
-    cached priors ``d_g``/``P_f`` when it has them) and average the per-image metrics."""
+    cached priors ``d_g``/``P_f`` when it has them) and average the per-image metrics; ``tile``,
+    ``overlap`` and ``stat_passes`` go to :func:`~m2restore.restore.restore_tensor`."""
     from tqdm import tqdm
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -72,7 +73,7 @@ def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int 
     for i in tqdm(range(n), desc=f"eval {name}", unit="img", disable=not progress, leave=False):
         item = dataset[i]
         prior = (item["d_g"][None].to(device), item["P_f"][None].to(device)) if "d_g" in item else None
-        out = restore_tensor(model, item["input"][None].to(device), tile, overlap, prior)
+        out = restore_tensor(model, item["input"][None].to(device), tile, overlap, prior, stat_passes=stat_passes)
         pred = quantize(out[0].permute(1, 2, 0).float().cpu().numpy())
         rows.append(image_metrics(pred, item["gt"].permute(1, 2, 0).numpy()))
     return SetResult(name, n, **{m: float(np.mean([r[m] for r in rows])) for m in METRICS})

@@ -307,12 +307,13 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
 
 
 def restore_file(model, src: Path, dst: Path, device: torch.device, precision: str = "fp32", tile: int = 0,
-                 overlap: int | None = None, max_memory: int | None = None, progress=None) -> int:
+                 overlap: int | None = None, max_memory: int | None = None, progress=None,
+                 stat_passes: int = DEFAULT_STAT_PASSES) -> int:
     """Restore the image file ``src`` into ``dst`` (format by its extension) with ``model`` on
     ``device`` at ``precision``; ``dst`` keeps ``src``'s alpha, bit depth, grayscale-ness, EXIF
     and ICC profile. ``tile`` 0 restores the image whole when its working set fits ``max_memory``
     bytes (default :func:`default_memory_budget`), else in the tiles :func:`auto_tile` picks.
-    ``progress`` goes to :func:`restore_tensor`. Returns the tile size used (0: whole image).
+    ``progress`` and ``stat_passes`` go to :func:`restore_tensor`. Returns the tile size used (0: whole image).
 
     Unreadable files raise :class:`m2restore.data.io.UnreadableImageError`.
     """
@@ -324,7 +325,7 @@ def restore_file(model, src: Path, dst: Path, device: torch.device, precision: s
         tile = auto_tile(model.config, h, w, default_memory_budget() if max_memory is None else max_memory)
     x = torch.from_numpy(image.rgb).permute(2, 0, 1)[None].to(device)
     with autocast(device, precision):
-        y = restore_tensor(model, x, tile, overlap, progress=progress)
+        y = restore_tensor(model, x, tile, overlap, progress=progress, stat_passes=stat_passes)
     y = y[0].permute(1, 2, 0).cpu().numpy()
     write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale, image.exif, image.icc_profile))
     return tile
