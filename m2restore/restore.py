@@ -2,8 +2,8 @@
 
 :func:`load_model` gives a trained M2Restore in eval mode; :data:`PRECISIONS` and :func:`autocast`
 name the precisions it can run at, :func:`default_device` picks the device. :func:`restore_tensor`
-restores a batch, whole or in overlapping tiles blended with raised-cosine windows (the
-degradation prior computed once on the whole image, so every tile is routed alike).
+restores a batch, whole or in overlapping tiles blended with raised-cosine windows (the tiles share
+the whole image's prior, task prompt and pixel reductions: docs/design.md#tiling).
 :func:`restore_file` restores one image file into another that keeps its size, format, bit depth,
 grayscale-ness, alpha channel (passed through untouched; the network sees RGB), EXIF and ICC
 profile, tiling on its own when the image's estimated working set (:func:`working_set_bytes`)
@@ -178,9 +178,9 @@ def receptive_radius(config) -> int:
     down- and upsampling, per MCDB its depthwise 3×3 and the Mamba branch's causal conv
     (d_conv − 1 steps along a row) at s = 8, per AFLB its image 3×3, its query and key/value
     depthwise 3×3s and its spatial-gate k×k at the scale of the features it refines. Channel
-    attention, the AFLB's Fourier filter, its channel gate and the Mamba scan are global and not
-    counted: no overlap makes tiles exact for those, which is why tiled output only approximates
-    the whole-image one.
+    attention, the AFLB's pooling, its Fourier filter and the Mamba scan are global and not
+    counted: no overlap makes tiles exact for those (:func:`restore_tensor` shares the first two
+    across the tiles instead).
     """
     c = config
     radius = 1 + 1  # patch embedding, output conv
