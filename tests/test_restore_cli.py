@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageCms
 
 from m2restore.data.io import read_image
-from m2restore.restore import DEMO_WEIGHTS, auto_tile, load_model, restore_tensor, working_set_bytes
+from m2restore.restore import DEFAULT_STAT_PASSES, DEMO_WEIGHTS, auto_tile, load_model, restore_tensor, working_set_bytes
 
 
 def _run(*args, tty=False):
@@ -178,7 +178,8 @@ def test_tile_progress_on_a_terminal_and_quiet(tmp_path):
     _image(tmp_path / "x.png", size=(64, 96), seed=9)
     status, stderr = _run(tmp_path / "x.png", "-o", tmp_path / "a", "--tile", "32", "--tile-overlap", "8", tty=True)
     assert status == 0 and "Traceback" not in stderr
-    assert "x.png" in stderr and "/12" in stderr and "tile" in stderr  # 3 × 4 tiles of 32 with stride 24
+    # 3 × 4 tiles of 32 with stride 24, each run once per gathering pass and once for the output
+    assert "x.png" in stderr and f"/{12 * (DEFAULT_STAT_PASSES + 1)}" in stderr and "tile" in stderr
     status, stderr = _run(tmp_path / "x.png", "-o", tmp_path / "b", "--tile", "32", "--tile-overlap", "8",
                           "--quiet", tty=True)
     assert status == 0 and "tile" not in stderr and (tmp_path / "b" / "x.png").is_file()
