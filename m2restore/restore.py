@@ -21,7 +21,7 @@ import torch
 
 from .precision import PRECISIONS
 
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "demo_tiny"
+from .assets import DEMO_WEIGHTS
 
 def default_device(device: str | None = None) -> torch.device:
     """``device`` if given, else cuda when torch sees a GPU, else cpu."""
