@@ -25,16 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLES = Path(__file__).resolve().parent / "assets" / "samples"
+from .assets import SAMPLES
+from .options import DEMO_BATCH_SIZE as BATCH_SIZE, DEMO_CROP as CROP, DEMO_LR as LR, DEMO_LR_DECAY as LR_DECAY
+
 # Photographs bundled with scikit-image (no download). Held-out ones are never trained on.
 TRAIN_PHOTOS = ("astronaut", "chelsea", "immunohistochemistry", "hubble_deep_field", "brick", "grass",
                 "gravel", "moon", "coins", "clock", "page")
 HELD_OUT_PHOTOS = ("rocket", "coffee", "camera")
 KINDS = ("rain", "haze", "snow", "raindrop")
 HELD_OUT_SIZE = 192
-# Defaults of the demo training run: small crops and a high peak rate, so that a CPU makes visible
-# progress in minutes; the rate decays by a cosine to 1/LR_DECAY of its peak.
-CROP, BATCH_SIZE, LR, LR_DECAY = 64, 4, 2e-3, 100
 BATCHES_PER_EPOCH = 64
 CKPT_EVERY = 100  # optimizer steps between checkpoints of a --train run
 

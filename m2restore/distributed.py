@@ -22,7 +22,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT = 1800.0  # seconds a collective may wait for the other processes (validation included)
+from .options import DIST_TIMEOUT as DEFAULT_TIMEOUT
 
 # The process group the balance loss is summed over while global_batch() is active. A group of its
 # own, so that these sums never interleave with DistributedDataParallel's gradient buckets.

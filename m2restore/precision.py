@@ -14,10 +14,10 @@ from typing import Iterable
 
 import torch
 
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-AUTO = "auto"
-#: What ``--dtype`` accepts: a precision by name, or ``auto``.
-CHOICES = (AUTO, *PRECISIONS)
+from .options import AUTO, PRECISION_CHOICES as CHOICES, PRECISION_NAMES
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: None, no autocast
+PRECISIONS: dict[str, torch.dtype | None] = {name: _AUTOCAST_DTYPES.get(name) for name in PRECISION_NAMES}
 #: /proc/cpuinfo flags of x86 CPUs with native bf16 arithmetic.
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .modules.statistics import TileStatistics
 from .precision import PRECISIONS
 
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "demo_tiny"
+from .assets import DEMO_WEIGHTS
 
 #: Gathering passes over the tiles before the output pass (:func:`restore_tensor`); the tiled and
 #: whole-image outputs of the demo weights are compared in bench/RESULTS.md (tiling).

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# The paper's t-SNE perplexity for Fig. 8.
-PERPLEXITY = 30.0
+from .options import ROUTING_PERPLEXITY as PERPLEXITY
 
 
 @torch.no_grad()

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from . import distributed
+from .options import TrainOptions
 
 CHECKPOINT = "checkpoint.pt"
-CROP = 224  # side of the random training crops (paper §IV-A)
 TRAIN_LOG_FIELDS = ("step", "epoch", "loss", "l1", "balance", "lr", "images_per_s", "peak_mem_gib", "seconds")
 VAL_LOG_FIELDS = ("step", "epoch", "psnr", "ssim")
 # Options that define the optimisation trajectory; on --resume they come from the checkpoint.
@@ -51,36 +51,6 @@ _TRAJECTORY = ("epochs", "batch_size", "accum", "lr", "min_lr", "schedule", "see
 _EPOCH_SEED_STRIDE = 100003
 # Weight of the previous value in the progress bar's moving average of the loss (~ the last 10 steps).
 _LOSS_SMOOTHING = 0.9
-
-
-@dataclass
-class TrainOptions:
-    """How to train. A *step* is one optimizer update (``accum`` batches of ``batch_size``)."""
-
-    epochs: int = 200
-    batch_size: int = 2
-    accum: int = 4
-    lr: float = 2e-4
-    min_lr: float = 1e-6
-    schedule: str = "cosine"  # "cosine" | "constant"
-    seed: int = 0
-    total_steps: int | None = None  # schedule length; None: epochs × steps per epoch
-    workers: int = 0
-    ckpt_every: int = 0  # steps between checkpoints; 0: only at the end of each epoch
-    val_every: int = 1  # epochs between validations
-    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in all
-    max_seconds: float | None = None  # stop (with a checkpoint) after this much training time
-    amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 with loss scaling)
-    compile: bool = False  # torch.compile the model's forward and backward
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "accum", "val_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.ckpt_every < 0:
-            raise ValueError(f"ckpt_every must be non-negative, got {self.ckpt_every}")
 
 
 def seed_everything(seed: int) -> None:

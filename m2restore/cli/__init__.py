@@ -47,11 +47,22 @@ def _command_of(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser. It rejects the arguments it does not know itself, so that the error
+    names the command and shows its usage (argparse leaves them to the main parser)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     """The parser of ``m2restore``, with the arguments of ``command`` only (its module imported)."""
     parser = argparse.ArgumentParser(prog="m2restore", description=__doc__.splitlines()[0])
     _add_global_options(parser, False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_global_options(p, argparse.SUPPRESS)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-
-from ..benchmark import (CAPTURABLE, BenchSession, Case, format_table, machine_name, model_config, report_json,
-                         run_cases)
 from ..config import MODEL_BACKENDS
-from ..precision import resolve_precision
 from .common import add_device_argument, device_from_args
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..benchmark import Case
 
 # Timed rounds and untimed warm-up calls per case when not given, by default and with --full. A
 # 224² forward takes seconds on a CPU, so a few rounds give a median; on a GPU it takes
@@ -77,12 +77,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def default_dtypes(device: torch.device, full: bool = False) -> list[str]:
     """fp32, plus bf16 where the device computes it natively (:func:`resolve_precision`);
     ``full``: every dtype of :data:`DTYPES_FULL`."""
+    from ..precision import resolve_precision
+
     if full:
         return DTYPES_FULL["cuda" if device.type == "cuda" else "cpu"]
     return list(dict.fromkeys(["fp32", resolve_precision("auto", device)[0]]))
 
 
 def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case]:
+    from ..benchmark import CAPTURABLE, Case
+
     cuda = device.type == "cuda"
     backends = args.backends or ["reference", "triton" if cuda else "torch"]
     dtypes = args.dtypes or default_dtypes(device, args.full)
@@ -94,6 +98,11 @@ def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..benchmark import BenchSession, format_table, machine_name, model_config, report_json, run_cases
+    from ..precision import resolve_precision
+
     device = device_from_args(args.device)
     limits = (("--threads", args.threads, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0))
     for flag, value, least in limits:

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from ..config import MODEL_BACKENDS
-from ..precision import AUTO, CHOICES
-from ..restore import DEMO_WEIGHTS
+from ..assets import DEMO_WEIGHTS
+from ..options import AUTO, PRECISION_CHOICES
 from .errors import UsageError
 
 
@@ -34,7 +34,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path |
                         help="DA-CLIP checkpoint (daclip_ViT-B-32.pt) for weights trained with the prior")
     add_device_argument(parser)
     add_backend_argument(parser, "kernel backend (default: the one saved with the weights)")
-    parser.add_argument("--dtype", choices=CHOICES, default=AUTO,
+    parser.add_argument("--dtype", choices=PRECISION_CHOICES, default=AUTO,
                         help="run the network under autocast to this dtype (fp32: none); auto (default): bf16 "
                              "on GPUs and CPUs with native bf16 (AMX, AVX512-BF16), else fp32; -v says which")
     parser.add_argument("--tile", type=int, default=0,

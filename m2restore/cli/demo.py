@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from ..demo import BATCH_SIZE, CROP, LR, LR_DECAY
-from ..restore import DEMO_WEIGHTS
+from ..assets import DEMO_WEIGHTS
+from ..options import DEMO_BATCH_SIZE, DEMO_CROP, DEMO_LR, DEMO_LR_DECAY
 
 # Training time budget of --train, minutes: what the shipped weights were trained with.
 MINUTES = 25.0
@@ -20,10 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", action="store_true", help="train the demo model instead of showing it")
     parser.add_argument("--minutes", type=float, default=MINUTES, help="training time budget (with --train)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: fitted to --minutes)")
-    parser.add_argument("--crop", type=int, default=CROP, help="training crop size")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--lr", type=float, default=LR,
-                        help=f"peak learning rate (cosine decay to {100 // LR_DECAY}%%)")
+    parser.add_argument("--crop", type=int, default=DEMO_CROP, help="training crop size")
+    parser.add_argument("--batch-size", type=int, default=DEMO_BATCH_SIZE)
+    parser.add_argument("--lr", type=float, default=DEMO_LR,
+                        help=f"peak learning rate (cosine decay to {100 // DEMO_LR_DECAY}%%)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is much faster than the default on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
@@ -31,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..demo import before_after_grid, format_measure, measure, restore_samples, train_demo
 
     if args.threads:

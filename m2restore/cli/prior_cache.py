@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..config import DEGRADATIONS
-from ..prior.cache import BATCH_SIZE
+from ..options import PRIOR_BATCH_SIZE
 from .common import add_device_argument, device_from_args
 
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of images (searched recursively); cache keys are paths relative to it")
     parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
     add_device_argument(parser)
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, default=PRIOR_BATCH_SIZE)
     parser.add_argument("--names", default=",".join(DEGRADATIONS),
                         help="comma-separated degradation names, as in the model config (default: %(default)s)")
     parser.add_argument("--preprocess", choices=("daclip", "bilinear"), default="daclip",

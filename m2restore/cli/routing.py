@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..routing import PERPLEXITY
+from ..options import ROUTING_PERPLEXITY
 from .common import add_model_arguments
 
 #: Images per degradation type in the paper's Fig. 8.
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-type", type=int, default=PAPER_PER_TYPE,
                         help=f"images sampled per type (paper: {PAPER_PER_TYPE})")
     parser.add_argument("--crop", type=int, default=None, help="centre-crop images to this size first")
-    parser.add_argument("--perplexity", type=float, default=PERPLEXITY)
+    parser.add_argument("--perplexity", type=float, default=ROUTING_PERPLEXITY)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("routing"), help="folder for the plot and JSON")
     add_model_arguments(parser)

@@ -9,8 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..distributed import DEFAULT_TIMEOUT
-from ..train import CROP, TrainOptions
+from ..options import DIST_TIMEOUT, TRAIN_CROP, TrainOptions
 from .common import add_backend_argument, add_device_argument, device_from_args
 from .errors import CliError, UsageError
 
@@ -26,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_argument(parser)
     parser.add_argument("--prior-checkpoint", type=Path, default=None, help="DA-CLIP checkpoint (default: no prior)")
     parser.add_argument("--prior-cache", type=Path, default=None, help="precomputed priors (m2restore prior-cache)")
-    parser.add_argument("--crop", type=int, default=CROP)
+    parser.add_argument("--crop", type=int, default=TRAIN_CROP)
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                         help="global batch: with N processes (torchrun) each takes batch-size / N images")
@@ -43,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-amp", dest="amp", action="store_false",
                         help="no autocast on CUDA (default there: bf16 autocast, float32 weights)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
-    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT, metavar="SECONDS",
                         help="under torchrun: how long a process waits for the others before the job stops "
                              "with an error")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")

@@ -22,12 +22,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..data.io import find_images, read_image
+from ..options import PRIOR_BATCH_SIZE as BATCH_SIZE
 
 __all__ = ["BATCH_SIZE", "FORMAT", "PriorCache", "find_images", "write_prior_cache"]
 
 FORMAT = "m2restore-prior-cache/1"
-# Images per CLIP forward: ViT-B/32 at 224² fills a GPU with a few dozen, and stays small on a CPU.
-BATCH_SIZE = 32
 _D_G, _P_F = "d_g/", "P_f/"
 
 
