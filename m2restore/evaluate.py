@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .restore import DEFAULT_STAT_PASSES, restore_tensor
+from .options import DEFAULT_STAT_PASSES
+from .restore import restore_tensor
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
 

@@ -16,6 +16,11 @@ PRECISION_NAMES = ("fp32", "bf16", "fp16")
 #: What ``--dtype`` accepts: a precision by name, or ``auto``.
 PRECISION_CHOICES = (AUTO, *PRECISION_NAMES)
 
+# ------------------------------------------------------------------------ tiling
+#: Gathering passes over the tiles before the output pass (:func:`m2restore.restore.restore_tensor`,
+#: docs/design.md#tiling); the tiled and whole outputs are compared in bench/RESULTS.md (tiling).
+DEFAULT_STAT_PASSES = 2
+
 # ------------------------------------------------------------------------ training
 TRAIN_CROP = 224  # side of the random training crops (paper §IV-A)
 DIST_TIMEOUT = 1800.0  # seconds a collective may wait for the other processes (validation included)

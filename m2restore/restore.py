@@ -20,14 +20,10 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .modules.statistics import TileStatistics
-from .precision import PRECISIONS
-
 from .assets import DEMO_WEIGHTS
-
-#: Gathering passes over the tiles before the output pass (:func:`restore_tensor`); the tiled and
-#: whole-image outputs of the demo weights are compared in bench/RESULTS.md (tiling).
-DEFAULT_STAT_PASSES = 2
+from .modules.statistics import TileStatistics
+from .options import DEFAULT_STAT_PASSES
+from .precision import PRECISIONS
 
 
 def default_device(device: str | None = None) -> torch.device:

@@ -10,6 +10,7 @@ import sys
 import termios
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageCms
 
@@ -172,6 +173,29 @@ def test_memory_budget_tiles_on_its_own(tmp_path):
     got = np.asarray(Image.open(tmp_path / "out" / "big.png")).astype(np.int32)
     assert np.abs(got - expected["tiled"]).max() <= 1  # threads may reorder float sums by an ulp
     assert np.abs(got - expected["whole"]).max() > 1
+
+
+def test_stat_passes_reach_the_tiles(tmp_path, capsys):
+    """--stat-passes N gives restore_tensor's output with N gathering passes (0 differs from the
+    default); a count below 0 is a usage error naming the option."""
+    from m2restore.cli import main
+
+    _image(tmp_path / "x.png", size=(64, 96), seed=10)
+    model = load_model(DEMO_WEIGHTS)
+    x = torch.from_numpy(read_image(tmp_path / "x.png").rgb).permute(2, 0, 1)[None]
+    outputs = {}
+    for passes in (0, DEFAULT_STAT_PASSES):
+        args = ["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / str(passes)), "--tile", "32",
+                "--stat-passes", str(passes), "--device", "cpu", "--quiet"]
+        assert main(args) == 0
+        got = np.asarray(Image.open(tmp_path / str(passes) / "x.png")).astype(np.int32)
+        expected = np.rint(restore_tensor(model, x, 32, stat_passes=passes)[0].permute(1, 2, 0).numpy() * 255)
+        assert np.abs(got - expected).max() <= 1  # threads may reorder float sums by an ulp
+        outputs[passes] = got
+    assert np.abs(outputs[0] - outputs[DEFAULT_STAT_PASSES]).max() > 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / "bad"), "--stat-passes", "-1"])
+    assert exit_info.value.code == 2 and "--stat-passes" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_tile_progress_on_a_terminal_and_quiet(tmp_path):

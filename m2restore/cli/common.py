@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import MODEL_BACKENDS
 from ..assets import DEMO_WEIGHTS
-from ..options import AUTO, PRECISION_CHOICES
+from ..options import AUTO, DEFAULT_STAT_PASSES, PRECISION_CHOICES
 from .errors import UsageError
 
 
@@ -42,6 +42,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path |
                              "in memory)")
     parser.add_argument("--tile-overlap", type=int, default=None,
                         help="overlap between tiles in pixels (default: from the network's receptive field)")
+    parser.add_argument("--stat-passes", type=_count, default=DEFAULT_STAT_PASSES, metavar="N",
+                        help="passes over the tiles that gather the whole image's attention and pooling statistics "
+                             f"before the output pass (default {DEFAULT_STAT_PASSES}; each is one more forward per tile; "
+                             "0: every tile uses its own, faster but further from the whole-image result)")
 
 
 def device_from_args(name: str | None):
@@ -91,3 +95,10 @@ def parse_set(spec: str) -> tuple[str, Path]:
         return name, Path(path)
     p = Path(spec)
     return (p.stem if p.is_file() else p.name), p
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return int(text)

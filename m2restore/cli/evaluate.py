@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     datasets = [(name, PairedImages(open_pairs(path), crop=None, flip=False)) for name, path in sets]
     model, device = load_model_from_args(args)
     with autocast(device, args.dtype):
-        results = [evaluate_set(model, ds, name, device, args.tile, args.tile_overlap, args.limit)
+        results = [evaluate_set(model, ds, name, device, args.tile, args.tile_overlap, args.limit,
+                                stat_passes=args.stat_passes)
                    for name, ds in datasets]
     print(format_table(results, title=f"M2Restore ({args.weights})"))
     csv_path, json_path = save_metrics(results, args.out, args.weights)

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             restore_file(model, src, out_dir / rel, device, args.dtype, args.tile, args.tile_overlap,
-                         max_memory, progress)
+                         max_memory, progress, args.stat_passes)
         except UnreadableImageError as e:
             failed.append((src, e.reason))
             tqdm.write(f"m2restore restore: {e}", file=sys.stderr)
