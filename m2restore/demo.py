@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .assets import SAMPLES
-from .options import DEMO_BATCH_SIZE as BATCH_SIZE, DEMO_CROP as CROP, DEMO_LR as LR, DEMO_LR_DECAY as LR_DECAY
+from .options import DEMO_BATCH_SIZE, DEMO_CROP, DEMO_LR, DEMO_LR_DECAY
 
 # Photographs bundled with scikit-image (no download). Held-out ones are never trained on.
 TRAIN_PHOTOS = ("astronaut", "chelsea", "immunohistochemistry", "hubble_deep_field", "brick", "grass",
@@ -134,8 +134,9 @@ def write_samples(folder: Path = SAMPLES, size: int = 160) -> list[Path]:
     return paths
 
 
-def train_demo(out: Path, minutes: float, steps: int | None = None, crop: int = CROP, batch_size: int = BATCH_SIZE,
-               lr: float = LR, seed: int = 0, resume: bool = False, progress: bool = True) -> dict:
+def train_demo(out: Path, minutes: float, steps: int | None = None, crop: int = DEMO_CROP,
+               batch_size: int = DEMO_BATCH_SIZE, lr: float = DEMO_LR, seed: int = 0, resume: bool = False,
+               progress: bool = True) -> dict:
     """Train the demo model (see the module docstring); returns fit()'s summary plus the
     held-out measurement and the measured speed."""
     from .data.datasets import SyntheticPairs
@@ -150,7 +151,7 @@ def train_demo(out: Path, minutes: float, steps: int | None = None, crop: int = 
     model = M2Restore(config, prior=NullPrior(config.num_degradations, config.prior_dim))
     photos = [load_photo(name) for name in TRAIN_PHOTOS]
     train_set = SyntheticPairs(photos, KINDS, crop=crop, length=BATCHES_PER_EPOCH * batch_size, seed=seed)
-    opts = TrainOptions(epochs=1, batch_size=batch_size, accum=1, lr=lr, min_lr=lr / LR_DECAY, seed=seed,
+    opts = TrainOptions(epochs=1, batch_size=batch_size, accum=1, lr=lr, min_lr=lr / DEMO_LR_DECAY, seed=seed,
                         max_seconds=minutes * 60.0, ckpt_every=CKPT_EVERY)
     if resume:
         steps = load_checkpoint(out / "run" / CHECKPOINT)["options"]["total_steps"]

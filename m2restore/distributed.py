@@ -22,7 +22,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .options import DIST_TIMEOUT as DEFAULT_TIMEOUT
+from .options import DIST_TIMEOUT
 
 # The process group the balance loss is summed over while global_batch() is active. A group of its
 # own, so that these sums never interleave with DistributedDataParallel's gradient buckets.
@@ -35,7 +35,7 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> torch.device:
+def init(device: torch.device, timeout: float = DIST_TIMEOUT) -> torch.device:
     """Join torchrun's process group when it started more than one process; returns the device
     this process trains on: ``cuda:LOCAL_RANK`` for a CUDA ``device``, else ``device``."""
     if env_world_size() <= 1 or dist.is_initialized():

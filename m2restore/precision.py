@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from .options import AUTO, PRECISION_CHOICES as CHOICES, PRECISION_NAMES
+from .options import AUTO, PRECISION_CHOICES, PRECISION_NAMES
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: None, no autocast
 PRECISIONS: dict[str, torch.dtype | None] = {name: _AUTOCAST_DTYPES.get(name) for name in PRECISION_NAMES}
@@ -59,7 +59,7 @@ def native_bf16(device: torch.device | str, capability: str | None = None, flags
 
 
 def resolve_precision(name: str, device: torch.device | str, **machine) -> tuple[str, str]:
-    """(a key of :data:`PRECISIONS`, why) for ``name`` (one of :data:`CHOICES`) on ``device``.
+    """(a key of :data:`PRECISIONS`, why) for ``name`` (one of :data:`PRECISION_CHOICES`) on ``device``.
 
     ``auto`` is ``bf16`` where :func:`native_bf16` says so, else ``fp32``; ``machine`` passes its
     keyword arguments on (for tests). An explicit name is returned as it is.
@@ -67,6 +67,6 @@ def resolve_precision(name: str, device: torch.device | str, **machine) -> tuple
     if name in PRECISIONS:
         return name, "asked for"
     if name != AUTO:
-        raise ValueError(f"precision must be one of {CHOICES}, got {name!r}")
+        raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {name!r}")
     native, reason = native_bf16(device, **machine)
     return ("bf16" if native else "fp32"), reason

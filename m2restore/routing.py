@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .options import ROUTING_PERPLEXITY as PERPLEXITY
+from .options import ROUTING_PERPLEXITY
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def routing_vector(model, x: torch.Tensor) -> np.ndarray:
     return torch.cat([g.float().mean(dim=(2, 3))[0] for g in aux.routing]).cpu().numpy()
 
 
-def analyse(vectors: np.ndarray, labels: list[str], seed: int = 0, perplexity: float = PERPLEXITY) -> dict:
+def analyse(vectors: np.ndarray, labels: list[str], seed: int = 0, perplexity: float = ROUTING_PERPLEXITY) -> dict:
     """t-SNE embedding and cluster scores of routing vectors (n, d) with one label each."""
     from sklearn.manifold import TSNE
     from sklearn.metrics import pairwise_distances, silhouette_samples

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..data.io import find_images, read_image
-from ..options import PRIOR_BATCH_SIZE as BATCH_SIZE
+from ..options import PRIOR_BATCH_SIZE
 
-__all__ = ["BATCH_SIZE", "FORMAT", "PriorCache", "find_images", "write_prior_cache"]
+__all__ = ["FORMAT", "PriorCache", "find_images", "write_prior_cache"]
 
 FORMAT = "m2restore-prior-cache/1"
 _D_G, _P_F = "d_g/", "P_f/"
@@ -44,7 +44,7 @@ def write_prior_cache(
     image_paths: Iterable[str | os.PathLike],
     root: str | os.PathLike,
     out: str | os.PathLike,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = PRIOR_BATCH_SIZE,
     metadata: Mapping[str, str] | None = None,
     progress: bool = True,
 ) -> int:
