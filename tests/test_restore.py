@@ -138,6 +138,21 @@ def test_shared_statistics_make_tiles_exact():
     assert errors[2] > 1e-9 and errors[0] > 1e3 * errors[2]
 
 
+def test_tiled_restores_in_threads_keep_their_own_statistics():
+    """Two threads restoring different images in tiles at once give what each gives alone: the
+    gathering in progress belongs to the thread's context."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _Reducing()
+    torch.manual_seed(2)
+    images = [torch.rand(1, 3, 40, 60, dtype=torch.float64), torch.rand(1, 3, 40, 60, dtype=torch.float64) ** 3]
+    alone = [restore_tensor(model, x, 24, 8) for x in images]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda x: restore_tensor(model, x, 24, 8), images * 3))
+    for got, expected in zip(together, alone * 3):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize("size,tile,overlap,multiple", [(100, 32, 8, 1), (96, 32, 16, 8), (264, 256, 64, 8),
                                                         (456, 256, 64, 8), (40, 64, 16, 8), (64, 32, 0, 8)])
 def test_tile_cores_partition_the_axis(size, tile, overlap, multiple):

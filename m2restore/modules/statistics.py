@@ -21,13 +21,15 @@ the functions are the plain whole-map reductions.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-# The gathering of the tiled forward in progress (one at a time: tiles run one after another).
-_active: TileStatistics | None = None
+# The gathering of the tiled forward in progress; a context variable, so that threads (each starts
+# with an empty context) restore images side by side without seeing each other's tiles.
+_ACTIVE: contextvars.ContextVar[TileStatistics | None] = contextvars.ContextVar("m2restore_tiles", default=None)
 
 
 def normalized_gram(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -35,14 +37,15 @@ def normalized_gram(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
     pixels of each q channel with each k channel (both L2-normalised along the pixels)."""
     b, c, h, w = q.shape
     q, k = (t.reshape(b, heads, c // heads, h * w) for t in (q, k))
-    if _active is None:
+    active = _ACTIVE.get()
+    if active is None:
         return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
     # Sums of products add up across tiles where normalised vectors do not; they are taken in
     # float32 at least because, over a whole image, they outgrow half precision's range.
     wide = torch.promote_types(q.dtype, torch.float32)
-    core = _active.core_mask(h, w, q.device).reshape(h * w).to(wide)
+    core = active.core_mask(h, w, q.device).reshape(h * w).to(wide)
     qc, kc = q.to(wide) * core, k.to(wide) * core
-    dot, q_sq, k_sq = _active.exchange(
+    dot, q_sq, k_sq = active.exchange(
         (qc @ kc.transpose(-2, -1), qc.square().sum(-1), kc.square().sum(-1)), ("sum", "sum", "sum"))
     eps = 1e-12  # F.normalize's floor on the norm
     norms = q_sq.sqrt().clamp_min(eps)[..., :, None] * k_sq.sqrt().clamp_min(eps)[..., None, :]
@@ -51,21 +54,23 @@ def normalized_gram(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
 
 def pixel_mean(x: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) -> (B, C, 1, 1), the mean over the pixels."""
-    if _active is None:
+    active = _ACTIVE.get()
+    if active is None:
         return x.mean(dim=(2, 3), keepdim=True)
     wide = torch.promote_types(x.dtype, torch.float32)
-    core = _active.core_mask(*x.shape[-2:], x.device).to(wide)
-    total, count = _active.exchange(((x.to(wide) * core).sum(dim=(2, 3), keepdim=True), core.sum()),
+    core = active.core_mask(*x.shape[-2:], x.device).to(wide)
+    total, count = active.exchange(((x.to(wide) * core).sum(dim=(2, 3), keepdim=True), core.sum()),
                                     ("sum", "sum"))
     return (total / count).to(x.dtype)
 
 
 def pixel_amax(x: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) -> (B, C, 1, 1), the maximum over the pixels."""
-    if _active is None:
+    active = _ACTIVE.get()
+    if active is None:
         return x.amax(dim=(2, 3), keepdim=True)
-    core = _active.core_mask(*x.shape[-2:], x.device)
-    (largest,) = _active.exchange((x.masked_fill(~core, float("-inf")).amax(dim=(2, 3), keepdim=True),), ("max",))
+    core = active.core_mask(*x.shape[-2:], x.device)
+    (largest,) = active.exchange((x.masked_fill(~core, float("-inf")).amax(dim=(2, 3), keepdim=True),), ("max",))
     return largest
 
 
@@ -87,14 +92,14 @@ class TileStatistics:
         """Within this context, pixel reductions belong to a tile of ``size`` (h, w) input pixels
         whose core is ``rows`` × ``cols`` ([start, stop) in tile pixels, multiples of the coarsest
         feature map's stride)."""
-        global _active
-        if _active is not None:
+        if _ACTIVE.get() is not None:
             raise RuntimeError("tiled forwards cannot nest: one TileStatistics is already gathering")
-        self._core, self._calls, _active = (size, rows, cols), 0, self
+        self._core, self._calls = (size, rows, cols), 0
+        token = _ACTIVE.set(self)
         try:
             yield
         finally:
-            _active = None
+            _ACTIVE.reset(token)
         if self._previous is not None and self._calls != len(self._previous):
             raise RuntimeError(f"a tile made {self._calls} pixel reductions where the previous pass made "
                                f"{len(self._previous)}: every tile's forward must reduce alike")
