@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .config import M2RestoreConfig
 from .modules import AFLB, DDER, MCDB, Downsample, TaskPrompt, TransformerBlock, Upsample
+from .modules.statistics import whole_map
 from .prior.null import DegradationPrior, NullPrior
 
 CONFIG_NAME = "config.json"
@@ -143,8 +144,7 @@ class M2Restore(nn.Module):
             balances.append(balance)
             routing.append(gates)
 
-        for block in self.latent:
-            feats = block(feats, p_f)
+        feats = whole_map(feats, lambda bottleneck: self.latent_stage(bottleneck, p_f))
 
         for level, skip in zip(reversed(self.decoder), reversed(skips)):
             feats = level.aflb(image, feats)
@@ -156,6 +156,13 @@ class M2Restore(nn.Module):
         if return_aux:
             return restored, M2RestoreAux(torch.stack(balances).sum(), routing)
         return restored
+
+    def latent_stage(self, feats: torch.Tensor, p_f: torch.Tensor) -> torch.Tensor:
+        """The MCDBs, (B, C_4, H/8, W/8) -> the same. The Mamba scans run along the whole map's rows,
+        so the tiles of one image share this stage (:func:`~m2restore.modules.statistics.whole_map`)."""
+        for block in self.latent:
+            feats = block(feats, p_f)
+        return feats
 
     # Prior handling.
     @property

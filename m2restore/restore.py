@@ -62,7 +62,7 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu", backend:
 @torch.no_grad()
 def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = None,
                    prior: tuple[torch.Tensor, torch.Tensor] | None = None, progress=None,
-                   stat_passes: int = DEFAULT_STAT_PASSES) -> torch.Tensor:
+                   stat_passes: int = DEFAULT_STAT_PASSES, share_latent: bool = True) -> torch.Tensor:
     """Restore x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1], in x's dtype (also under autocast).
 
     With ``tile`` > 0 and an image larger than it, the image (padded as the network pads it) is cut
@@ -74,8 +74,12 @@ def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = 
     Every tile gets the whole image's degradation prior (``prior`` (d_g, P_f), by default computed
     once by the model's prior module) and task prompt. The pixel reductions of the network
     (channel attention, the AFLB's pooling) are gathered over the tiles in ``stat_passes`` passes
-    before the output pass (:class:`~m2restore.modules.statistics.TileStatistics`); 0 lets each
-    tile reduce over itself. The AFLB's Fourier split and the Mamba scan still see one tile.
+    before the output pass (:class:`~m2restore.modules.statistics.TileStatistics`). With
+    ``share_latent`` the tiles' bottleneck features are gathered too, and the latent stage (the
+    MCDBs, whose Mamba scans run along whole rows) runs on the whole image's 1/8-resolution map
+    between passes, each tile taking its window of the result (:func:`latent_map_bytes` of extra
+    memory). With 0 passes each tile works on itself alone. The AFLB's Fourier split still sees
+    one tile.
     ``progress(n)`` is called after each tile's forward with the number of forwards, n.
     """
     _, _, h, w = x.shape
@@ -96,14 +100,14 @@ def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = 
     task_prompt = model.task_prompt(image)
     rows, cols = (list(zip(blend_windows(size, tile, overlap, x), tile_cores(size, tile, overlap, m)))
                   for size in image.shape[-2:])
-    statistics = TileStatistics()
+    statistics = TileStatistics(image.shape[-2:], share_maps=share_latent)
     out = torch.zeros_like(image)
     forwards = (stat_passes + 1) * len(rows) * len(cols)
     for output_pass in [False] * stat_passes + [True]:
         for (top, row_weight), row_core in rows:
             for (left, col_weight), col_core in cols:
                 window = image[:, :, top:top + tile, left:left + tile]
-                with statistics.tile(window.shape[-2:], row_core, col_core):
+                with statistics.tile((top, left), window.shape[-2:], row_core, col_core):
                     y = model(window, prior=prior, task_prompt=task_prompt)
                 if output_pass:
                     weight = row_weight[:, None] * col_weight[None, :]
@@ -211,6 +215,11 @@ BYTES_PER_PIXEL_PER_CHANNEL = 280
 # DEFAULT_BUDGET_CAP, so a big photo is tiled before it crowds out everything else.
 DEFAULT_BUDGET_FRACTION = 0.5
 DEFAULT_BUDGET_CAP = 3 << 29  # 1.5 GiB
+# Peak memory of the latent stage run on a whole 1/8-resolution map, per pixel of that map and per
+# channel: the largest measured for tiny() and paper() on a CPU (116 B, 64 × 64 map of paper(); 88-100 B
+# for tiny(); bench/RESULTS.md) plus the two maps tiles sharing it keep (gathered input and result),
+# rounded up.
+LATENT_BYTES_PER_CHANNEL = 128
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -263,11 +272,27 @@ def default_memory_budget() -> int:
     return min(int(available * DEFAULT_BUDGET_FRACTION), DEFAULT_BUDGET_CAP)
 
 
+def latent_map_bytes(config, h: int, w: int) -> int:
+    """Estimated memory (bytes) of running the latent stage on the whole 1/8-resolution map of an
+    H×W image, as tiles sharing it do (:func:`restore_tensor`): LATENT_BYTES_PER_CHANNEL per
+    bottleneck pixel and channel."""
+    return -(-h // 8) * -(-w // 8) * config.channels(4) * LATENT_BYTES_PER_CHANNEL
+
+
+def shares_latent(config, h: int, w: int, budget: int) -> bool:
+    """Whether tiles of an H×W image share the latent stage under a ``budget``-byte memory budget:
+    when its whole map takes at most half the budget (the tiles get the rest)."""
+    return latent_map_bytes(config, h, w) <= budget // 2
+
+
 def auto_tile(config, h: int, w: int, budget: int) -> int:
     """0 when an H×W image fits ``budget`` bytes whole, else the largest tile (a multiple of the
-    padding multiple, at least 4 of them) whose working set fits it."""
+    padding multiple, at least 4 of them) whose working set fits it, beside the whole latent map
+    when the tiles share it (:func:`shares_latent`)."""
     if working_set_bytes(config, h, w) <= budget:
         return 0
+    if shares_latent(config, h, w, budget):
+        budget -= latent_map_bytes(config, h, w)
     m = config.pad_multiple
     side = int((budget / _bytes_per_pixel(config)) ** 0.5) // m * m
     return max(4 * m, side)
@@ -308,8 +333,9 @@ def restore_file(model, src: Path, dst: Path, device: torch.device, precision: s
     """Restore the image file ``src`` into ``dst`` (format by its extension) with ``model`` on
     ``device`` at ``precision``; ``dst`` keeps ``src``'s alpha, bit depth, grayscale-ness, EXIF
     and ICC profile. ``tile`` 0 restores the image whole when its working set fits ``max_memory``
-    bytes (default :func:`default_memory_budget`), else in the tiles :func:`auto_tile` picks.
-    ``progress`` and ``stat_passes`` go to :func:`restore_tensor`. Returns the tile size used (0: whole image).
+    bytes (default :func:`default_memory_budget`), else in the tiles :func:`auto_tile` picks; tiles
+    share the latent stage when the budget allows (:func:`shares_latent`). ``progress`` and
+    ``stat_passes`` go to :func:`restore_tensor`. Returns the tile size used (0: whole image).
 
     Unreadable files raise :class:`m2restore.data.io.UnreadableImageError`.
     """
@@ -317,11 +343,13 @@ def restore_file(model, src: Path, dst: Path, device: torch.device, precision: s
 
     image = read_image(src)
     h, w = image.rgb.shape[:2]
+    budget = default_memory_budget() if max_memory is None else max_memory
     if tile == 0:
-        tile = auto_tile(model.config, h, w, default_memory_budget() if max_memory is None else max_memory)
+        tile = auto_tile(model.config, h, w, budget)
     x = torch.from_numpy(image.rgb).permute(2, 0, 1)[None].to(device)
     with autocast(device, precision):
-        y = restore_tensor(model, x, tile, overlap, progress=progress, stat_passes=stat_passes)
+        y = restore_tensor(model, x, tile, overlap, progress=progress, stat_passes=stat_passes,
+                           share_latent=shares_latent(model.config, h, w, budget))
     y = y[0].permute(1, 2, 0).cpu().numpy()
     write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale, image.exif, image.icc_profile))
     return tile

@@ -8,8 +8,9 @@ from PIL import Image
 
 from m2restore import M2Restore, M2RestoreConfig, NullPrior
 from m2restore.cli import main
-from m2restore.restore import (auto_tile, blend_windows, collect_inputs, default_overlap, parse_size, receptive_radius,
-                               restore_tensor, tile_cores, working_set_bytes)
+from m2restore.restore import (LATENT_BYTES_PER_CHANNEL, auto_tile, blend_windows, collect_inputs, default_overlap,
+                               latent_map_bytes, parse_size, receptive_radius, restore_tensor, shares_latent,
+                               tile_cores, working_set_bytes)
 
 pytestmark = pytest.mark.filterwarnings("ignore:M2Restore has no degradation prior")
 
@@ -89,10 +90,11 @@ class _Pointwise:
 
 class _Reducing(torch.nn.Module):
     """Per-pixel layers, a 2× down- and upsampled branch, and pixel reductions that depend on one
-    another three deep: channel attention (full resolution), channel attention on the branch
-    (half resolution), then a mean and a max gate. Without the reductions and the task prompt
-    (a mean over the whole image, as the TPGS is) every tile would reproduce its pixels exactly,
-    so the gap between tiled and whole output is what the shared statistics leave."""
+    another four deep: channel attention (full resolution), channel attention on the branch
+    (half resolution) followed by a scan along its rows (a whole map), then a mean and a max gate.
+    Without these and the task prompt (a mean over the whole image, as the TPGS is) every tile
+    would reproduce its pixels exactly, so the gap between tiled and whole output is what the
+    shared statistics leave."""
 
     config = SimpleNamespace(pad_multiple=4)
 
@@ -110,8 +112,16 @@ class _Reducing(torch.nn.Module):
     def task_prompt(self, x):
         return x.mean(dim=(2, 3))
 
+    @staticmethod
+    def scan(x):
+        """A decaying running mean along the row-major pixel sequence, as a Mamba scan runs."""
+        b, c, h, w = x.shape
+        seq = x.reshape(b, c, h * w)
+        decay = 0.97 ** torch.arange(h * w, dtype=x.dtype)
+        return (torch.cumsum(seq / decay, dim=-1) * decay / (h * w) ** 0.5).reshape(b, c, h, w)
+
     def forward(self, x, prior=None, task_prompt=None):
-        from m2restore.modules.statistics import pixel_amax, pixel_mean
+        from m2restore.modules.statistics import pixel_amax, pixel_mean, whole_map
         from m2restore.modules.transformer import channel_attention
 
         h, w = x.shape[-2:]
@@ -121,21 +131,25 @@ class _Reducing(torch.nn.Module):
         f = f + channel_attention(f, f, f, 2, self.temperature)
         half = self.down(torch.nn.functional.pixel_unshuffle(f, 2))
         half = half + channel_attention(half, half, half, 2, self.temperature)
+        half = half + whole_map(half, self.scan)
         f = f + torch.nn.functional.pixel_shuffle(self.up(half), 2)
         gate = torch.sigmoid(pixel_mean(f) - pixel_amax(f))
         return torch.sigmoid(self.out(f * gate) + prompt[:, :, None, None])[:, :, :h, :w]
 
 
 def test_shared_statistics_make_tiles_exact():
-    """With a gathering pass per level of dependent reductions (three), tiles give the whole-image
-    output to float64 rounding; with fewer passes they do not, and without any, far from it."""
+    """With a gathering pass per level of dependent reductions and whole maps (four), tiles give
+    the whole-image output to float64 rounding; with fewer passes they do not, and without any,
+    far from it."""
     model = _Reducing()
     torch.manual_seed(1)
     x = torch.rand(2, 3, 45, 70, dtype=torch.float64)
     whole = restore_tensor(model, x)
-    errors = [(restore_tensor(model, x, 24, 8, stat_passes=p) - whole).abs().max().item() for p in range(4)]
-    assert errors[3] < 1e-12
-    assert errors[2] > 1e-9 and errors[0] > 1e3 * errors[2]
+    errors = [(restore_tensor(model, x, 24, 8, stat_passes=p) - whole).abs().max().item() for p in range(5)]
+    assert errors[4] < 1e-12
+    assert errors[3] > 1e-9 and errors[0] > 1e3 * errors[3]
+    # The scan on each tile alone (its whole map not shared) is far from the whole image's.
+    assert (restore_tensor(model, x, 24, 8, stat_passes=4, share_latent=False) - whole).abs().max() > 1e-3
 
 
 def test_tiled_restores_in_threads_keep_their_own_statistics():
@@ -248,9 +262,19 @@ def test_memory_sizes_and_automatic_tiles():
     cfg = M2RestoreConfig.tiny()
     assert working_set_bytes(cfg, 100, 100) == working_set_bytes(cfg, 104, 104)  # padded to 8
     assert auto_tile(cfg, 100, 100, working_set_bytes(cfg, 100, 100)) == 0
-    budget = working_set_bytes(cfg, 1600, 2400) // 10
+    latent = latent_map_bytes(cfg, 1600, 2400)
+    assert latent == 200 * 300 * cfg.channels(4) * LATENT_BYTES_PER_CHANNEL
+    # A budget that holds the whole latent map twice: the tiles share it and fit beside it.
+    budget = working_set_bytes(cfg, 1600, 2400) // 5
+    assert shares_latent(cfg, 1600, 2400, budget)
     tile = auto_tile(cfg, 1600, 2400, budget)
-    assert tile % 8 == 0 and working_set_bytes(cfg, tile, tile) <= budget < working_set_bytes(cfg, tile + 8, tile + 8)
+    assert tile % 8 == 0
+    assert working_set_bytes(cfg, tile, tile) + latent <= budget < working_set_bytes(cfg, tile + 8, tile + 8) + latent
+    # One that does not: each tile runs its own latent stage and has the whole budget.
+    budget = 2 * latent - 1
+    assert not shares_latent(cfg, 1600, 2400, budget)
+    tile = auto_tile(cfg, 1600, 2400, budget)
+    assert working_set_bytes(cfg, tile, tile) <= budget < working_set_bytes(cfg, tile + 8, tile + 8)
 
 
 def test_bf16_restore_runs_under_autocast_and_stays_close(weights, tmp_path):
