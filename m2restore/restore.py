@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -327,15 +327,23 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
     return found
 
 
+class TilePlan(NamedTuple):
+    """How :func:`restore_file` restored an image: ``tile`` 0 whole, else in tiles of that size,
+    sharing the latent stage across them when ``share_latent``."""
+
+    tile: int
+    share_latent: bool
+
+
 def restore_file(model, src: Path, dst: Path, device: torch.device, precision: str = "fp32", tile: int = 0,
                  overlap: int | None = None, max_memory: int | None = None, progress=None,
-                 stat_passes: int = DEFAULT_STAT_PASSES) -> int:
+                 stat_passes: int = DEFAULT_STAT_PASSES) -> TilePlan:
     """Restore the image file ``src`` into ``dst`` (format by its extension) with ``model`` on
     ``device`` at ``precision``; ``dst`` keeps ``src``'s alpha, bit depth, grayscale-ness, EXIF
     and ICC profile. ``tile`` 0 restores the image whole when its working set fits ``max_memory``
     bytes (default :func:`default_memory_budget`), else in the tiles :func:`auto_tile` picks; tiles
     share the latent stage when the budget allows (:func:`shares_latent`). ``progress`` and
-    ``stat_passes`` go to :func:`restore_tensor`. Returns the tile size used (0: whole image).
+    ``stat_passes`` go to :func:`restore_tensor`. Returns how it was tiled.
 
     Unreadable files raise :class:`m2restore.data.io.UnreadableImageError`.
     """
@@ -346,10 +354,11 @@ def restore_file(model, src: Path, dst: Path, device: torch.device, precision: s
     budget = default_memory_budget() if max_memory is None else max_memory
     if tile == 0:
         tile = auto_tile(model.config, h, w, budget)
+    plan = TilePlan(tile if max(h, w) > tile > 0 else 0, shares_latent(model.config, h, w, budget))
     x = torch.from_numpy(image.rgb).permute(2, 0, 1)[None].to(device)
     with autocast(device, precision):
-        y = restore_tensor(model, x, tile, overlap, progress=progress, stat_passes=stat_passes,
-                           share_latent=shares_latent(model.config, h, w, budget))
+        y = restore_tensor(model, x, plan.tile, overlap, progress=progress, stat_passes=stat_passes,
+                           share_latent=plan.share_latent)
     y = y[0].permute(1, 2, 0).cpu().numpy()
     write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale, image.exif, image.icc_profile))
-    return tile
+    return plan

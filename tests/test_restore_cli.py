@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageCms
 
 from m2restore.data.io import read_image
-from m2restore.restore import DEFAULT_STAT_PASSES, DEMO_WEIGHTS, auto_tile, load_model, restore_tensor, working_set_bytes
+from m2restore.restore import (DEFAULT_STAT_PASSES, DEMO_WEIGHTS, auto_tile, latent_map_bytes, load_model,
+                               restore_tensor, working_set_bytes)
 
 
 def _run(*args, tty=False):
@@ -196,6 +197,22 @@ def test_stat_passes_reach_the_tiles(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / "bad"), "--stat-passes", "-1"])
     assert exit_info.value.code == 2 and "--stat-passes" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_verbose_says_how_each_image_was_tiled(tmp_path, capsys):
+    from m2restore.cli import main
+
+    _image(tmp_path / "x.png", size=(64, 96), seed=11)
+    common = [str(tmp_path / "x.png"), "--device", "cpu", "--quiet", "--dtype", "fp32"]
+    assert main(["-v", "restore", *common, "-o", str(tmp_path / "a"), "--tile", "32"]) == 0
+    assert (f"x.png: 32-pixel tiles, {DEFAULT_STAT_PASSES} gathering passes, latent stage shared on the whole map"
+            in capsys.readouterr().err)
+    # A budget below twice the latent map's estimate: each tile runs its own latent stage.
+    tight = str(2 * latent_map_bytes(load_model(DEMO_WEIGHTS).config, 64, 96) - 1)
+    assert main(["-v", "restore", *common, "-o", str(tmp_path / "b"), "--tile", "32", "--max-memory", tight]) == 0
+    assert "latent stage per tile" in capsys.readouterr().err
+    assert main(["-v", "restore", *common, "-o", str(tmp_path / "c")]) == 0
+    assert "x.png: whole" in capsys.readouterr().err
 
 
 def test_tile_progress_on_a_terminal_and_quiet(tmp_path):

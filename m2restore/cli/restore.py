@@ -51,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
             bar.update()
 
         try:
-            restore_file(model, src, out_dir / rel, device, args.dtype, args.tile, args.tile_overlap,
-                         max_memory, progress, args.stat_passes)
+            plan = restore_file(model, src, out_dir / rel, device, args.dtype, args.tile, args.tile_overlap,
+                                max_memory, progress, args.stat_passes)
+            if args.verbose:
+                tqdm.write(f"m2restore restore: {src.name}: {_describe(plan, args.stat_passes)}", file=sys.stderr)
         except UnreadableImageError as e:
             failed.append((src, e.reason))
             tqdm.write(f"m2restore restore: {e}", file=sys.stderr)
@@ -109,6 +111,14 @@ def _model(args: argparse.Namespace, device):
         return load_model(args.weights, device, args.backend, args.prior_checkpoint)
     except FileNotFoundError as e:
         raise UsageError(f"--weights: {e}") from e
+
+
+def _describe(plan, stat_passes: int) -> str:
+    """What --verbose says of how an image was restored."""
+    if plan.tile == 0:
+        return "whole"
+    latent = "shared on the whole map" if plan.share_latent and stat_passes else "per tile"
+    return f"{plan.tile}-pixel tiles, {stat_passes} gathering passes, latent stage {latent}"
 
 
 def _check_tiling(tile: int, overlap: int | None, config) -> None:
