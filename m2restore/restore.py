@@ -107,7 +107,7 @@ def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = 
         for (top, row_weight), row_core in rows:
             for (left, col_weight), col_core in cols:
                 window = image[:, :, top:top + tile, left:left + tile]
-                with statistics.tile((top, left), window.shape[-2:], row_core, col_core):
+                with statistics.tile((top, left), window.shape[-2:], row_core, col_core, gather=not output_pass):
                     y = model(window, prior=prior, task_prompt=task_prompt)
                 if output_pass:
                     weight = row_weight[:, None] * col_weight[None, :]
@@ -328,10 +328,12 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
 
 
 class TilePlan(NamedTuple):
-    """How :func:`restore_file` restored an image: ``tile`` 0 whole, else in tiles of that size,
-    sharing the latent stage across them when ``share_latent``."""
+    """How :func:`restore_file` restored an image: ``tile`` 0 whole, else in tiles of that size
+    with ``stat_passes`` gathering passes, sharing the latent stage across them when
+    ``share_latent`` (never without a gathering pass)."""
 
     tile: int
+    stat_passes: int
     share_latent: bool
 
 
@@ -354,10 +356,11 @@ def restore_file(model, src: Path, dst: Path, device: torch.device, precision: s
     budget = default_memory_budget() if max_memory is None else max_memory
     if tile == 0:
         tile = auto_tile(model.config, h, w, budget)
-    plan = TilePlan(tile if max(h, w) > tile > 0 else 0, shares_latent(model.config, h, w, budget))
+    plan = TilePlan(tile if max(h, w) > tile > 0 else 0, stat_passes,
+                    stat_passes > 0 and shares_latent(model.config, h, w, budget))
     x = torch.from_numpy(image.rgb).permute(2, 0, 1)[None].to(device)
     with autocast(device, precision):
-        y = restore_tensor(model, x, plan.tile, overlap, progress=progress, stat_passes=stat_passes,
+        y = restore_tensor(model, x, plan.tile, overlap, progress=progress, stat_passes=plan.stat_passes,
                            share_latent=plan.share_latent)
     y = y[0].permute(1, 2, 0).cpu().numpy()
     write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale, image.exif, image.icc_profile))

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             plan = restore_file(model, src, out_dir / rel, device, args.dtype, args.tile, args.tile_overlap,
                                 max_memory, progress, args.stat_passes)
             if args.verbose:
-                tqdm.write(f"m2restore restore: {src.name}: {_describe(plan, args.stat_passes)}", file=sys.stderr)
+                tqdm.write(f"m2restore restore: {src.name}: {_describe(plan)}", file=sys.stderr)
         except UnreadableImageError as e:
             failed.append((src, e.reason))
             tqdm.write(f"m2restore restore: {e}", file=sys.stderr)
@@ -113,12 +113,12 @@ def _model(args: argparse.Namespace, device):
         raise UsageError(f"--weights: {e}") from e
 
 
-def _describe(plan, stat_passes: int) -> str:
-    """What --verbose says of how an image was restored."""
+def _describe(plan) -> str:
+    """What --verbose says of how an image was restored (a :class:`m2restore.restore.TilePlan`)."""
     if plan.tile == 0:
         return "whole"
-    latent = "shared on the whole map" if plan.share_latent and stat_passes else "per tile"
-    return f"{plan.tile}-pixel tiles, {stat_passes} gathering passes, latent stage {latent}"
+    latent = "shared on the whole map" if plan.share_latent else "per tile"
+    return f"{plan.tile}-pixel tiles, {plan.stat_passes} gathering passes, latent stage {latent}"
 
 
 def _check_tiling(tile: int, overlap: int | None, config) -> None:

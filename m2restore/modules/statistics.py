@@ -111,17 +111,20 @@ class TileStatistics:
         self._previous: list | None = None
         self._gathered: list = []
         self._calls = 0
+        self._gather = True
         self._tile: tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
 
     @contextlib.contextmanager
     def tile(self, origin: tuple[int, int], size: tuple[int, int], rows: tuple[int, int],
-             cols: tuple[int, int]) -> Iterator[None]:
+             cols: tuple[int, int], gather: bool = True) -> Iterator[None]:
         """Within this context, the forward is that of the tile of ``size`` (h, w) input pixels at
         ``origin`` (top, left) in the image, whose core is ``rows`` × ``cols`` ([start, stop) in tile
-        pixels). Origin, size and core are multiples of the coarsest feature map's stride."""
+        pixels). Origin, size and core are multiples of the coarsest feature map's stride. Without
+        ``gather`` (the output pass, which no pass follows) the tile only uses what earlier passes
+        gathered."""
         if _ACTIVE.get() is not None:
             raise RuntimeError("tiled forwards cannot nest: one TileStatistics is already gathering")
-        self._tile, self._calls = (origin, size, rows, cols), 0
+        self._tile, self._calls, self._gather = (origin, size, rows, cols), 0, gather
         token = _ACTIVE.set(self)
         try:
             yield
@@ -153,9 +156,9 @@ class TileStatistics:
         """Add this tile's partial reductions ``parts`` (combined by ``ops``, "sum" or "max") into
         the pass's totals; return the previous pass's totals for them (``parts`` in the first pass)."""
         index = self._next_call(tuple)
-        if index == len(self._gathered):
+        if self._gather and index == len(self._gathered):
             self._gathered.append(tuple(p.detach().clone() for p in parts))
-        else:
+        elif self._gather:
             self._gathered[index] = tuple(total + p if op == "sum" else torch.maximum(total, p)
                                           for total, p, op in zip(self._gathered[index], parts, ops))
         return parts if self._previous is None else self._previous[index]
@@ -168,11 +171,12 @@ class TileStatistics:
         b, c, h, w = x.shape
         s = self._stride(h, w)
         top, left = top // s, left // s
-        if index == len(self._gathered):
-            height, width = self.image_size
-            self._gathered.append(_AssembledMap(x.new_zeros(b, c, height // s, width // s)))
-        r0, r1, c0, c1 = rows[0] // s, rows[1] // s, cols[0] // s, cols[1] // s
-        self._gathered[index].assembled[:, :, top + r0:top + r1, left + c0:left + c1] = x[:, :, r0:r1, c0:c1]
+        if self._gather:
+            if index == len(self._gathered):
+                height, width = self.image_size
+                self._gathered.append(_AssembledMap(x.new_zeros(b, c, height // s, width // s)))
+            r0, r1, c0, c1 = rows[0] // s, rows[1] // s, cols[0] // s, cols[1] // s
+            self._gathered[index].assembled[:, :, top + r0:top + r1, left + c0:left + c1] = x[:, :, r0:r1, c0:c1]
         if self._previous is None:
             return fn(x)
         whole = self._previous[index]
