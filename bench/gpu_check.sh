@@ -100,7 +100,7 @@ install() {
   # Links rather than `pip install -e .` (27 s there): the two import names, straight from the tree.
   mkdir -p /tmp/m2path
   ln -sfn "$PWD/m2restore" /tmp/m2path/m2restore
-  ln -sfn "$PWD/kernels" /tmp/m2path/m2restore_kernels
+  ln -sfn "$PWD/kernels/m2restore_kernels" /tmp/m2path/m2restore_kernels
   "$PY" -c "import m2restore, m2restore_kernels, m2restore.benchmark; print('import ok without open_clip')"
   if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -115,7 +115,7 @@ export PYTHONPATH="/tmp/site:/tmp/m2path:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Every kernel's whole test file (its CPU and CUDA cases), then the tests marked cuda elsewhere.
 parity() {
   local files=() ignore=() f op rc=0
-  for op in kernels/*/__init__.py; do  # one package per op
+  for op in kernels/m2restore_kernels/*/__init__.py; do  # one package per op
     op=$(basename "$(dirname "$op")")
     for f in tests/test_"$op"*.py; do [[ -e $f ]] && files+=("$f") && ignore+=("--ignore=$f"); done
   done

@@ -1,4 +1,4 @@
-"""The one place that decides the backend: kernels/_backend.py."""
+"""The one place that decides the backend: kernels/m2restore_kernels/_backend.py."""
 import importlib
 import math
 import os

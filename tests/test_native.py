@@ -1,4 +1,4 @@
-"""kernels/_native: the C kernels are built once into a cache and skipped cleanly where they cannot be."""
+"""m2restore_kernels._native: the C kernels are built once into a cache and skipped cleanly where they cannot be."""
 from __future__ import annotations
 
 import os

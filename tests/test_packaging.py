@@ -48,3 +48,33 @@ def test_version_comes_from_the_distribution_metadata():
     import m2restore
 
     assert m2restore.__version__ in (PYPROJECT["project"]["version"], "0+unknown")
+
+
+KERNELS_PYPROJECT = tomllib.loads((ROOT / "kernels" / "pyproject.toml").read_text())
+
+
+def test_kernels_distribution_ships_the_same_package_with_torch_and_triton_only():
+    kernels = KERNELS_PYPROJECT["tool"]["setuptools"]
+    root_kernel_packages = [p for p in SETUPTOOLS["packages"] if p.split(".")[0] == "m2restore_kernels"]
+    assert kernels["packages"] == root_kernel_packages
+    assert kernels["package-data"] == {
+        p: g for p, g in SETUPTOOLS["package-data"].items() if p.startswith("m2restore_kernels")}
+    requirements = {r.split(">")[0].split(";")[0].strip() for r in KERNELS_PYPROJECT["project"]["dependencies"]}
+    assert requirements == {"torch", "triton"}
+    assert KERNELS_PYPROJECT["project"]["version"] == PYPROJECT["project"]["version"]
+
+
+def test_the_checkout_never_shadows_another_top_level_kernels_package(tmp_path):
+    """kernels/ is a plain folder: run from the checkout, `import kernels` finds whatever
+    distribution installs that name (Hugging Face's), never our sources."""
+    import subprocess
+    import sys
+
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    # A stand-in for another distribution's regular package named `kernels`, later on sys.path.
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("WHOSE = 'theirs'\n")
+    code = "import kernels; print(getattr(kernels, 'WHOSE', 'checkout'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": f"{ROOT}:{tmp_path}", "PATH": "/usr/bin:/bin"}, check=True)
+    assert out.stdout.strip() == "theirs"

@@ -14,10 +14,17 @@ from .gated_fusion import gated_fusion, gated_fusion_ref
 from .moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
 from .selective_scan import selective_scan, selective_scan_ref
 
-try:
-    __version__ = _metadata.version("m2restore")  # the distribution that installs this package
-except _metadata.PackageNotFoundError:  # run from a source tree (PYTHONPATH), not installed
-    __version__ = "0+unknown"
+def _installed_version() -> str:
+    # Two distributions ship this package: the kernels alone (kernels/pyproject.toml) and m2restore.
+    for distribution in ("m2restore-kernels", "m2restore"):
+        try:
+            return _metadata.version(distribution)
+        except _metadata.PackageNotFoundError:
+            continue
+    return "0+unknown"  # run from a source tree (PYTHONPATH), not installed
+
+
+__version__ = _installed_version()
 
 __all__ = [
     "BACKENDS", "resolve_backend", "__version__",
