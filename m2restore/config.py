@@ -22,7 +22,16 @@ balance_load       ``"smooth"``: Σ_p P(expert in the   ``"smooth_clean"``: the 
 prior_preprocess   ``"daclip"``: bicubic shorter side  ``"bilinear"``: bilinear shorter side to
                    to 224, centre crop, OpenAI         224, centre crop, no mean/std
                    mean/std (DA-CLIP's own)
+input_range        ``(0, 1)``: the network sees the    ``(-1, 1)``: their loaders'
+                   image as read                       ``Normalize(0.5, 0.5)`` of the input only
 =================  ==================================  ==========================================
+
+``input_range`` is where the network's input lives; callers always pass images in [0, 1] and
+:func:`to_input_range` maps them, once, in :meth:`M2Restore.network_input
+<m2restore.model.M2Restore.network_input>` (and for a prior cache in
+:func:`~m2restore.prior.cache.write_prior_cache`). The output is not mapped back: the residual
+``output + input`` is trained against a [0, 1] ground truth in either case
+(docs/design.md#input-range).
 
 ``balance_load="count"`` (#pixels routed to each expert, no gradient) is what configs saved before
 the field existed used; :meth:`from_dict` fills it in for them. The load term is a count in eval mode
@@ -40,6 +49,8 @@ BALANCE_LOADS = ("smooth", "smooth_clean", "count")
 PRIOR_PREPROCESSING = ("daclip", "bilinear")
 # What configs saved before these fields existed ran with.
 _LEGACY_DEFAULTS = {"aflb_box": "half", "balance_load": "count", "prior_preprocess": "daclip"}
+#: ``input_range`` of the paper and of configs saved before the field existed: images as read.
+UNIT_RANGE = (0.0, 1.0)
 DEGRADATIONS = ("hazy", "noisy", "raindrop", "rainy", "shadowed", "snowy")
 
 
@@ -97,6 +108,7 @@ class M2RestoreConfig:
     aflb_box: str = "half"
     balance_load: str = "smooth"
     prior_preprocess: str = "daclip"
+    input_range: tuple[float, float] = UNIT_RANGE
     backend: str = "auto"
     # Whether the weights were trained with a degradation prior (DA-CLIP): only then does running
     # them without one lose a signal the network learned to use (M2Restore warns).
@@ -105,6 +117,7 @@ class M2RestoreConfig:
     def __post_init__(self):
         for name in ("enc_blocks", "dec_blocks", "heads", "degradation_names"):
             setattr(self, name, tuple(getattr(self, name)))
+        self.input_range = check_input_range(self.input_range)
         for name in ("enc_blocks", "dec_blocks", "heads"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"{name} needs one entry per level (3), got {getattr(self, name)}")
@@ -118,6 +131,9 @@ class M2RestoreConfig:
                               ("prior_preprocess", PRIOR_PREPROCESSING)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.prior_preprocess == "daclip" and self.input_range != UNIT_RANGE:
+            raise ValueError(f"prior_preprocess='daclip' is DA-CLIP's own transform of [0, 1] images; with "
+                             f"input_range={self.input_range} use prior_preprocess='bilinear'")
         if not 1 <= self.top_k <= self.num_experts or self.num_experts < 2:
             raise ValueError(f"need 2 <= num_experts and 1 <= top_k <= num_experts, "
                              f"got num_experts={self.num_experts}, top_k={self.top_k}")
@@ -165,7 +181,8 @@ class M2RestoreConfig:
         """The paper's sizes with every public-code variant of the module docstring's table: the
         network the authors' training code builds (``m2restore convert-authors`` loads its weights)."""
         base = dict(combine="logsumexp", noise_mask=False, alpha="scalar", gate_weights_cnn=False,
-                    aflb_box="adair", balance_load="smooth_clean", prior_preprocess="bilinear")
+                    aflb_box="adair", balance_load="smooth_clean", prior_preprocess="bilinear",
+                    input_range=(-1.0, 1.0))
         return cls(**{**base, **overrides})
 
     # JSON round trip.
@@ -182,3 +199,25 @@ class M2RestoreConfig:
         # A field missing from a saved config takes the value the config was saved with, which for
         # the switches added later is not always today's default.
         return cls(**{**{k: v for k, v in _LEGACY_DEFAULTS.items() if k not in data}, **data})
+
+
+def check_input_range(value) -> tuple[float, float]:
+    """``value`` (two numbers, low < high) as a tuple of floats, else ``ValueError``."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_range must be two numbers (low, high), got {value!r}") from None
+    if not low < high:
+        raise ValueError(f"input_range must have low < high, got {value!r}")
+    return low, high
+
+
+def to_input_range(images, input_range: tuple[float, float]):
+    """Images in [0, 1] (a tensor of any shape and float dtype) -> the same affinely mapped onto
+    ``input_range``: ``low + (high - low) · x`` (``2x − 1`` for (-1, 1), which is bit for bit the
+    ``(x − 0.5) / 0.5`` of torchvision's ``Normalize(0.5, 0.5)``). The unit range returns ``images``
+    itself, so configs without the field compute exactly as before."""
+    low, high = input_range
+    if (low, high) == UNIT_RANGE:
+        return images
+    return images * (high - low) + low

@@ -1,6 +1,6 @@
 """M2Restore (paper Fig. 2), top to bottom.
 
-    image (B, 3, H, W) in [0, 1], padded to a multiple of 8
+    image (B, 3, H, W) in [0, 1], mapped onto config.input_range, padded to a multiple of 8
       ├─ degradation prior (frozen DA-CLIP, once per image) ─> d_g (B, D), P_f (B, 512)
       ├─ TPGS task prompt (once per image) ─────────────────> T (B, 256)
       └─ patch embed conv3×3 3→48
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import M2RestoreConfig
+from .config import M2RestoreConfig, to_input_range
 from .modules import AFLB, DDER, MCDB, Downsample, TaskPrompt, TransformerBlock, Upsample
 from .modules.statistics import whole_map
 from .prior.null import DegradationPrior, NullPrior
@@ -120,17 +120,17 @@ class M2Restore(nn.Module):
 
     def forward(self, x: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None = None,
                 return_aux: bool = False, *, task_prompt: torch.Tensor | None = None):
-        """x (B, 3, H, W) float in [0, 1], any H, W >= 1 -> restored (B, 3, H, W) [, M2RestoreAux].
+        """x (B, 3, H, W) float in [0, 1], any H, W >= 1 -> restored (B, 3, H, W) [, M2RestoreAux],
+        in [0, 1] (unclamped) whatever ``config.input_range`` the network sees (:meth:`network_input`).
 
         ``prior=(d_g (B, D), P_f (B, prior_dim))`` skips the prior module (e.g. cached DA-CLIP outputs);
         ``task_prompt`` (B, prompt_dim) skips the TPGS (a tile gets its whole image's, as it does the prior).
         """
         self._check_input(x)
-        d_g, p_f = self._degradation_prior(x, prior)
         h, w = x.shape[-2:]
-        m = self.config.pad_multiple
-        image = F.pad(x, (0, -w % m, 0, -h % m), mode="replicate")
-
+        mapped = self.network_input(x)
+        d_g, p_f = self._degradation_prior(mapped, prior)
+        image = self._pad(mapped)
         if task_prompt is None:
             task_prompt = self.task_prompt(image)
         feats = self.patch_embed(image)
@@ -156,6 +156,27 @@ class M2Restore(nn.Module):
         if return_aux:
             return restored, M2RestoreAux(torch.stack(balances).sum(), routing)
         return restored
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, H, W) in [0, 1] -> what the network computes on: x mapped onto
+        ``config.input_range`` by :func:`~m2restore.config.to_input_range` (x itself for [0, 1]).
+        The one place the input range is applied: the prior reads this tensor, and the task prompt,
+        the patch embedding, the AFLBs and the output residual read it padded."""
+        return to_input_range(x, self.config.input_range)
+
+    def shared_inputs(self, x: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """What every tile of x (B, 3, H, W) in [0, 1] gets from the whole image, to pass to
+        :meth:`forward` as ``prior`` and ``task_prompt``: ((d_g (B, D), P_f (B, prior_dim)), task
+        prompt (B, prompt_dim)). A ``prior`` given is checked and kept."""
+        mapped = self.network_input(x)
+        return self._degradation_prior(mapped, prior), self.task_prompt(self._pad(mapped))
+
+    def _pad(self, image: torch.Tensor) -> torch.Tensor:
+        """Replicate-pad (B, C, H, W) to multiples of ``config.pad_multiple``."""
+        h, w = image.shape[-2:]
+        m = self.config.pad_multiple
+        return F.pad(image, (0, -w % m, 0, -h % m), mode="replicate")
 
     def latent_stage(self, feats: torch.Tensor, p_f: torch.Tensor) -> torch.Tensor:
         """The MCDBs, (B, C_4, H/8, W/8) -> the same. The Mamba scans run along the whole map's rows,

@@ -62,8 +62,10 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu", backend:
 @torch.no_grad()
 def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = None,
                    prior: tuple[torch.Tensor, torch.Tensor] | None = None, progress=None,
-                   stat_passes: int = DEFAULT_STAT_PASSES, share_latent: bool = True) -> torch.Tensor:
-    """Restore x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1], in x's dtype (also under autocast).
+                   stat_passes: int = DEFAULT_STAT_PASSES, share_latent: bool = True, clamp: bool = True
+                   ) -> torch.Tensor:
+    """Restore x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1], in x's dtype (also under autocast);
+    ``clamp=False`` keeps the network's values outside [0, 1] (the authors' scoring reads them).
 
     With ``tile`` > 0 and an image larger than it, the image (padded as the network pads it) is cut
     into ``tile × tile`` windows overlapping by ``overlap`` pixels (default :func:`default_overlap`;
@@ -88,16 +90,15 @@ def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = 
     if stat_passes < 0:
         raise ValueError(f"stat_passes must be non-negative, got {stat_passes}")
     if tile == 0 or (h <= tile and w <= tile):
-        return model(x, prior=prior).to(x.dtype).clamp(0.0, 1.0)
+        out = model(x, prior=prior).to(x.dtype)
+        return out.clamp(0.0, 1.0) if clamp else out
     m = model.config.pad_multiple
     tile = max(m, tile // m * m)
     overlap = -(-(default_overlap(model.config, tile) if overlap is None else overlap) // m) * m
     if not 0 <= overlap < tile:
         raise ValueError(f"tile_overlap ({overlap}) must be non-negative and smaller than tile ({tile})")
-    if prior is None:
-        prior = model.prior(x)
+    prior, task_prompt = model.shared_inputs(x, prior)
     image = F.pad(x, (0, -w % m, 0, -h % m), mode="replicate")
-    task_prompt = model.task_prompt(image)
     rows, cols = (list(zip(blend_windows(size, tile, overlap, x), tile_cores(size, tile, overlap, m)))
                   for size in image.shape[-2:])
     statistics = TileStatistics(image.shape[-2:], share_maps=share_latent)
@@ -115,7 +116,8 @@ def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = 
                 if progress is not None:
                     progress(forwards)
         statistics.next_pass()
-    return out[:, :, :h, :w].clamp(0.0, 1.0)
+    out = out[:, :, :h, :w]
+    return out.clamp(0.0, 1.0) if clamp else out
 
 
 def tile_cores(size: int, tile: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:

@@ -83,6 +83,9 @@ class _Pointwise:
     def task_prompt(self, x):
         return x.mean(dim=(2, 3))
 
+    def shared_inputs(self, x, prior=None):
+        return self.prior(x) if prior is None else prior, self.task_prompt(x)
+
     def __call__(self, x, prior=None, task_prompt=None):
         self.priors.append(prior)
         return torch.sigmoid(3 * x - 1)
@@ -111,6 +114,11 @@ class _Reducing(torch.nn.Module):
 
     def task_prompt(self, x):
         return x.mean(dim=(2, 3))
+
+    def shared_inputs(self, x, prior=None):
+        h, w = x.shape[-2:]
+        image = torch.nn.functional.pad(x, (0, -w % 4, 0, -h % 4), mode="replicate")
+        return self.prior(x) if prior is None else prior, self.task_prompt(image)
 
     @staticmethod
     def scan(x):

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     for reason, keys in by_reason.items():
         shown = keys if args.verbose else keys[:3] + (["..."] if len(keys) > 3 else [])
         print(f"dropped {len(keys)}: {reason}: {', '.join(shown)}")
-    print(f"wrote {args.out / CONFIG_NAME} and {args.out / WEIGHTS_NAME} (M2RestoreConfig.authors()); "
+    print(f"wrote {args.out / CONFIG_NAME} and {args.out / WEIGHTS_NAME} (M2RestoreConfig.authors(): the network "
+          f"sees images mapped onto {config.input_range}, as their loaders normalise them); "
           "run them with the DA-CLIP checkpoint the model was trained with (--prior-checkpoint)")
     return 0

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import DEGRADATIONS
+from ..config import DEGRADATIONS, UNIT_RANGE, check_input_range
 from ..options import PRIOR_BATCH_SIZE
 from .common import add_device_argument, device_from_args
 
@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess", choices=("daclip", "bilinear"), default="daclip",
                         help="how images are prepared for CLIP; use the model config's prior_preprocess "
                              "(bilinear for M2RestoreConfig.authors()) (default: %(default)s)")
+    parser.add_argument("--input-range", type=_input_range, default=UNIT_RANGE, metavar="LOW,HIGH",
+                        help="the model config's input_range: images are mapped onto it before DA-CLIP "
+                             "(-1,1 for M2RestoreConfig.authors()) (default: 0,1)")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip config name of the DA-CLIP (default: %(default)s)")
     parser.add_argument("--model-config", type=Path, default=None,
                         help="JSON file of open_clip model config overrides (for non-standard DA-CLIPs)")
@@ -44,6 +47,14 @@ def run(args: argparse.Namespace) -> int:
                                      preprocessing=args.preprocess)
     prior.to(device_from_args(args.device))
     count = write_prior_cache(prior, images, args.images, args.out, batch_size=args.batch_size,
-                              metadata={"checkpoint": args.checkpoint.name})
+                              metadata={"checkpoint": args.checkpoint.name}, input_range=args.input_range)
     print(f"prior-cache: {count} images -> {args.out} (names: {', '.join(names)}; {args.preprocess} preprocessing)")
     return 0
+
+
+def _input_range(text: str) -> tuple[float, float]:
+    """argparse type: ``LOW,HIGH``, checked as ``M2RestoreConfig.input_range`` is."""
+    try:
+        return check_input_range(text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH with LOW < HIGH (e.g. -1,1)") from err

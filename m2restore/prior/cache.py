@@ -4,8 +4,8 @@
 computes ``(d_g, P_f)`` once per image file under ``DIR`` (recursively) and writes them to one
 safetensors file, keyed by the file's path relative to ``DIR`` (POSIX separators):
 ``d_g/<relpath>`` (D,) and ``P_f/<relpath>`` (embed_dim,), float32. The metadata records the
-degradation names and the CLIP model (name and open_clip config), so a reader can check they
-match its model config.
+degradation names, the CLIP model (name and open_clip config), the image preparation and the
+input range the images were mapped to, so a reader can check they match its model config.
 Point ``DIR`` at the data root the training set's keys are relative to.
 :func:`~m2restore.data.io.find_images` lists the images a cache is written for.
 """
@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..config import UNIT_RANGE, to_input_range
 from ..data.io import find_images, read_image
 from ..options import PRIOR_BATCH_SIZE
 
@@ -47,6 +48,7 @@ def write_prior_cache(
     batch_size: int = PRIOR_BATCH_SIZE,
     metadata: Mapping[str, str] | None = None,
     progress: bool = True,
+    input_range: tuple[float, float] = UNIT_RANGE,
 ) -> int:
     """Compute ``prior``'s ``(d_g, P_f)`` for each image and save them to ``out``.
 
@@ -56,6 +58,8 @@ def write_prior_cache(
         image_paths: files under ``root``; each is keyed by its path relative to ``root``.
         out: the safetensors file, written atomically (a temporary file, then renamed).
         metadata: extra string metadata (e.g. the checkpoint's name) besides names and model.
+        input_range: the model config's ``input_range``: images are mapped onto it before the
+            prior, as :meth:`~m2restore.model.M2Restore.network_input` maps them.
     Returns:
         the number of images written.
     """
@@ -69,14 +73,16 @@ def write_prior_cache(
     with tqdm(total=len(paths), desc="prior cache", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = range(start, min(start + batch_size, len(paths)))
-            pixels = torch.cat([prior.preprocess(_read_rgb(paths[i]).to(device)) for i in chunk])
+            pixels = torch.cat([prior.preprocess(to_input_range(_read_rgb(paths[i]).to(device), input_range))
+                                for i in chunk])
             d_g, p_f = prior.priors(pixels)
             for row, i in enumerate(chunk):
                 tensors[_D_G + keys[i]] = d_g[row].cpu().contiguous()
                 tensors[_P_F + keys[i]] = p_f[row].cpu().contiguous()
             bar.update(len(chunk))
     meta = {"format": FORMAT, "names": json.dumps(list(prior.names)), "model": prior.model_name,
-            "model_cfg": json.dumps(prior.model_cfg), "preprocessing": prior.preprocessing, **(metadata or {})}
+            "model_cfg": json.dumps(prior.model_cfg), "preprocessing": prior.preprocessing, "input_range": json.dumps(list(input_range)),
+            **(metadata or {})}
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -87,8 +93,8 @@ def write_prior_cache(
 class PriorCache:
     """Read a prior cache: ``cache[relpath] -> (d_g (D,), P_f (embed_dim,))``, float32 on CPU.
 
-    The whole file is loaded at construction (a few KB per image); ``names`` and ``model`` come
-    from its metadata.
+    The whole file is loaded at construction (a few KB per image); ``names``, ``model``,
+    ``preprocessing`` and ``input_range`` (a tuple of floats) come from its metadata.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -106,6 +112,7 @@ class PriorCache:
         self.model = meta["model"]
         # Caches written before the switch existed used DA-CLIP's own transform.
         self.preprocessing = meta.get("preprocessing", "daclip")
+        self.input_range = tuple(json.loads(meta.get("input_range", json.dumps(list(UNIT_RANGE)))))
         self.metadata = meta
         self._tensors = load_file(str(self.path))
 

@@ -270,15 +270,16 @@ class DAClipPrior(nn.Module):
 
     @torch.no_grad()
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 3, S, S), S = ``image_size``, float32.
+        """(B, 3, H, W) as the network sees them (``M2RestoreConfig.input_range``: [0, 1], or
+        [-1, 1] for the authors' ``"bilinear"`` pipeline) -> (B, 3, S, S), S = ``image_size``, float32.
 
         Shorter side to S (antialiased, long side ``int(S·long/short)`` as torchvision's ``Resize``)
         then a centre crop; by :attr:`preprocessing`:
 
-        - ``"daclip"``: CLIP's eval transform, bicubic, clamped to [0, 1] as the 8-bit PIL pipeline
+        - ``"daclip"``: CLIP's eval transform of [0, 1] images, bicubic, clamped to [0, 1] as the 8-bit PIL pipeline
           DA-CLIP was trained with is, then OpenAI mean/std;
         - ``"bilinear"``: the authors' ``Resize(S, antialias=True)`` and ``CenterCrop(S)`` on the
-          tensor, bilinear, neither clamped nor normalised.
+          tensor, bilinear, neither clamped nor normalised (their loaders feed it [-1, 1]).
         """
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
