@@ -67,3 +67,8 @@ DEMO_CROP, DEMO_BATCH_SIZE, DEMO_LR, DEMO_LR_DECAY = 64, 4, 2e-3, 100
 # stays small on a CPU.
 PRIOR_BATCH_SIZE = 32
 ROUTING_PERPLEXITY = 30.0  # the paper's t-SNE perplexity for Fig. 8
+
+# ------------------------------------------------------------------------ evaluation
+#: How ``m2restore eval`` scores the Y row (:func:`m2restore.evaluate.evaluate_set`): ``ycbcr``
+#: the paper's protocol, ``chw-view`` the authors' ``val_utils.py`` (:func:`m2restore.evaluate.chw_view_metrics`).
+Y_METRICS = ("ycbcr", "chw-view")
