@@ -24,6 +24,8 @@ prior_preprocess   ``"daclip"``: bicubic shorter side  ``"bilinear"``: bilinear 
                    mean/std (DA-CLIP's own)
 input_range        ``(0, 1)``: the network sees the    ``(-1, 1)``: their loaders'
                    image as read                       ``Normalize(0.5, 0.5)`` of the input only
+prior_fp16_text    ``False``: DA-CLIP's text features  ``True``: both in float16, as under their
+                   and similarity in float32           CUDA autocast
 =================  ==================================  ==========================================
 
 ``input_range`` is where the network's input lives; callers always pass images in [0, 1] and
@@ -109,6 +111,7 @@ class M2RestoreConfig:
     balance_load: str = "smooth"
     prior_preprocess: str = "daclip"
     input_range: tuple[float, float] = UNIT_RANGE
+    prior_fp16_text: bool = False
     backend: str = "auto"
     # Whether the weights were trained with a degradation prior (DA-CLIP): only then does running
     # them without one lose a signal the network learned to use (M2Restore warns).
@@ -182,7 +185,7 @@ class M2RestoreConfig:
         network the authors' training code builds (``m2restore convert-authors`` loads its weights)."""
         base = dict(combine="logsumexp", noise_mask=False, alpha="scalar", gate_weights_cnn=False,
                     aflb_box="adair", balance_load="smooth_clean", prior_preprocess="bilinear",
-                    input_range=(-1.0, 1.0))
+                    input_range=(-1.0, 1.0), prior_fp16_text=True)
         return cls(**{**base, **overrides})
 
     # JSON round trip.

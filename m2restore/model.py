@@ -198,6 +198,11 @@ class M2Restore(nn.Module):
             warnings.warn(f"the prior prepares images with {preprocessing!r} but this model's config has "
                           f"prior_preprocess={self.config.prior_preprocess!r}: its d_g and P_f differ from "
                           "those the model was trained with", stacklevel=2)
+        fp16_text = getattr(prior, "fp16_text", None)
+        if fp16_text is not None and fp16_text != self.config.prior_fp16_text:
+            warnings.warn(f"the prior computes its text side with fp16_text={fp16_text} but this model's config has "
+                          f"prior_fp16_text={self.config.prior_fp16_text}: its d_g differs (~1e-3) from the one the "
+                          "model was trained with", stacklevel=2)
         # Bypass nn.Module registration: the frozen prior is not part of this model's weights.
         object.__setattr__(self, "_prior", prior)
 
@@ -277,7 +282,8 @@ class M2Restore(nn.Module):
             from .prior import DAClipPrior
 
             prior = DAClipPrior.from_checkpoint(prior_checkpoint, names=config.degradation_names,
-                                               preprocessing=config.prior_preprocess)
+                                               preprocessing=config.prior_preprocess,
+                                               fp16_text=config.prior_fp16_text)
         model = cls(config, prior=prior)
         model.load_weights(load_file(str(directory / WEIGHTS_NAME)))
         return model.to(map_location)

@@ -507,7 +507,7 @@ def build_model(config: str | dict, backend: str | None = None, prior_checkpoint
     from .prior import DAClipPrior
 
     prior = DAClipPrior.from_checkpoint(prior_checkpoint, names=cfg.degradation_names,
-                                        preprocessing=cfg.prior_preprocess)
+                                        preprocessing=cfg.prior_preprocess, fp16_text=cfg.prior_fp16_text)
     return M2Restore(cfg, prior=prior)
 
 

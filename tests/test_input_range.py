@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from m2restore.prior.cache import PriorCache, write_prior_cache
 from m2restore.prior.daclip import DAClipPrior
 from m2restore.restore import DEMO_WEIGHTS, restore_tensor
 from tests.test_authors import authors_state_dict, make_model, tiny_authors
-from tests.test_daclip import TINY_CLIP, tiny_prior
+from tests.test_daclip import TINY_CLIP, pixels, tiny_prior
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -33,8 +32,9 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def bilinear_prior() -> DAClipPrior:
+    """A tiny DA-CLIP prepared as authors() prepares it (bilinear, float16 text side)."""
     prior = tiny_prior()
-    prior.preprocessing = "bilinear"
+    prior.preprocessing, prior.fp16_text = "bilinear", True
     return prior
 
 
@@ -44,7 +44,7 @@ class _Recording(torch.nn.Module):
     def __init__(self, prior):
         super().__init__()
         self.inner, self.seen = prior, []
-        self.preprocessing = prior.preprocessing
+        self.preprocessing, self.fp16_text = prior.preprocessing, prior.fp16_text
 
     def forward(self, images):
         self.seen.append(images.detach().clone())
@@ -102,10 +102,10 @@ def test_every_quantity_sees_the_mapped_input_and_the_output_is_not_mapped_back(
     assert (got - ours).abs().max() > 0.1
 
 
-def test_tiles_and_prior_caches_map_the_input_the_same_way(tmp_path):
+def test_tiles_and_prior_caches_map_the_input_the_same_way(tmp_path, capsys):
     """restore_tensor's tiles (prior and task prompt of the whole image, windows through forward)
     and a prior cache written for the [-1, 1] network give what the [0, 1] network gives on
-    normalize(x)."""
+    normalize(x); training refuses a cache written for another range or preparation."""
     prior = bilinear_prior().double()
     model, unit = _pair(prior)
     torch.manual_seed(4)
@@ -129,6 +129,14 @@ def test_tiles_and_prior_caches_map_the_input_the_same_way(tmp_path):
         d_g, p_f = prior32((x - 0.5) / 0.5 if input_range != UNIT_RANGE else x)
         torch.testing.assert_close(cache["1.png"][0], d_g[0], rtol=0, atol=1e-6)
         torch.testing.assert_close(cache["1.png"][1], p_f[0], rtol=0, atol=1e-5)
+    assert main(["train", "--config", "tiny", "--data", str(images), "--out", str(tmp_path / "run"),
+                 "--prior-cache", str(out), "--device", "cpu"]) == 2
+    assert "--preprocess daclip --input-range 0,1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["prior-cache", "--checkpoint", "x.pt", "--images", str(images), "--out", str(out),
+              "--input-range", "1,-1"])
+    assert exc.value.code == 2
+    assert "--input-range" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:M2Restore has no degradation prior")
@@ -160,12 +168,39 @@ def test_converted_checkpoint_restores_through_the_cli_as_their_pipeline_does(tm
     got = np.rint(read_image(tmp_path / "out" / "rainy.png").rgb.astype(np.float64) * 255)
 
     x = torch.from_numpy(u8).double().permute(2, 0, 1)[None] / 255  # their ToTensor
-    _, unit = _pair(prior.double())
+    _, unit = _pair()
     unit.load_state_dict(model.double().state_dict())
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        their = unit(normalize(x)).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-        ours_before = unit(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    with torch.no_grad():
+        # DA-CLIP in float32 with its float16 text side, as the CLI runs it; the network in float64.
+        priors = {k: tuple(t.double() for t in prior(v.float())) for k, v in (("their", normalize(x)), ("ours", x))}
+        their = unit(normalize(x), prior=priors["their"]).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+        ours_before = unit(x, prior=priors["ours"]).clamp(0, 1)[0].permute(1, 2, 0).numpy()
     expected = np.rint(their * 255)
     assert np.abs(got - expected).max() <= 1 and (got != expected).mean() < 0.01
     assert np.abs(got - np.rint(ours_before * 255)).mean() > 5  # the test tells the two apart
+
+
+def test_fp16_text_side_is_their_autocast_similarity():
+    """prior_fp16_text (set by authors()): the text tower under float16 autocast, text and degradation
+    features divided by their float32 norms into float16, and (100·degra) @ textᵀ in float16 before
+    the softmax, as their forward computes d_g under CUDA autocast; P_f does not change."""
+    import open_clip
+
+    assert M2RestoreConfig.authors().prior_fp16_text and not M2RestoreConfig().prior_fp16_text
+    assert not M2RestoreConfig.from_dict(json.loads((DEMO_WEIGHTS / "config.json").read_text())).prior_fp16_text
+    prior = tiny_prior()
+    x = pixels()
+    d32, p32 = prior(x)
+    prior.fp16_text = True
+    d16, p16 = prior(x)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.float16):
+            text = prior.clip.encode_text(open_clip.tokenize(list(prior.names))).float()
+        _, degra = prior.encode_image(prior.preprocess(x))
+    text = (text / text.norm(dim=-1, keepdim=True)).half()
+    degra = (degra / degra.norm(dim=-1, keepdim=True)).half()
+    assert torch.equal(prior.text_features(), text)
+    torch.testing.assert_close(d16, torch.softmax(((100.0 * degra) @ text.T).float(), dim=-1), rtol=0, atol=1e-6)
+    assert torch.equal(p16, p32) and 1e-5 < (d16 - d32).abs().max() < 1e-2
+    with pytest.warns(UserWarning, match="prior_fp16_text"):
+        M2Restore(tiny_authors(prior_dim=TINY_CLIP["embed_dim"], prior_fp16_text=False), prior=bilinear_prior())

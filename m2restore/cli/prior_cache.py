@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-range", type=_input_range, default=UNIT_RANGE, metavar="LOW,HIGH",
                         help="the model config's input_range: images are mapped onto it before DA-CLIP "
                              "(-1,1 for M2RestoreConfig.authors()) (default: 0,1)")
+    parser.add_argument("--fp16-text", action="store_true",
+                        help="text features and similarity in float16, as the model config's prior_fp16_text "
+                             "(set by M2RestoreConfig.authors())")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip config name of the DA-CLIP (default: %(default)s)")
     parser.add_argument("--model-config", type=Path, default=None,
                         help="JSON file of open_clip model config overrides (for non-standard DA-CLIPs)")
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     model_cfg = json.loads(args.model_config.read_text()) if args.model_config else None
     names = [n.strip() for n in args.names.split(",") if n.strip()]
     prior = DAClipPrior.from_checkpoint(args.checkpoint, names=names, model_name=args.model, model_cfg=model_cfg,
-                                     preprocessing=args.preprocess)
+                                     preprocessing=args.preprocess, fp16_text=args.fp16_text)
     prior.to(device_from_args(args.device))
     count = write_prior_cache(prior, images, args.images, args.out, batch_size=args.batch_size,
                               metadata={"checkpoint": args.checkpoint.name}, input_range=args.input_range)

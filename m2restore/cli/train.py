@@ -111,12 +111,14 @@ def _train(args: argparse.Namespace, device) -> dict:
         from ..prior.cache import PriorCache
 
         prior_cache = PriorCache(args.prior_cache)
-        wanted = (model.config.prior_preprocess, model.config.input_range)
-        if (prior_cache.preprocessing, prior_cache.input_range) != wanted:
+        cfg = model.config
+        wanted = (cfg.prior_preprocess, cfg.input_range, cfg.prior_fp16_text)
+        if (prior_cache.preprocessing, prior_cache.input_range, prior_cache.fp16_text) != wanted:
             raise UsageError(f"--prior-cache {args.prior_cache} holds priors of images prepared with "
-                             f"{prior_cache.preprocessing!r} in the input range {prior_cache.input_range}; the model "
-                             f"needs {wanted[0]!r} in {wanted[1]}: rewrite it with m2restore prior-cache --preprocess "
-                             f"{wanted[0]} --input-range {','.join(f'{v:g}' for v in wanted[1])}")
+                             f"{prior_cache.preprocessing!r} in the input range {prior_cache.input_range} "
+                             f"(fp16 text: {prior_cache.fp16_text}); the model needs {wanted[0]!r} in {wanted[1]} "
+                             f"(fp16 text: {wanted[2]}): rewrite it with m2restore prior-cache --preprocess {wanted[0]} "
+                             f"--input-range {','.join(f'{v:g}' for v in wanted[1])}" + " --fp16-text" * wanted[2])
     pairs = [p for spec in args.data for p in open_pairs(spec)]
     train_set = PairedImages(pairs, crop=args.crop, flip=True, prior_cache=prior_cache, seed=seed)
     val_set = None

@@ -82,6 +82,7 @@ def write_prior_cache(
             bar.update(len(chunk))
     meta = {"format": FORMAT, "names": json.dumps(list(prior.names)), "model": prior.model_name,
             "model_cfg": json.dumps(prior.model_cfg), "preprocessing": prior.preprocessing, "input_range": json.dumps(list(input_range)),
+            "fp16_text": json.dumps(bool(getattr(prior, "fp16_text", False))),
             **(metadata or {})}
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
@@ -94,7 +95,7 @@ class PriorCache:
     """Read a prior cache: ``cache[relpath] -> (d_g (D,), P_f (embed_dim,))``, float32 on CPU.
 
     The whole file is loaded at construction (a few KB per image); ``names``, ``model``,
-    ``preprocessing`` and ``input_range`` (a tuple of floats) come from its metadata.
+    ``preprocessing``, ``input_range`` (a tuple of floats) and ``fp16_text`` come from its metadata.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -113,6 +114,7 @@ class PriorCache:
         # Caches written before the switch existed used DA-CLIP's own transform.
         self.preprocessing = meta.get("preprocessing", "daclip")
         self.input_range = tuple(json.loads(meta.get("input_range", json.dumps(list(UNIT_RANGE)))))
+        self.fp16_text = json.loads(meta.get("fp16_text", "false"))
         self.metadata = meta
         self._tensors = load_file(str(self.path))
 

@@ -81,6 +81,13 @@ def _model_config(model_name: str, model_cfg: Mapping | None) -> dict:
     return base
 
 
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their float32 norm, stored in float16: ``x /= x.norm(dim=-1, keepdim=True)``
+    on a float16 ``x`` under autocast (whose norm is float32)."""
+    features = features.float()
+    return (features / features.norm(dim=-1, keepdim=True)).half()
+
+
 def _zero_linear(width: int) -> nn.Linear:
     layer = nn.Linear(width, width)
     nn.init.zeros_(layer.weight)
@@ -135,6 +142,10 @@ class DAClipPrior(nn.Module):
             ``"daclip"`` (DA-CLIP's own eval transform) or ``"bilinear"`` (the M2Restore authors'
             code: bilinear shorter side, centre crop, no mean/std). A model must run with the one
             it was trained with (``M2RestoreConfig.prior_preprocess``).
+        fp16_text: compute the text features and the similarity ``100 · degra @ textᵀ`` in float16
+            (autocast on the prior's device, normalised in float32 and stored in float16), as the
+            M2Restore authors' code does under CUDA autocast (``M2RestoreConfig.prior_fp16_text``);
+            ``False``: float32.
 
     Submodules: ``clip`` (an ``open_clip.model.CLIP``), ``visual_control`` (a deep copy of
     ``clip.visual``) and ``control_zero`` (one ``Linear(width, width)`` per residual block, zero at
@@ -148,11 +159,13 @@ class DAClipPrior(nn.Module):
         names: Sequence[str] = DEFAULT_NAMES,
         model_cfg: Mapping | None = None,
         preprocessing: str = "daclip",
+        fp16_text: bool = False,
     ):
         super().__init__()
         if preprocessing not in PREPROCESSING:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
         self.preprocessing = preprocessing
+        self.fp16_text = fp16_text
         self.model_name = model_name
         self.model_cfg = _model_config(model_name, model_cfg)
         self.clip = open_clip.model.CLIP(**self.model_cfg)
@@ -254,15 +267,17 @@ class DAClipPrior(nn.Module):
         return self.clip.encode_text(tokens.to(self.clip.token_embedding.weight.device))
 
     def text_features(self) -> torch.Tensor:
-        """Normalised float32 text features of :attr:`names`, (D, embed_dim), computed once.
+        """Normalised text features of :attr:`names`, (D, embed_dim), computed once: float32, or
+        with :attr:`fp16_text` float16 from the tower under float16 autocast.
 
-        Recomputed when the names, the device, the dtype or the weights change.
+        Recomputed when the names, the device, the dtype, ``fp16_text`` or the weights change.
         """
         weight = self.clip.token_embedding.weight
-        key = (self._names, weight.device, weight.dtype)
+        key = (self._names, weight.device, weight.dtype, self.fp16_text)
         if self._text_cache is None or self._text_cache[0] != key:
-            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-                features = F.normalize(self.encode_text(self._names).float(), dim=-1)
+            with torch.no_grad(), torch.autocast(weight.device.type, dtype=torch.float16, enabled=self.fp16_text):
+                features = self.encode_text(self._names)
+            features = _unit(features) if self.fp16_text else F.normalize(features.float(), dim=-1)
             self._text_cache = (key, features)
         return self._text_cache[1]
 
@@ -306,8 +321,11 @@ class DAClipPrior(nn.Module):
         on_cuda = pixels.device.type == "cuda"
         with torch.autocast(pixels.device.type, dtype=torch.float16, enabled=on_cuda):
             image_features, degra_features = self.encode_image(pixels.to(self.clip.visual.proj.dtype))
-        similarity = F.normalize(degra_features.float(), dim=-1) @ text.T
-        return torch.softmax(SIMILARITY_SCALE * similarity, dim=-1), image_features.float()
+        if self.fp16_text:  # their `100.0 * degra @ text.T` under autocast: (100·degra) @ textᵀ, all float16
+            similarity = (_unit(degra_features).mul(SIMILARITY_SCALE) @ text.T).float()
+        else:
+            similarity = SIMILARITY_SCALE * (F.normalize(degra_features.float(), dim=-1) @ text.T)
+        return torch.softmax(similarity, dim=-1), image_features.float()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) in [0, 1], any size, on the prior's device -> ``(d_g, P_f)``."""
@@ -367,6 +385,7 @@ class DAClipPrior(nn.Module):
         model_name: str = "ViT-B-32",
         model_cfg: Mapping | None = None,
         preprocessing: str = "daclip",
+        fp16_text: bool = False,
     ) -> "DAClipPrior":
         """A prior with the weights of a public DA-CLIP checkpoint (e.g. ``daclip_ViT-B-32.pt``).
 
@@ -374,6 +393,6 @@ class DAClipPrior(nn.Module):
         containers and :meth:`load_public_state_dict` for the key layout and its errors.
         """
         state = read_checkpoint(path)
-        prior = cls(model_name, names=names, model_cfg=model_cfg, preprocessing=preprocessing)
+        prior = cls(model_name, names=names, model_cfg=model_cfg, preprocessing=preprocessing, fp16_text=fp16_text)
         prior.load_public_state_dict(state, source=str(path))
         return prior
