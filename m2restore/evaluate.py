@@ -87,7 +87,7 @@ def pil_resize(image: "torch.Tensor", size: tuple[int, int]) -> "torch.Tensor":
     from PIL import Image
 
     samples = np.rint(image.permute(1, 2, 0).numpy().clip(0.0, 1.0) * 255.0).astype(np.uint8)
-    resized = np.asarray(Image.fromarray(samples, mode="RGB").resize(size, Image.Resampling.BICUBIC))
+    resized = np.asarray(Image.fromarray(samples).resize(size, Image.Resampling.BICUBIC))
     return torch.from_numpy(resized.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
