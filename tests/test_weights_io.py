@@ -75,8 +75,9 @@ class _FakeDAClip(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(1), requires_grad=False)
 
     @classmethod
-    def from_checkpoint(cls, path, names, preprocessing="daclip"):
+    def from_checkpoint(cls, path, names, preprocessing="daclip", fp16_text=False):
         cls.calls.append((str(path), tuple(names), preprocessing))
+        assert fp16_text is False  # tiny() computes DA-CLIP's text side in float32
         return cls(names, preprocessing)
 
     def forward(self, images):
