@@ -322,7 +322,8 @@ class DAClipPrior(nn.Module):
         with torch.autocast(pixels.device.type, dtype=torch.float16, enabled=on_cuda):
             image_features, degra_features = self.encode_image(pixels.to(self.clip.visual.proj.dtype))
         if self.fp16_text:  # their `100.0 * degra @ text.T` under autocast: (100·degra) @ textᵀ, all float16
-            similarity = (_unit(degra_features).mul(SIMILARITY_SCALE) @ text.T).float()
+            with torch.autocast(pixels.device.type, dtype=torch.float16):  # whatever autocast the caller runs
+                similarity = (_unit(degra_features).mul(SIMILARITY_SCALE) @ text.T).float()
         else:
             similarity = SIMILARITY_SCALE * (F.normalize(degra_features.float(), dim=-1) @ text.T)
         return torch.softmax(similarity, dim=-1), image_features.float()
