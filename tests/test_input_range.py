@@ -124,7 +124,7 @@ def test_tiles_and_prior_caches_map_the_input_the_same_way(tmp_path, capsys):
         out = tmp_path / f"cache{input_range[0]}.safetensors"
         write_prior_cache(prior32, sorted(images.glob("*.png")), images, out, progress=False, input_range=input_range)
         cache = PriorCache(out)
-        assert cache.input_range == input_range and cache.preprocessing == "bilinear"
+        assert cache.input_range == input_range and cache.preprocessing == "bilinear" and cache.fp16_text is True
         x = torch.from_numpy(pixels[1]).permute(2, 0, 1)[None]
         d_g, p_f = prior32((x - 0.5) / 0.5 if input_range != UNIT_RANGE else x)
         torch.testing.assert_close(cache["1.png"][0], d_g[0], rtol=0, atol=1e-6)
