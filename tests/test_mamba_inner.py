@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2restore_kernels import mamba_inner_fn, mamba_inner_ref
+from m2restore_kernels import mamba_inner_fn, mamba_inner_ref, selective_scan, selective_scan_ref
 
 F64 = torch.float64
 
@@ -119,11 +119,9 @@ def test_mamba_1_1_positional_call():
     torch.testing.assert_close(out, formula(a), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("form", ["plain", "rms"])
-def test_gradcheck(form):
-    a = make(b=1, d=2, l=5, n=2, R=1, w=3, m=2)
-    if form == "rms":
-        a.update(b_rms_weight=torch.rand(2, dtype=F64) + 0.5, dt_rms_weight=torch.rand(2, dtype=F64) + 0.5)
+def test_gradcheck():
+    a = make(b=1, d=2, l=4, n=2, R=1, w=3, m=2)
+    a.update(b_rms_weight=torch.rand(2, dtype=F64) + 0.5, dt_rms_weight=torch.rand(2, dtype=F64) + 0.5)
     names = list(a)
     for k in names:
         a[k].requires_grad_()
@@ -131,7 +129,7 @@ def test_gradcheck(form):
     def f(*tensors):
         return mamba_inner_fn(**dict(zip(names, tensors)))
 
-    assert torch.autograd.gradcheck(f, tuple(a[k] for k in names))
+    assert torch.autograd.gradcheck(f, tuple(a[k] for k in names), fast_mode=True)
 
 
 def test_float32_on_the_c_loop_matches_float64_with_gradients():
@@ -164,13 +162,15 @@ def test_bad_input_is_a_one_line_value_error(change, match):
         mamba_inner_fn(**a)
 
 
-@pytest.mark.parametrize("path", ["torch_float64", "torch_complex_A", "c_loop_float32"])
+@pytest.mark.parametrize("path", ["torch_float64", "c_loop_float32"])
 def test_fullgraph_compile_forward_and_backward(path):
-    """Every selective-scan path under torch.compile(fullgraph=True): the PyTorch scan (float64,
-    complex A) and the C loop's custom op, with the causal conv around them (Triton: test_selective_scan)."""
+    """The selective scan's PyTorch path (float64) and the C loop's custom op (float32) with the
+    causal conv and the projections around them, under torch.compile(fullgraph=True); the float32
+    case also through aot_autograd (slow to trace the PyTorch scan's backward; the Triton path:
+    test_selective_scan)."""
     dtype = torch.float32 if path == "c_loop_float32" else F64
-    a = {k: v.requires_grad_() for k, v in make(l=6, dtype=dtype, complex_A=path == "torch_complex_A").items()}
-    compiled = torch.compile(mamba_inner_fn, fullgraph=True, backend="aot_eager")
+    a = {k: v.requires_grad_() for k, v in make(l=6, dtype=dtype).items()}
+    compiled = torch.compile(mamba_inner_fn, fullgraph=True, backend="aot_eager" if dtype != F64 else "eager")
     out = compiled(**a, backend="torch")
     grads = torch.autograd.grad(out.sum(), list(a.values()))
     exp = formula(a)
@@ -179,3 +179,26 @@ def test_fullgraph_compile_forward_and_backward(path):
     assert (out.double() - exp).norm() <= tol * exp.norm()
     for got, want in zip(grads, exp_grads):
         assert (got.to(want.dtype) - want).norm() <= 10 * tol * want.norm()
+
+
+def test_fullgraph_compile_of_the_scan_with_complex_A():
+    """Complex A runs on the PyTorch scan, whose chunk length used to be read from the data (a
+    graph break); the eager backend keeps this check cheap (dynamo's capture is what broke)."""
+    a = make(l=6, complex_A=True)
+    g = torch.Generator().manual_seed(2)
+    b, d, l, n = 2, 4, 6, 3
+    u, delta = torch.randn(b, d, l, generator=g, dtype=F64), torch.rand(b, d, l, generator=g, dtype=F64)
+    B, C = (torch.randn(b, n, 2 * l, generator=g, dtype=F64) for _ in range(2))
+    args = [t.requires_grad_() for t in (u, delta, a["A"], B, C, a["D"], a["delta_bias"])]
+
+    def scan(u, delta, A, B, C, D, bias):
+        return selective_scan(u, delta, A, B, C, D, None, bias, True, return_last_state=True, backend="torch")
+
+    out, last = torch.compile(scan, fullgraph=True, backend="eager")(*args)
+    ref, ref_last = selective_scan_ref(*args[:6], None, args[6], True, return_last_state=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last, ref_last, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((out.sum(), last.abs().sum()), args)
+    ref_grads = torch.autograd.grad((ref.sum(), ref_last.abs().sum()), args)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
