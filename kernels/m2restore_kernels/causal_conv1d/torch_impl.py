@@ -13,8 +13,9 @@ def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation):
     w = weight.shape[1]
     full = conv_input(x, initial_states, w, compute_dtype(x, weight, bias, initial_states))
     if seq_idx is None and x.shape[-1] > 0:
-        # Under autocast F.conv1d computes in the autocast dtype (its own rule).
-        raw = F.conv1d(full, weight.to(full.dtype).unsqueeze(1), groups=x.shape[1])
-    else:
-        raw = masked_window_sum(full, weight, seq_idx)
-    return epilogue(raw, bias, seq_idx, activation, x.dtype), full
+        # Under autocast F.conv1d computes in the autocast dtype (its own rule). The bias goes in
+        # the conv: one pass less.
+        raw = F.conv1d(full, weight.to(full.dtype).unsqueeze(1), None if bias is None else bias.to(full.dtype),
+                       groups=x.shape[1])
+        return epilogue(raw, None, None, activation, x.dtype), full
+    return epilogue(masked_window_sum(full, weight, seq_idx), bias, seq_idx, activation, x.dtype), full
