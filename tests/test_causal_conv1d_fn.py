@@ -132,7 +132,7 @@ def test_the_short_form_is_the_same_implementation():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(activation="relu"), "activation"),
-    (dict(seq_idx=SEQ_IDX.float()), "seq_idx must be an int32"),
+    (dict(seq_idx=SEQ_IDX.float()), "seq_idx must be an int32 or int64 tensor"),
     (dict(seq_idx=SEQ_IDX[:, :4]), r"seq_idx must be \(batch=2, seqlen=9\)"),
     (dict(seq_idx=SEQ_IDX, return_final_states=True), "seq_idx cannot be combined with return_final_states"),
     (dict(initial_states=torch.zeros(2, 3, 3, dtype=F64)), r"initial_states must be \(batch, dim, width - 1\)"),
@@ -233,7 +233,8 @@ def test_decoding_step_by_step_equals_the_whole_conv():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(conv_state=torch.zeros(3, 4, 1, dtype=F64)), r"conv_state must be \(batch=3, dim=4, state_len >= width - 1 = 2\)"),
+    (dict(conv_state=torch.zeros(3, 4, 1, dtype=F64)),
+     r"conv_state must be \(batch=3, dim=4, state_len >= width - 1 = 2\)"),
     (dict(cache_seqlens=torch.zeros(2, dtype=torch.int32)), r"cache_seqlens must be \(batch=3,\)"),
     (dict(conv_state_indices=torch.zeros(3)), "conv_state_indices must be an int32 or int64 tensor"),
     (dict(activation="gelu"), "activation"),

@@ -80,7 +80,8 @@ def form_args(form, dtype=F64):
     g = torch.Generator().manual_seed(1)
     n = a["A"].shape[1]
     if form == "proj_biases":
-        a.update(B_proj_bias=torch.randn(n, generator=g, dtype=dtype), C_proj_bias=torch.randn(n, generator=g, dtype=dtype))
+        a.update(B_proj_bias=torch.randn(n, generator=g, dtype=dtype),
+                 C_proj_bias=torch.randn(n, generator=g, dtype=dtype))
     elif form == "rms":
         a.update(b_rms_weight=torch.rand(n, generator=g, dtype=dtype) + 0.5,
                  c_rms_weight=torch.rand(n, generator=g, dtype=dtype) + 0.5,

@@ -52,7 +52,8 @@ def _check_args(x: Tensor, weight: Tensor, bias, activation, seq_idx=None, initi
     states_shape = (b, d, weight.shape[1] - 1)
     if seq_idx is not None:
         if not isinstance(seq_idx, Tensor) or seq_idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"seq_idx must be an int32 tensor, got {getattr(seq_idx, 'dtype', type(seq_idx))}")
+            raise ValueError(f"seq_idx must be an int32 or int64 tensor, "
+                             f"got {getattr(seq_idx, 'dtype', type(seq_idx))}")
         if seq_idx.shape != (b, l) or seq_idx.device != x.device:
             raise ValueError(f"seq_idx must be (batch={b}, seqlen={l}) on {x.device}, "
                              f"got {tuple(seq_idx.shape)} on {seq_idx.device}")

@@ -27,6 +27,12 @@ Implementations, chosen by ``_backend.resolve_impl`` (one module each):
 
 The C loop and the Triton kernels run as the custom op ``m2restore_kernels::selective_scan`` (with
 its backward ``selective_scan_bwd``), which receives the resolved implementation as ``impl``.
+
+mamba_ssm's other entry points live here too: ``selective_state_update`` (one decode step, state in
+place: PyTorch ops in ``reference.py``, or the Triton kernel of ``triton_impl.py`` as the custom op
+``m2restore_kernels::selective_state_update``) and ``mamba_inner_fn`` (Mamba's block after in_proj:
+the causal conv, the projections and this scan composed, so autograd gives its backward), each
+with its ``*_ref``.
 """
 from __future__ import annotations
 

@@ -162,7 +162,8 @@ def check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_in
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if state.dim() not in (3, 4):
-        raise ValueError(f"state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), got {tuple(state.shape)}")
+        raise ValueError(f"state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), "
+                         f"got {tuple(state.shape)}")
     state, x, dt, A, B, C, D, z, dt_bias = _heads_form(state, x, dt, A, B, C, D, z, dt_bias)
     _, h, p, n = state.shape
     b = x.shape[0]
@@ -177,7 +178,8 @@ def check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_in
             raise ValueError(f"{name} must be {expected[name]} (or its single-head form) for state "
                              f"(batch, nheads={h}, dim={p}, dstate={n}), got {tuple(t.shape)}")
     if g < 1 or h % g:
-        raise ValueError(f"B and C must be (batch, ngroups, dstate) with ngroups dividing nheads={h}, got {tuple(B.shape)}")
+        raise ValueError(f"B and C must be (batch, ngroups, dstate) with ngroups dividing nheads={h}, "
+                         f"got {tuple(B.shape)}")
     check_indices("state_batch_indices", state_batch_indices, b, x.device)
     return state, x, dt, A, B, C, D, z, dt_bias
 
