@@ -1,7 +1,7 @@
 """Decode caches addressed by slot: the rows of a state tensor that a batch reads and writes
-(causal_conv1d's ``conv_state_indices``, mamba_ssm's ``state_batch_indices``), with negative
-indices marking padding rows, whose outputs are zero and which write nothing. Shared by the conv and the scan's
-one-step updates; data-independent ops only, so torch.compile(fullgraph=True) keeps them."""
+(causal_conv1d's ``conv_state_indices``, mamba_ssm's ``state_batch_indices``), negative indices
+marking padding rows, whose outputs are zero and which write nothing. Shared by the conv's and the
+scan's one-step updates; data-independent ops only, so torch.compile(fullgraph=True) keeps them."""
 from __future__ import annotations
 
 from typing import Optional
