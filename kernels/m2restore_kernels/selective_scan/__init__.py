@@ -27,6 +27,12 @@ Implementations, chosen by ``_backend.resolve_impl`` (one module each):
 
 The C loop and the Triton kernels run as the custom op ``m2restore_kernels::selective_scan`` (with
 its backward ``selective_scan_bwd``), which receives the resolved implementation as ``impl``.
+
+mamba_ssm's other entry points live here too: ``selective_state_update`` (one decode step, state in
+place: PyTorch ops in ``reference.py``, or the Triton kernel of ``triton_impl.py`` as the custom op
+``m2restore_kernels::selective_state_update``) and ``mamba_inner_fn`` (Mamba's block after in_proj:
+the causal conv, the projections and this scan composed, so autograd gives its backward), each
+with its ``*_ref``.
 """
 from __future__ import annotations
 
@@ -37,9 +43,12 @@ from torch import Tensor
 
 from .._backend import OPS, optional_op, resolve_impl
 from . import native_impl, torch_impl, triton_impl
-from .reference import _check_args, selective_scan_ref
+from ..causal_conv1d import causal_conv1d_fn
+from .reference import (_check_args, check_state_update_args, mamba_inner, mamba_inner_ref, selective_scan_ref,
+                        selective_state_update_ref)
 
-__all__ = ["selective_scan", "selective_scan_ref"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",
+           "mamba_inner_fn", "mamba_inner_ref"]
 
 MAMBA_SELECTIVE_SCAN_FN = OPS["selective_scan"].extension
 _FUSED = {"triton": triton_impl, "native": native_impl}  # the implementations behind the custom op
@@ -164,3 +173,70 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         args = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
         out, last, _ = _selective_scan_op(*args, delta_softplus, impl)
     return (out, last) if return_last_state else out
+
+
+@torch.library.custom_op("m2restore_kernels::selective_state_update", mutates_args=("state",))
+def _state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                     z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+                     state_batch_indices: Optional[Tensor]) -> Tensor:
+    """The Triton decode step on the arguments as given (either form), state written in place."""
+    heads = state.dim() == 4
+    args = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    out = triton_impl.selective_state_update(*args, dt_softplus, state_batch_indices)
+    return out if heads else out.squeeze(1)
+
+
+@_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    return torch.empty_like(x)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None, backend: str = "auto"):
+    """mamba_ssm's ``selective_state_update``: one decode step of the scan, ``state`` updated in place
+    -> out (batch, [nheads,] dim) in x's dtype. Shapes, forms (single-head and multi-head with
+    grouped B/C), dtypes and ``state_batch_indices`` as :func:`~.reference.selective_state_update_ref`.
+
+    ``backend``: "auto" (Triton where it runs, else PyTorch) | "triton" | "torch". The Triton kernel
+    (one program per block of channels, batch row and head; the custom op
+    ``m2restore_kernels::selective_state_update``, which mutates ``state``) computes in float32 and
+    has no backward, like mamba_ssm's: float64 (``"triton"`` raises a ValueError for it) and calls
+    that need gradients (any input requiring grad under grad mode) take the PyTorch ops, which are
+    differentiable in every input but the state.
+    """
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    wide = any(t.dtype == torch.float64 for t in (state, x, dt, A, B, C))
+    impl = resolve_impl("selective_state_update", x.device, torch.float64 if wide else x.dtype, backend)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias))
+    if impl == "triton" and not grads:
+        return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+
+
+def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                   out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                   delta_softplus=True, checkpoint_lvl=1, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
+                   b_c_dt_rms_eps=1e-6, backend: str = "auto"):
+    """mamba_ssm's ``mamba_inner_fn`` (2.x signature; 1.1.x's is its first 15 parameters): Mamba's
+    block between in_proj and the output, out (batch, seqlen, d_model) =
+    out_proj(scan(silu(causal_conv(x)), delta, A, B, C, D, z, delta_bias)) with x, z = xz.chunk(2, 1),
+    x_dbl = x_proj(conv output) split into delta's rank columns (then delta_proj), B's and C's
+    (projected only where B, C are None; + B/C_proj_bias, RMS-normalised by b/c_rms_weight, delta by
+    dt_rms_weight, eps b_c_dt_rms_eps).
+
+    xz (b, 2d, l); conv1d_weight (d, 1, w) (or (d, w)); conv1d_bias (d,); x_proj_weight
+    (rank + 2 n, d) (n doubled for complex A); delta_proj_weight (d, rank); out_proj_weight
+    (d_model, d); A (d, n) real or complex; D, delta_bias (d,). Forward and backward are
+    :func:`causal_conv1d_fn`, ``F.linear`` and :func:`selective_scan` composed, each on ``backend``
+    (no fused kernel; ``checkpoint_lvl`` 0 or 1 is accepted and changes nothing: the conv output
+    and delta are kept for the backward). Under autocast the projections run in the autocast dtype.
+    """
+    def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=backend)
+
+    def conv(x, weight, bias, activation):
+        return causal_conv1d_fn(x, weight, bias, activation=activation, backend=backend)
+
+    return mamba_inner(conv, scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                       out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                       checkpoint_lvl, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps)
