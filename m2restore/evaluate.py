@@ -64,20 +64,28 @@ def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int 
                  limit: int | None = None, progress: bool = True, stat_passes: int = DEFAULT_STAT_PASSES) -> SetResult:
     """Restore every pair of ``dataset`` (items with whole-image ``input``/``gt`` tensors, and
     cached priors ``d_g``/``P_f`` when it has them) and average the per-image metrics; ``tile``,
-    ``overlap`` and ``stat_passes`` go to :func:`~m2restore.restore.restore_tensor`."""
+    ``overlap`` and ``stat_passes`` go to :func:`~m2restore.restore.restore_tensor`.
+
+    In a process group (:func:`m2restore.distributed.init`, e.g. under torchrun) each process
+    restores the images i ≡ rank (mod W), and every process returns the means over all of them,
+    taken in image order as one process takes them."""
     from tqdm import tqdm
+
+    from . import distributed
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
         raise ValueError(f"test set {name!r} is empty")
     rows = []
-    for i in tqdm(range(n), desc=f"eval {name}", unit="img", disable=not progress, leave=False):
+    mine = range(distributed.rank(), n, distributed.world_size())
+    for i in tqdm(mine, desc=f"eval {name}", unit="img", disable=not progress, leave=False):
         item = dataset[i]
         prior = (item["d_g"][None].to(device), item["P_f"][None].to(device)) if "d_g" in item else None
         out = restore_tensor(model, item["input"][None].to(device), tile, overlap, prior, stat_passes=stat_passes)
         pred = quantize(out[0].permute(1, 2, 0).float().cpu().numpy())
-        rows.append(image_metrics(pred, item["gt"].permute(1, 2, 0).numpy()))
-    return SetResult(name, n, **{m: float(np.mean([r[m] for r in rows])) for m in METRICS})
+        rows.append((i, image_metrics(pred, item["gt"].permute(1, 2, 0).numpy())))
+    rows = sorted((row for share in distributed.gather_objects(rows) for row in share), key=lambda row: row[0])
+    return SetResult(name, n, **{m: float(np.mean([r[m] for _, r in rows])) for m in METRICS})
 
 
 def average(results: list[SetResult]) -> SetResult:
