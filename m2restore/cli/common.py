@@ -146,19 +146,16 @@ def check_tiling(tile: int, overlap: int | None, multiple: int) -> None:
 
 def device_from_args(name: str | None):
     """The torch device ``--device`` names (cuda when torch sees a GPU and none is named, else cpu),
-    or a one-line :class:`UsageError` for a name torch does not know or a GPU it does not see."""
+    or a one-line :class:`UsageError` for a name that is not cpu or cuda (:func:`check_device_name`,
+    which the commands run before they import torch) or a GPU torch does not see."""
+    check_device_name(name)
     import torch
 
     from ..restore import default_device
 
-    try:
-        device = default_device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name}: not a torch device ({e}); use cpu or cuda") from e
+    device = default_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: torch sees no CUDA device here; use --device cpu or leave --device out")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: m2restore runs on cpu or cuda")
     return device
 
 

@@ -8,7 +8,8 @@ import argparse
 from pathlib import Path
 
 from ..options import ROUTING_PERPLEXITY
-from .common import add_model_arguments, check_at_least, check_model_arguments, check_output, check_path, check_positive
+from .common import (add_model_arguments, check_at_least, check_model_arguments, check_output, check_path, check_positive,
+                     parse_set)
 
 #: Images per degradation type in the paper's Fig. 8.
 PAPER_PER_TYPE = 50
@@ -27,8 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .common import parse_set
-
     sets = [parse_set(spec) for spec in args.data]
     for _, path in sets:
         check_path(path, "--data")
