@@ -137,7 +137,7 @@ def _torch_narrowed_by_the_install() -> tuple[set[str], set[str]]:
     return seen, narrowing
 
 
-def test_the_cpu_install_command_takes_every_package_that_pins_torch_from_the_cpu_index():
+def test_the_cpu_install_command_takes_every_package_that_narrows_torch_from_the_cpu_index():
     """A CPU user installs PyTorch's CPU wheels first, then `pip install .`, which keeps what it
     finds as long as nothing it brings in asks for another torch: every distribution of the
     install whose requirement on torch is narrower than ours (torchvision, through open_clip_torch)
