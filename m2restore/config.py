@@ -42,10 +42,15 @@ whatever the setting (there is no noise to average over); the authors' code does
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 MODEL_BACKENDS = ("auto", "triton", "torch", "reference")
+# The two files of a weights folder (M2Restore.save_pretrained): this config as JSON, and the tensors.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
 AFLB_BOXES = ("half", "adair")
 BALANCE_LOADS = ("smooth", "smooth_clean", "count")
 PRIOR_PREPROCESSING = ("daclip", "bilinear")
@@ -224,3 +229,15 @@ def to_input_range(images, input_range: tuple[float, float]):
     if (low, high) == UNIT_RANGE:
         return images
     return images * (high - low) + low
+
+
+def saved_config(weights: str | Path) -> M2RestoreConfig:
+    """The config of a weights folder (:meth:`M2Restore.save_pretrained`), read without torch;
+    FileNotFoundError naming the folder when it does not hold both files."""
+    from .assets import DEMO_WEIGHTS
+
+    weights = Path(weights)
+    if not (weights / WEIGHTS_NAME).is_file() or not (weights / CONFIG_NAME).is_file():
+        hint = "; train them with `m2restore demo --train` or pass --weights" if weights.resolve() == DEMO_WEIGHTS else ""
+        raise FileNotFoundError(f"{weights} must hold {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
+    return M2RestoreConfig.from_dict(json.loads((weights / CONFIG_NAME).read_text()))

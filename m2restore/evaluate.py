@@ -111,8 +111,14 @@ def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int 
     ``overlap`` and ``stat_passes`` go to :func:`~m2restore.restore.restore_tensor`.
     ``resize`` (w, h): input and ground truth go through :func:`pil_resize` first; ``y_metric``
     (one of :data:`Y_METRICS`): ``"chw-view"`` scores Y with :func:`chw_view_metrics` on the
-    unclamped output."""
+    unclamped output.
+
+    In a process group (:func:`m2restore.distributed.init`, e.g. under torchrun) each process
+    restores the images i ≡ rank (mod W), and every process returns the means over all of them,
+    taken in image order as one process takes them."""
     from tqdm import tqdm
+
+    from . import distributed
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
@@ -120,7 +126,8 @@ def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int 
     if y_metric not in Y_METRICS:
         raise ValueError(f"y_metric must be one of {Y_METRICS}, got {y_metric!r}")
     rows = []
-    for i in tqdm(range(n), desc=f"eval {name}", unit="img", disable=not progress, leave=False):
+    mine = range(distributed.rank(), n, distributed.world_size())
+    for i in tqdm(mine, desc=f"eval {name}", unit="img", disable=not progress, leave=False):
         item = dataset[i]
         prior = (item["d_g"][None].to(device), item["P_f"][None].to(device)) if "d_g" in item else None
         x, gt = (item["input"], item["gt"]) if resize is None else (pil_resize(item["input"], resize),
@@ -130,8 +137,9 @@ def evaluate_set(model, dataset, name: str, device, tile: int = 0, overlap: int 
         row = image_metrics(quantize(out.permute(1, 2, 0).numpy()), gt.permute(1, 2, 0).numpy())
         if y_metric == "chw-view":
             row.update(chw_view_metrics(out.numpy(), gt.numpy()))
-        rows.append(row)
-    return SetResult(name, n, **{m: float(np.mean([r[m] for r in rows])) for m in METRICS})
+        rows.append((i, row))
+    rows = sorted((row for share in distributed.gather_objects(rows) for row in share), key=lambda row: row[0])
+    return SetResult(name, n, **{m: float(np.mean([r[m] for _, r in rows])) for m in METRICS})
 
 
 def average(results: list[SetResult]) -> SetResult:

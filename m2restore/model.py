@@ -24,13 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import M2RestoreConfig, to_input_range
+from .config import CONFIG_NAME, WEIGHTS_NAME, M2RestoreConfig, to_input_range  # noqa: F401 - the file names: this module's API too
 from .modules import AFLB, DDER, MCDB, Downsample, TaskPrompt, TransformerBlock, Upsample
 from .modules.statistics import whole_map
 from .prior.null import DegradationPrior, NullPrior
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 #: Names ``M2Restore.from_pretrained`` accepts beside folders: weights shipped with the package.
 PRETRAINED = ("demo",)
 

@@ -21,8 +21,25 @@ PRECISION_CHOICES = (AUTO, *PRECISION_NAMES)
 #: docs/design.md#tiling); the tiled and whole outputs are compared in bench/RESULTS.md (tiling).
 DEFAULT_STAT_PASSES = 2
 
+# ------------------------------------------------------------------------ memory sizes (--max-memory)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``"3G"``, ``"512M"``, ``"1.5GB"``, ``"2048"`` (binary units K, M, G, T)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS and not t[-1:].isdigit() else ""
+    try:
+        value = float(t[:len(t) - len(unit)])
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 3G or 512M") from None
+    if value <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return int(value * _SIZE_UNITS[unit])
+
 # ------------------------------------------------------------------------ training
 TRAIN_CROP = 224  # side of the random training crops (paper §IV-A)
+CHECKPOINT = "checkpoint.pt"  # the file in a run folder that --resume continues from
 DIST_TIMEOUT = 1800.0  # seconds a collective may wait for the other processes (validation included)
 
 

@@ -13,16 +13,16 @@ exceeds a memory budget; :func:`collect_inputs` maps files and folders to the ou
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .assets import DEMO_WEIGHTS
 from .modules.statistics import TileStatistics
-from .options import DEFAULT_STAT_PASSES
+from .options import DEFAULT_STAT_PASSES, parse_size  # noqa: F401 - parse_size: this module's API too
+from .paths import collect_inputs  # noqa: F401 - this module's API too
 from .precision import PRECISIONS
 
 
@@ -44,16 +44,13 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu", backend:
     Without ``prior_checkpoint`` the model runs with the null prior (the model warns unless
     these are the shipped demo weights, which were trained without DA-CLIP).
     """
-    from .model import CONFIG_NAME, WEIGHTS_NAME, M2Restore, M2RestoreConfig
+    from .config import saved_config
+    from .model import M2Restore
     from .prior import NullPrior
 
-    weights = Path(weights)
-    if not (weights / WEIGHTS_NAME).is_file() or not (weights / CONFIG_NAME).is_file():
-        hint = "; train them with `m2restore demo --train` or pass --weights" if weights.resolve() == DEMO_WEIGHTS else ""
-        raise FileNotFoundError(f"{weights} must hold {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
+    config = saved_config(weights)
     prior = None
-    if prior_checkpoint is None and weights.resolve() == DEMO_WEIGHTS:
-        config = M2RestoreConfig.from_dict(json.loads((weights / CONFIG_NAME).read_text()))
+    if prior_checkpoint is None and Path(weights).resolve() == DEMO_WEIGHTS:
         prior = NullPrior(config.num_degradations, config.prior_dim)
     model = M2Restore.from_pretrained(weights, prior=prior, prior_checkpoint=prior_checkpoint, backend=backend)
     return model.to(device).eval()
@@ -222,7 +219,6 @@ DEFAULT_BUDGET_CAP = 3 << 29  # 1.5 GiB
 # for tiny(); bench/RESULTS.md) plus the two maps tiles sharing it keep (gathered input and result),
 # rounded up.
 LATENT_BYTES_PER_CHANNEL = 128
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def working_set_bytes(config, h: int, w: int) -> int:
@@ -234,19 +230,6 @@ def working_set_bytes(config, h: int, w: int) -> int:
 
 def _bytes_per_pixel(config) -> int:
     return BYTES_PER_PIXEL_BASE + BYTES_PER_PIXEL_PER_CHANNEL * config.dim
-
-
-def parse_size(text: str) -> int:
-    """Bytes in ``"3G"``, ``"512M"``, ``"1.5GB"``, ``"2048"`` (binary units K, M, G, T)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in _SIZE_UNITS and not t[-1:].isdigit() else ""
-    try:
-        value = float(t[:len(t) - len(unit)])
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 3G or 512M") from None
-    if value <= 0:
-        raise ValueError(f"memory size must be positive, got {text!r}")
-    return int(value * _SIZE_UNITS[unit])
 
 
 def available_memory() -> int | None:
@@ -298,35 +281,6 @@ def auto_tile(config, h: int, w: int, budget: int) -> int:
     m = config.pad_multiple
     side = int((budget / _bytes_per_pixel(config)) ** 0.5) // m * m
     return max(4 * m, side)
-
-
-def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
-    """(image file, its output path relative to OUTDIR) for files and folders (recursive).
-
-    A missing path raises FileNotFoundError, a file that is not an image by its extension or a
-    folder without images ValueError, two inputs bound for the same output ValueError.
-    """
-    from .data.io import IMAGE_EXTENSIONS, find_images, is_image_file
-
-    found: list[tuple[Path, Path]] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            images = find_images(item)
-            if not images:
-                raise ValueError(f"no images in the folder {item} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-            found += [(p, p.relative_to(item)) for p in images]
-        elif item.is_file():
-            if not is_image_file(item):
-                raise ValueError(f"{item} is not an image file by its extension ({', '.join(IMAGE_EXTENSIONS)})")
-            found.append((item, Path(item.name)))
-        else:
-            raise FileNotFoundError(f"input not found: {item}")
-    seen: dict[Path, Path] = {}
-    for src, rel in found:
-        if rel in seen:
-            raise ValueError(f"{src} and {seen[rel]} would both be written to {rel}")
-        seen[rel] = src
-    return found
 
 
 class TilePlan(NamedTuple):

@@ -39,9 +39,8 @@ import numpy as np
 import torch
 
 from . import distributed
-from .options import TrainOptions
+from .options import CHECKPOINT, TrainOptions  # noqa: F401 - CHECKPOINT: this module's API too
 
-CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG_FIELDS = ("step", "epoch", "loss", "l1", "balance", "lr", "images_per_s", "peak_mem_gib", "seconds")
 VAL_LOG_FIELDS = ("step", "epoch", "psnr", "ssim")
 # Options that define the optimisation trajectory; on --resume they come from the checkpoint.
@@ -371,28 +370,17 @@ def _loss(model, out, gt, aux):
 
 @torch.no_grad()
 def _validate(run: TrainRun, val_set) -> tuple[float, float]:
-    """(PSNR, SSIM) means over ``val_set``: each process restores the images i ≡ rank (mod W),
-    and the shards' means are combined weighted by their sizes, the same on every process.
-    Its eval-mode forwards are the network's alone (no collectives inside)."""
-    from torch.utils.data import Subset
-
+    """(PSNR, SSIM) means over ``val_set``, the same on every process: each process restores its
+    share of the images (:func:`m2restore.evaluate.evaluate_set`). Its eval-mode forwards are the
+    network's alone (no collectives inside)."""
     from .evaluate import evaluate_set
 
-    shard = Subset(val_set, range(run.rank, len(val_set), run.world_size))
-    row = torch.zeros(3)
-    if len(shard):
-        run.model.eval()
-        try:
-            result = evaluate_set(run.model, shard, "val", run.device, progress=False)
-        finally:
-            run.model.train()
-        row = torch.tensor([len(shard), result.psnr, result.ssim], dtype=torch.float64)
-    rows = distributed.gather_rows(row)
-    if rows[:, 0].sum() == 0:
-        raise ValueError("the validation set is empty")
-    weights = rows[:, 0] / rows[:, 0].sum()
-    psnr, ssim = (weights[:, None] * rows[:, 1:]).sum(0).tolist()
-    return psnr, ssim
+    run.model.eval()
+    try:
+        result = evaluate_set(run.model, val_set, "validation", run.device, progress=False)
+    finally:
+        run.model.train()
+    return result.psnr, result.ssim
 
 
 def _peak_memory_gib(device: torch.device) -> float:

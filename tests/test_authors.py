@@ -218,7 +218,7 @@ def test_cli_rejects_unreadable_files_and_usage(reference, tmp_path, capsys):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["convert-authors", str(bad), "-o", str(tmp_path / "o")]) == 1
-    assert main(["convert-authors", str(tmp_path / "missing.ckpt"), "-o", str(tmp_path / "o")]) == 1
+    assert main(["convert-authors", str(tmp_path / "missing.ckpt"), "-o", str(tmp_path / "o")]) == 2  # usage
     assert _cli(tmp_path, [1, 2]) == 1
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3 and all(line.startswith("m2restore convert-authors: ") for line in lines)

@@ -4,6 +4,7 @@ importing torch, ends every error in one line with the right exit status (a trac
 restore command."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import m2restore.cli as cli
+from m2restore.assets import DEMO_WEIGHTS
 from m2restore.precision import cpu_flags, native_bf16, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +109,110 @@ def test_subcommand_usage_error_without_torch(command):
     assert proc.stderr.startswith(f"usage: m2restore {command} ") and proc.stderr.endswith(errors[0] + "\n")
 
 
+# ------------------------------------------------------- mistakes answered before torch loads
+
+# Each mistake in a path or an option value, per command, with words its one error line must hold.
+# {t} is a folder holding: img.png (an image by its name), notes.txt, empty/, pairs/input+gt/,
+# nogt/input/, file.txt, weights_empty/, ckpt.pt.
+_MISTAKES = {
+    "restore input missing": (["restore", "{t}/nope.png", "-o", "{t}/out"], "input not found: {t}/nope.png"),
+    "restore folder without images": (["restore", "{t}/empty", "-o", "{t}/out"], "no images in the folder"),
+    "restore not an image": (["restore", "{t}/notes.txt", "-o", "{t}/out"], "not an image file"),
+    "restore output is a file": (["restore", "{t}/img.png", "-o", "{t}/file.txt"], "--out {t}/file.txt is a file"),
+    "restore output = input": (["restore", "{t}/img.png", "-o", "{t}"], "would overwrite the input"),
+    "restore --max-memory": (["restore", "{t}/img.png", "-o", "{t}/out", "--max-memory", "lots"], "--max-memory"),
+    "restore --tile": (["restore", "{t}/img.png", "-o", "{t}/out", "--tile", "13"], "--tile 13"),
+    "restore --tile-overlap": (["restore", "{t}/img.png", "-o", "{t}/out", "--tile", "64", "--tile-overlap", "60"],
+                               "--tile-overlap 60"),
+    "restore --weights": (["restore", "{t}/img.png", "-o", "{t}/out", "--weights", "{t}/weights_empty"],
+                          "--weights: {t}/weights_empty must hold config.json"),
+    "restore --device": (["restore", "{t}/img.png", "-o", "{t}/out", "--device", "tpu"], "--device tpu"),
+    "restore --prior-checkpoint": (["restore", "{t}/img.png", "-o", "{t}/out", "--prior-checkpoint", "{t}/no.pt"],
+                                   "--prior-checkpoint {t}/no.pt: not found"),
+    "eval --data missing": (["eval", "--data", "{t}/nope", "--weights", "{w}"], "--data {t}/nope: not found"),
+    "eval --data without gt": (["eval", "--data", "{t}/nogt", "--weights", "{w}"], "input/ and gt/"),
+    "eval --limit": (["eval", "--data", "{t}/pairs", "--weights", "{w}", "--limit", "0"], "--limit must be at least 1"),
+    "eval --out": (["eval", "--data", "{t}/pairs", "--weights", "{w}", "--out", "{t}/file.txt"], "--out"),
+    "train --data": (["train", "--data", "{t}/nope", "--out", "{t}/run"], "--data {t}/nope: not found"),
+    "train --batch-size": (["train", "--data", "{t}/pairs", "--out", "{t}/run", "--batch-size", "0"],
+                           "--batch-size must be at least 1, got 0"),
+    "train --resume": (["train", "--data", "{t}/pairs", "--out", "{t}/run", "--resume"], "checkpoint.pt: not found"),
+    "train --config": (["train", "--data", "{t}/pairs", "--out", "{t}/run", "--config", "{t}/nope.json"],
+                       "--config"),
+    "routing --data": (["routing", "--data", "rain={t}/nope"], "--data {t}/nope: not found"),
+    "routing --per-type": (["routing", "--data", "{t}/pairs", "--per-type", "0"], "--per-type must be at least 1"),
+    "prior-cache --images": (["prior-cache", "--checkpoint", "{t}/ckpt.pt", "--images", "{t}/empty", "--out",
+                              "{t}/c.safetensors"], "no image files"),
+    "prior-cache --checkpoint": (["prior-cache", "--checkpoint", "{t}/no.pt", "--images", "{t}/pairs", "--out",
+                                  "{t}/c.safetensors"], "--checkpoint {t}/no.pt: not found"),
+    "convert-authors checkpoint": (["convert-authors", "{t}/no.ckpt", "-o", "{t}/conv"], "{t}/no.ckpt: not found"),
+    "convert-authors --top-k": (["convert-authors", "{t}/ckpt.pt", "-o", "{t}/conv", "--top-k", "0"], "--top-k"),
+    "demo --weights": (["demo", "--weights", "{t}/weights_empty", "--out", "{t}/demo"], "--weights"),
+    "demo --minutes": (["demo", "--train", "--minutes", "0", "--out", "{t}/demo"], "--minutes must be positive"),
+    "bench --device": (["bench", "--device", "tpu"], "--device tpu"),
+    "bench --size": (["bench", "--size", "4"], "--size must be at least 8"),
+    "bench --threads": (["bench", "--threads", "0"], "--threads must be at least 1"),
+    "bench --json": (["bench", "--json", "{t}/empty"], "--json {t}/empty is a folder"),
+}
+
+# Runs main(argv) for each argv of a JSON list, recording its status and stderr, then the heavy
+# modules imported by any of them.
+_MISTAKES_RUNNER = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from m2restore.cli import main
+    results = []
+    for argv in json.loads(sys.argv[1]):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                status = main(argv)
+            except SystemExit as exc:
+                status = exc.code
+        results.append({"status": status, "stderr": err.getvalue()})
+    heavy = [m for m in ("torch", "numpy", "PIL", "triton", "m2restore_kernels") if m in sys.modules]
+    print(json.dumps({"results": results, "heavy": heavy}))
+""")
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory) -> dict:
+    """name -> (status, stderr, the expected words) of every mistake, all run in one fresh interpreter;
+    and "heavy": the modules of torch, numpy or Pillow that any of them imported."""
+    t = tmp_path_factory.mktemp("mistakes")
+    for folder in ("empty", "pairs/input", "pairs/gt", "nogt/input", "weights_empty"):
+        (t / folder).mkdir(parents=True)
+    for name in ("img.png", "notes.txt", "file.txt", "ckpt.pt", "pairs/input/a.png", "pairs/gt/a.png"):
+        (t / name).write_bytes(b"not decoded by any check")
+    fill = {"t": str(t), "w": str(DEMO_WEIGHTS)}
+    argvs = [[a.format(**fill) for a in argv] for argv, _ in _MISTAKES.values()]
+    proc = subprocess.run([sys.executable, "-c", _MISTAKES_RUNNER, json.dumps(argvs)], capture_output=True,
+                          text=True, timeout=300, cwd=t)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    out = {name: (r["status"], r["stderr"], words.format(**fill))
+           for (name, (_, words)), r in zip(_MISTAKES.items(), report["results"])}
+    return {**out, "heavy": report["heavy"]}
+
+
+@pytest.mark.parametrize("name", list(_MISTAKES))
+def test_each_mistake_is_one_line_with_status_2(mistakes, name):
+    status, stderr, words = mistakes[name]
+    command = _MISTAKES[name][0][0]
+    assert status == 2, (name, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith(f"m2restore {command}: ") and words in lines[0], (lines[0], words)
+
+
+def test_mistakes_are_answered_before_torch_numpy_or_pillow_load(mistakes):
+    assert mistakes["heavy"] == []
+
+
+def test_every_command_that_takes_paths_has_its_mistakes_checked():
+    commands = {argv[0] for argv, _ in _MISTAKES.values()}
+    assert commands == set(cli.COMMANDS)
+
+
 def test_package_names_load_lazily():
     import m2restore
 
@@ -143,7 +249,9 @@ def test_argparse_errors_keep_status_2():
 
 
 def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
-    args = ("eval", "--weights", str(tmp_path / "no_weights"), "--data", str(tmp_path), "--out", str(tmp_path / "o"))
+    (tmp_path / "set" / "input").mkdir(parents=True)
+    (tmp_path / "set" / "gt").mkdir()  # passes the checks of the paths; open_pairs finds no images in it
+    args = ("eval", "--weights", str(DEMO_WEIGHTS), "--data", str(tmp_path / "set"), "--out", str(tmp_path / "o"))
     assert_one_line_error(m2restore(*args), 1, "m2restore eval: ")
     for proc in (m2restore("--debug", *args), m2restore(*args, "--debug"),
                  m2restore(*args, env={"M2RESTORE_DEBUG": "1"})):

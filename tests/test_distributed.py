@@ -23,6 +23,7 @@ import torch
 
 from m2restore import distributed
 from m2restore import train as train_mod
+from m2restore.assets import DEMO_WEIGHTS
 from m2restore.cli import main
 from m2restore.config import M2RestoreConfig
 from m2restore.data import PairedImages
@@ -271,3 +272,76 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_a_usage_error(pairs
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--batch-size 4" in err and "3 processes" in err, err
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# restore and eval on 2 processes: each file restored once, by one process; one summary.
+
+def _restore_eval_worker(rank: int, restore_argv: list[str], eval_argv: list[str], info: Path) -> None:
+    """``m2restore restore`` then ``m2restore eval`` on this process, recording which files it
+    restored, the statuses and what it printed."""
+    from m2restore import restore as restore_mod
+
+    restored, restore_file = [], restore_mod.restore_file
+
+    def recording(model, src, *args, **kwargs):
+        restored.append(src.name)
+        return restore_file(model, src, *args, **kwargs)
+
+    restore_mod.restore_file = recording
+    record = {"restored": restored}
+    for name, argv in (("restore", restore_argv), ("eval", eval_argv)):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            record[name] = main(argv)
+        record[f"{name}_stdout"], record[f"{name}_stderr"] = out.getvalue(), err.getvalue()
+    (info / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def _run_flags() -> list[str]:
+    return ["--device", "cpu", "--backend", "torch", "--dtype", "fp32"]
+
+
+def test_restore_and_eval_split_the_files_over_two_processes(pairs, tmp_path):
+    """The demo weights on 8 small images and an unreadable file in each process's share: the
+    processes restore disjoint shares (files r, r + 2, ...), every output is written once and
+    equals one process's, rank 0's summary names both failures and both processes exit with 1;
+    eval's metrics over the 8 pairs equal one process's."""
+    images, info = tmp_path / "images", tmp_path / "info"
+    info.mkdir()
+    images.mkdir()
+    for src in sorted((pairs / "input").iterdir()):
+        (images / src.name).write_bytes(src.read_bytes())
+    bad = ["im3y.png", "im7z.png"]  # sorted after im3.png and im7.png: the 5th file (rank 0's), the 10th (rank 1's)
+    for name in bad:
+        (images / name).write_bytes(b"not an image")
+    names = sorted(p.name for p in images.iterdir())
+    restore = ["restore", str(images), "-o", str(tmp_path / "two"), "--quiet", *_run_flags()]
+    evaluate = ["eval", "--data", str(pairs), "--weights", str(DEMO_WEIGHTS), "--out", str(tmp_path / "eval_two"),
+                *_run_flags()]
+    assert _launch(_restore_eval_worker, restore, evaluate, info) == [0, 0]
+    ranks = [json.loads((info / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+    assert [r["restored"] for r in ranks] == [names[0::2], names[1::2]]
+    assert [r["restore"] for r in ranks] == [1, 1]
+    summary = ranks[0]["restore_stderr"].strip().splitlines()[-1]
+    assert summary.startswith(f"m2restore restore: restored {len(names) - 2} of {len(names)} into ")
+    assert all(f"{name} (" in summary for name in bad), summary
+    assert ranks[1]["restore_stdout"] == "" and "restored" not in ranks[1]["restore_stderr"]
+    for rank, record in enumerate(ranks):  # each process reports its own unreadable file, once
+        reports = [line for line in record["restore_stderr"].splitlines() if "cannot read image" in line]
+        assert len(reports) == 1 and bad[rank] in reports[0], record["restore_stderr"]
+
+    single = tmp_path / "one"
+    assert main(["restore", str(images), "-o", str(single), "--quiet", *_run_flags()]) == 1
+    written = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert written == sorted(p.name for p in single.iterdir()) == sorted(set(names) - set(bad))
+    for name in written:
+        assert (tmp_path / "two" / name).read_bytes() == (single / name).read_bytes(), name
+
+    assert [r["eval"] for r in ranks] == [0, 0]
+    assert "metrics written to" in ranks[0]["eval_stdout"] and ranks[1]["eval_stdout"] == ""
+    assert main(["eval", "--data", str(pairs), "--weights", str(DEMO_WEIGHTS), "--out", str(tmp_path / "eval_one"),
+                 *_run_flags()]) == 0
+    two = json.loads((tmp_path / "eval_two" / "metrics.json").read_text())["sets"]
+    one = json.loads((tmp_path / "eval_one" / "metrics.json").read_text())["sets"]
+    assert two == one and one[0]["count"] == 8

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..config import MODEL_BACKENDS
-from .common import add_device_argument, device_from_args
+from ..options import PRECISION_NAMES
+from .common import add_device_argument, check_at_least, check_device_name, check_output, device_from_args
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -30,11 +31,14 @@ DTYPES_FULL = {"cpu": ["fp32", "bf16"], "cuda": ["fp32", "bf16", "fp16"]}
 INPUTS = {"cpu": 2, "cuda": 4}
 
 
-def _csv(kind: Callable[[str], object]):
+def _csv(kind: Callable[[str], object], choices: tuple | None = None):
     def parse(text: str) -> list:
         items = [kind(s.strip()) for s in text.split(",") if s.strip()]
         if not items:
             raise argparse.ArgumentTypeError("expected a comma-separated list")
+        wrong = [item for item in items if choices is not None and item not in choices]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(str, wrong))} not among {', '.join(choices)}")
         return items
 
     return parse
@@ -45,10 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model size (default: paper)")
     parser.add_argument("--size", type=_csv(int), default=[224],
                         help="image side(s) in pixels, comma-separated (default: 224, the paper's)")
-    parser.add_argument("--backends", type=_csv(str), default=None,
+    parser.add_argument("--backends", type=_csv(str, MODEL_BACKENDS), default=None,
                         help=f"comma-separated from {MODEL_BACKENDS} (default: reference plus ours: "
                              "'torch' on CPU, 'triton' on CUDA)")
-    parser.add_argument("--dtypes", type=_csv(str), default=None,
+    parser.add_argument("--dtypes", type=_csv(str, PRECISION_NAMES), default=None,
                         help="comma-separated from fp32,bf16,fp16 (default: fp32, plus bf16 where it is native "
                              "as for --dtype auto; with --full: fp32,bf16 on CPU, all on CUDA)")
     parser.add_argument("--rounds", type=int, default=None,
@@ -98,16 +102,19 @@ def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case
 
 
 def run(args: argparse.Namespace) -> int:
+    check_device_name(args.device)
+    check_at_least(args, threads=1, rounds=1, warmup=0)
+    if min(args.size) < 8:
+        raise UsageError(f"--size must be at least 8 pixels, got {min(args.size)}")
+    if args.json is not None:
+        check_output(args.json, "--json", "file")
+
     import torch
 
     from ..benchmark import BenchSession, format_table, machine_name, model_config, report_json, run_cases
     from ..precision import resolve_precision
 
     device = device_from_args(args.device)
-    limits = (("--threads", args.threads, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0))
-    for flag, value, least in limits:
-        if value is not None and value < least:
-            raise UsageError(f"{flag} must be at least {least}, got {value}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kind = "cuda" if device.type == "cuda" else "cpu"

@@ -1,4 +1,6 @@
-"""Options and argument parsing the subcommands share.
+"""Options and argument parsing the subcommands share, and the checks of paths and option values
+that every command runs before it imports torch or numpy (so that a mistake is answered at once;
+importing torch takes seconds, tens of seconds on a busy machine).
 
 The helpers behind them are library code, so that programs reach them without the command line:
 :func:`m2restore.restore.load_model`, :func:`m2restore.precision.resolve_precision` (``--dtype``),
@@ -11,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import MODEL_BACKENDS
+from ..config import CONFIG_NAME, MODEL_BACKENDS, M2RestoreConfig, saved_config
 from ..assets import DEMO_WEIGHTS
 from ..options import AUTO, DEFAULT_STAT_PASSES, PRECISION_CHOICES
 from .errors import UsageError
@@ -48,21 +50,112 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path |
                              "0: every tile uses its own, faster but further from the whole-image result)")
 
 
+def check_model_arguments(args: argparse.Namespace) -> M2RestoreConfig:
+    """The options of :func:`add_model_arguments`, checked without torch: ``--device`` names a
+    device m2restore runs on, ``--weights`` holds a model, ``--prior-checkpoint`` is a file, the
+    tile sizes fit the network; returns the weights' config."""
+    check_device_name(args.device)
+    config = weights_config(args.weights)
+    if args.prior_checkpoint is not None:
+        check_path(args.prior_checkpoint, "--prior-checkpoint", "file")
+    check_tiling(args.tile, args.tile_overlap, config.pad_multiple)
+    return config
+
+
+def check_device_name(name: str | None) -> None:
+    """``--device``: none (the default), ``cpu`` or ``cuda``, each with an optional ``:INDEX``."""
+    if name is None:
+        return
+    kind, colon, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and not index.isdigit()):
+        raise UsageError(f"--device {name}: m2restore runs on cpu or cuda (cuda:N for one GPU of several)")
+
+
+def weights_config(weights: Path) -> M2RestoreConfig:
+    """The config of the weights folder ``--weights`` names, read without torch."""
+    try:
+        return saved_config(weights)
+    except FileNotFoundError as e:
+        raise UsageError(f"--weights: {e}") from e
+    except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid fields
+        raise UsageError(f"--weights: {weights / CONFIG_NAME} is not an M2Restore config ({e})") from e
+
+
+def check_path(path: Path, option: str, kind: str | None = None) -> None:
+    """``path`` exists, and is a ``"file"`` or a ``"folder"`` when ``kind`` says so."""
+    if not path.exists():
+        raise UsageError(f"{option} {path}: not found; check the path")
+    if kind == "file" and not path.is_file():
+        raise UsageError(f"{option} {path} is a folder; give a file")
+    if kind == "folder" and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file; give a folder")
+
+
+def check_output(path: Path, option: str, kind: str = "folder") -> None:
+    """An output ``path`` that does not exist yet or is of ``kind`` (``"folder"`` or ``"file"``)."""
+    if path.exists():
+        check_path(path, option, kind)
+
+
+def check_paired_data(specs, option: str) -> None:
+    """Paired data (:func:`m2restore.data.open_pairs`): list files, or folders with input/ and gt/."""
+    for spec in specs:
+        path = Path(spec)
+        if not path.exists():
+            raise UsageError(f"{option} {path}: not found; give an All-weather list file or a folder with input/ "
+                             "and gt/")
+        if path.is_dir() and not ((path / "input").is_dir() and (path / "gt").is_dir()):
+            raise UsageError(f"{option} {path}: a data folder needs input/ and gt/ inside")
+
+
+def check_at_least(args: argparse.Namespace, **least) -> None:
+    """Each option ``dest=minimum``: its value, when given, is at least the minimum."""
+    for dest, low in least.items():
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            raise UsageError(f"--{dest.replace('_', '-')} must be at least {low}, got {value}")
+
+
+def check_positive(args: argparse.Namespace, *dests: str) -> None:
+    """Each option in ``dests``: its value, when given, is above 0."""
+    for dest in dests:
+        value = getattr(args, dest)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{dest.replace('_', '-')} must be positive, got {value}")
+
+
+def check_tiling(tile: int, overlap: int | None, multiple: int) -> None:
+    """--tile and --tile-overlap against each other and the network's padding ``multiple``. The
+    default overlap (:func:`m2restore.restore.default_overlap`) is at most a quarter of the tile."""
+    m = multiple
+    if tile < 0:
+        raise UsageError(f"--tile {tile}: give a positive tile size (a multiple of {m}), or 0 to tile only "
+                         "when an image exceeds --max-memory")
+    if overlap is not None and overlap < 0:
+        raise UsageError(f"--tile-overlap {overlap}: give 0 or more pixels")
+    if tile == 0:
+        return
+    if tile % m or tile < 4 * m:
+        raise UsageError(f"--tile {tile}: the network works on multiples of {m} pixels; give a multiple of {m} "
+                         f"from {4 * m} up (e.g. {max(4 * m, tile // m * m)})")
+    # The tiles' overlap is rounded up to the multiple too (restore_tensor).
+    if overlap is not None and -(-overlap // m) * m >= tile:
+        raise UsageError(f"--tile {tile} must be larger than --tile-overlap {overlap} (rounded up to a multiple of "
+                         f"{m}); raise --tile or lower --tile-overlap")
+
+
 def device_from_args(name: str | None):
     """The torch device ``--device`` names (cuda when torch sees a GPU and none is named, else cpu),
-    or a one-line :class:`UsageError` for a name torch does not know or a GPU it does not see."""
+    or a one-line :class:`UsageError` for a name that is not cpu or cuda (:func:`check_device_name`,
+    which the commands run before they import torch) or a GPU torch does not see."""
+    check_device_name(name)
     import torch
 
     from ..restore import default_device
 
-    try:
-        device = default_device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name}: not a torch device ({e}); use cpu or cuda") from e
+    device = default_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: torch sees no CUDA device here; use --device cpu or leave --device out")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: m2restore runs on cpu or cuda")
     return device
 
 

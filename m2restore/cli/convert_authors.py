@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import CONFIG_NAME, WEIGHTS_NAME
+from .common import check_at_least, check_output, check_path
 from .errors import InputError, UsageError
 
 
@@ -20,14 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..authors import authors_config, config_summary, convert_state_dict, read_authors_checkpoint, strip_wrappers
-    from ..model import CONFIG_NAME, WEIGHTS_NAME, M2Restore
-    from ..prior.null import NullPrior
-
+    check_path(args.checkpoint, "checkpoint", "file")
+    check_output(args.out, "--out")
     if not args.force and any((args.out / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME)):
         raise UsageError(f"{args.out} already holds a model; pass --force to overwrite it or choose another -o")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    check_at_least(args, top_k=1)
+
+    from ..authors import authors_config, config_summary, convert_state_dict, read_authors_checkpoint, strip_wrappers
+    from ..model import M2Restore
+    from ..prior.null import NullPrior
+
     try:
         state = strip_wrappers(read_authors_checkpoint(args.checkpoint))
         overrides = {} if args.top_k is None else {"top_k": args.top_k}

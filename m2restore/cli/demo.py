@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..assets import DEMO_WEIGHTS
-from ..options import DEMO_BATCH_SIZE, DEMO_CROP, DEMO_LR, DEMO_LR_DECAY
+from ..options import CHECKPOINT, DEMO_BATCH_SIZE, DEMO_CROP, DEMO_LR, DEMO_LR_DECAY
+from .common import check_at_least, check_output, check_path, check_positive, weights_config
 
 # Training time budget of --train, minutes: what the shipped weights were trained with.
 MINUTES = 25.0
@@ -29,6 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, "--out")
+    check_at_least(args, steps=1, crop=1, batch_size=1, threads=1)
+    check_positive(args, "minutes", "lr")
+    if args.train and args.resume:
+        check_path(args.out / "run" / CHECKPOINT, "--resume: the checkpoint", "file")
+    if not args.train:
+        weights_config(args.weights)
+
     import torch
 
     from ..demo import before_after_grid, format_measure, measure, restore_samples, train_demo

@@ -1,11 +1,16 @@
-"""``m2restore eval``: PSNR/SSIM of trained weights on test sets (see :mod:`m2restore.evaluate`)."""
+"""``m2restore eval``: PSNR/SSIM of trained weights on test sets (see :mod:`m2restore.evaluate`).
+
+``torchrun --nproc_per_node N -m m2restore eval ...`` evaluates on N processes: each restores its
+share of every set's images, the means are over all of them (as one process takes them), and
+process 0 prints the table and writes the metrics."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from ..options import Y_METRICS
-from .common import add_model_arguments
+from .common import (add_model_arguments, check_at_least, check_model_arguments, check_output, check_paired_data,
+                     device_from_args, parse_set, resolve_dtype_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,25 +29,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    sets = [parse_set(s) for s in args.data]
+    check_paired_data([path for _, path in sets], "--data")
+    check_output(args.out, "--out")
+    check_at_least(args, limit=1)
+    check_model_arguments(args)
+    resize = _resizes(args.resize, [name for name, _ in sets])
+
+    from .. import distributed
     from ..data import PairedImages, open_pairs
     from ..evaluate import evaluate_set, format_table, save_metrics
-    from ..restore import autocast
-    from .common import load_model_from_args, parse_set
+    from ..restore import autocast, load_model
 
-    sets = [parse_set(s) for s in args.data]
-    resize = _resizes(args.resize, [name for name, _ in sets])
     datasets = [(name, PairedImages(open_pairs(path), crop=None, flip=False)) for name, path in sets]
-    model, device = load_model_from_args(args)
+    device = distributed.init(device_from_args(args.device))
+    resolve_dtype_from_args(args, device)
+    model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
+    lead = distributed.is_main()
     with autocast(device, args.dtype):
         results = [evaluate_set(model, ds, name, device, args.tile, args.tile_overlap, args.limit,
-                                stat_passes=args.stat_passes, resize=resize.get(name), y_metric=args.y_metric)
+                                progress=lead, stat_passes=args.stat_passes, resize=resize.get(name),
+                                y_metric=args.y_metric)
                    for name, ds in datasets]
-    print(format_table(results, title=f"M2Restore ({args.weights})"))
-    if args.y_metric != "ycbcr" or resize:
-        print("Y row: " + {"ycbcr": "BT.601", "chw-view": "the authors' chw-view luma"}[args.y_metric]
-              + "".join(f"; {name} resized to {w}x{h}" for name, (w, h) in resize.items()))
-    csv_path, json_path = save_metrics(results, args.out, args.weights, {"y_metric": args.y_metric, "resize": resize})
-    print(f"metrics written to {csv_path} and {json_path}")
+    distributed.cleanup()
+    if lead:
+        print(format_table(results, title=f"M2Restore ({args.weights})"))
+        if args.y_metric != "ycbcr" or resize:
+            print("Y row: " + {"ycbcr": "BT.601", "chw-view": "the authors' chw-view luma"}[args.y_metric]
+                  + "".join(f"; {name} resized to {w}x{h}" for name, (w, h) in resize.items()))
+        csv_path, json_path = save_metrics(results, args.out, args.weights,
+                                           {"y_metric": args.y_metric, "resize": resize})
+        print(f"metrics written to {csv_path} and {json_path}")
     return 0
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ..config import DEGRADATIONS, UNIT_RANGE, check_input_range
 from ..options import PRIOR_BATCH_SIZE
-from .common import add_device_argument, device_from_args
+from ..paths import find_images
+from .common import add_device_argument, check_at_least, check_device_name, check_output, check_path, device_from_args
+from .errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,16 +37,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.io import find_images
+    check_path(args.images, "--images", "folder")
+    images = find_images(args.images)
+    if not images:
+        raise UsageError(f"--images {args.images}: no image files in it")
+    check_path(args.checkpoint, "--checkpoint", "file")
+    check_output(args.out, "--out", "file")
+    check_at_least(args, batch_size=1)
+    check_device_name(args.device)
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"--names {args.names!r}: give comma-separated degradation names")
+    model_cfg = None
+    if args.model_config is not None:
+        check_path(args.model_config, "--model-config", "file")
+        try:
+            model_cfg = json.loads(args.model_config.read_text())
+        except ValueError as e:
+            raise UsageError(f"--model-config {args.model_config}: not JSON ({e})") from e
+
     from ..prior.cache import write_prior_cache
     from ..prior.daclip import DAClipPrior
 
-    images = find_images(args.images)
-    if not images:
-        print(f"prior-cache: no image files under {args.images}", file=sys.stderr)
-        return 2
-    model_cfg = json.loads(args.model_config.read_text()) if args.model_config else None
-    names = [n.strip() for n in args.names.split(",") if n.strip()]
     prior = DAClipPrior.from_checkpoint(args.checkpoint, names=names, model_name=args.model, model_cfg=model_cfg,
                                      preprocessing=args.preprocess, fp16_text=args.fp16_text)
     prior.to(device_from_args(args.device))

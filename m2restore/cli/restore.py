@@ -4,7 +4,11 @@ Each output keeps its input's size, format, bit depth, grayscale-ness, alpha cha
 profile. Images whose estimated working set exceeds ``--max-memory`` (default: half the available
 memory, at most 1.5 GiB) are restored in tiles; ``--tile N`` asks for N×N tiles. A file that cannot be
 read does not stop the others: each is reported by name, a summary line follows, and the exit
-status is 1.
+status is 1. Paths and option values are checked before torch is imported.
+
+``torchrun --nproc_per_node N -m m2restore restore ...`` restores on N processes (GPUs, or machines
+with ``--nnodes``): process r takes the files r, r + N, r + 2N, ... of the sorted list, each file is
+written once, and process 0 prints the summary for all of them.
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_model_arguments, device_from_args, resolve_dtype_from_args
+from ..options import parse_size
+from ..paths import collect_inputs
+from .common import add_model_arguments, check_model_arguments, check_output, device_from_args, resolve_dtype_from_args
 from .errors import InputError, UsageError
 
 
@@ -28,22 +34,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from ..data.io import UnreadableImageError
-    from ..restore import restore_file
-
     max_memory = _max_memory(args.max_memory)
     jobs = _jobs(args.inputs, args.out)
-    device = device_from_args(args.device)
-    resolve_dtype_from_args(args, device)
-    model = _model(args, device)
-    _check_tiling(args.tile, args.tile_overlap, model.config)
+    check_model_arguments(args)
 
-    show = not args.quiet and sys.stderr.isatty()
+    from tqdm import tqdm
+
+    from .. import distributed
+    from ..data.io import UnreadableImageError
+    from ..restore import load_model, restore_file
+
+    device = distributed.init(device_from_args(args.device))
+    resolve_dtype_from_args(args, device)
+    model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
+    lead = distributed.is_main()
+    mine = jobs[distributed.rank()::distributed.world_size()]
+
+    show = not args.quiet and sys.stderr.isatty() and lead
     failed: list[tuple[Path, str]] = []
     out_dir = args.out.resolve()
-    for src, rel in tqdm(jobs, desc="restore", unit="img", disable=not show or len(jobs) == 1):
+    for src, rel in tqdm(mine, desc="restore", unit="img", disable=not show or len(mine) == 1):
         bar = tqdm(desc=src.name, unit="tile", leave=False, disable=not show)
 
         def progress(total: int) -> None:
@@ -66,7 +76,12 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"m2restore restore: cannot write {out_dir / rel}: {e}", file=sys.stderr)
         finally:
             bar.close()
+    # Every process's failures, in rank order; each process reported its own files above.
+    failed = [f for share in distributed.gather_objects(failed) for f in share]
+    distributed.cleanup()
     done = len(jobs) - len(failed)
+    if not lead:
+        return 1 if failed else 0
     if failed:
         listed = ", ".join(f"{src.name} ({reason})" for src, reason in failed)
         raise InputError(f"restored {done} of {len(jobs)} into {out_dir}; failed: {listed}")
@@ -75,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _max_memory(text: str | None) -> int | None:
-    from ..restore import parse_size
-
     if text is None:
         return None
     try:
@@ -87,30 +100,18 @@ def _max_memory(text: str | None) -> int | None:
 
 def _jobs(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
     """collect_inputs, with its complaints and outputs that would overwrite an input as usage errors."""
-    from ..restore import collect_inputs
-
     try:
         jobs = collect_inputs(inputs)
     except FileNotFoundError as e:
         raise UsageError(f"{e}; check the path") from e
     except ValueError as e:
         raise UsageError(str(e)) from e
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
+    check_output(out, "--out")
     out_dir = out.resolve()
     for src, rel in jobs:
         if (out_dir / rel).resolve() == src.resolve():
             raise UsageError(f"--out {out} would overwrite the input {src}; choose another output folder")
     return jobs
-
-
-def _model(args: argparse.Namespace, device):
-    from ..restore import load_model
-
-    try:
-        return load_model(args.weights, device, args.backend, args.prior_checkpoint)
-    except FileNotFoundError as e:
-        raise UsageError(f"--weights: {e}") from e
 
 
 def _describe(plan) -> str:
@@ -119,24 +120,3 @@ def _describe(plan) -> str:
         return "whole"
     latent = "shared on the whole map" if plan.share_latent else "per tile"
     return f"{plan.tile}-pixel tiles, {plan.stat_passes} gathering passes, latent stage {latent}"
-
-
-def _check_tiling(tile: int, overlap: int | None, config) -> None:
-    """--tile and --tile-overlap against each other and the network's padding multiple."""
-    from ..restore import default_overlap
-
-    m = config.pad_multiple
-    if tile < 0:
-        raise UsageError(f"--tile {tile}: give a positive tile size (a multiple of {m}), or 0 to tile only "
-                         "when an image exceeds --max-memory")
-    if overlap is not None and overlap < 0:
-        raise UsageError(f"--tile-overlap {overlap}: give 0 or more pixels")
-    if tile == 0:
-        return
-    if tile % m or tile < 4 * m:
-        raise UsageError(f"--tile {tile}: the network works on multiples of {m} pixels; give a multiple of {m} "
-                         f"from {4 * m} up (e.g. {max(4 * m, tile // m * m)})")
-    overlap = default_overlap(config, tile) if overlap is None else overlap
-    if overlap >= tile:
-        raise UsageError(f"--tile {tile} must be larger than --tile-overlap {overlap}; raise --tile or lower "
-                         "--tile-overlap")

@@ -8,7 +8,8 @@ import argparse
 from pathlib import Path
 
 from ..options import ROUTING_PERPLEXITY
-from .common import add_model_arguments
+from .common import (add_model_arguments, check_at_least, check_model_arguments, check_output, check_path, check_positive,
+                     parse_set)
 
 #: Images per degradation type in the paper's Fig. 8.
 PAPER_PER_TYPE = 50
@@ -27,10 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..routing import analyse, routing_vectors, sample_images, save_study
-    from .common import load_model_from_args, parse_set
+    sets = [parse_set(spec) for spec in args.data]
+    for _, path in sets:
+        check_path(path, "--data")
+    check_at_least(args, per_type=1, crop=1)
+    check_positive(args, "perplexity")
+    check_output(args.out, "--out")
+    check_model_arguments(args)
 
-    jobs = sample_images([parse_set(spec) for spec in args.data], args.per_type, args.seed)
+    from ..routing import analyse, routing_vectors, sample_images, save_study
+    from .common import load_model_from_args
+
+    jobs = sample_images(sets, args.per_type, args.seed)
     model, device = load_model_from_args(args)
     vectors = routing_vectors(model, [file for _, file in jobs], device, args.dtype, args.crop)
     result = analyse(vectors, [kind for kind, _ in jobs], args.seed, args.perplexity)

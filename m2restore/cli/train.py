@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from ..options import DIST_TIMEOUT, TRAIN_CROP, TrainOptions
-from .common import add_backend_argument, add_device_argument, device_from_args
+from ..options import CHECKPOINT, DIST_TIMEOUT, TRAIN_CROP, TrainOptions
+from .common import (add_backend_argument, add_device_argument, check_at_least, check_device_name, check_output,
+                     check_paired_data, check_path, device_from_args)
 from .errors import CliError, UsageError
 
 
@@ -50,14 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check(args)
     from .. import distributed
 
     world = distributed.env_world_size()
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} is the global batch and must divide among the {world} "
-                         f"processes torchrun started; use a multiple of {world}")
-    if args.dist_timeout <= 0:
-        raise UsageError(f"--dist-timeout must be positive, got {args.dist_timeout}")
     device = distributed.init(device_from_args(args.device), args.dist_timeout)
     try:
         summary = _train(args, device)
@@ -76,6 +74,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Paths and option values, before torch is imported."""
+    check_paired_data(args.data, "--data")
+    check_paired_data(args.val_data, "--val-data")
+    check_output(args.out, "--out")
+    if args.config not in ("tiny", "paper"):
+        check_path(Path(args.config), "--config (tiny, paper or a JSON file)", "file")
+    for option, path in (("--prior-checkpoint", args.prior_checkpoint), ("--prior-cache", args.prior_cache)):
+        if path is not None:
+            check_path(path, option, "file")
+    if args.resume:
+        check_path(args.out / CHECKPOINT, "--resume: the checkpoint", "file")
+    check_device_name(args.device)
+    check_at_least(args, crop=1, val_limit=1, workers=0, max_steps=1)
+    try:
+        TrainOptions(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, schedule=args.schedule,
+                     ckpt_every=args.ckpt_every, val_every=args.val_every)
+    except ValueError as e:  # names the field as the option's dest: batch_size is --batch-size
+        raise UsageError(f"--{str(e).replace('_', '-')}") from e
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # distributed.env_world_size, without importing torch
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch and must divide among the {world} "
+                         f"processes torchrun started; use a multiple of {world}")
+    if args.dist_timeout <= 0:
+        raise UsageError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+
+
 def _collective_failure(err: BaseException) -> bool:
     """Whether ``err`` is a collective that failed because a peer died or timed out."""
     import torch.distributed as dist
@@ -90,7 +115,7 @@ def _collective_failure(err: BaseException) -> bool:
 def _train(args: argparse.Namespace, device) -> dict:
     from .. import distributed
     from ..data import PairedImages, open_pairs
-    from ..train import CHECKPOINT, build_model, fit, load_checkpoint, seed_everything
+    from ..train import build_model, fit, load_checkpoint, seed_everything
 
     lead = distributed.is_main()
     opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=args.lr,

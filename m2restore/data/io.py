@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+from ..paths import IMAGE_EXTENSIONS, find_images, is_image_file  # noqa: F401 - this module's API too
+
 # Formats whose files can carry an alpha channel (as Pillow writes them); 16-bit samples only as PNG.
 _ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff")
 # Formats Pillow writes EXIF and ICC profiles into.
@@ -56,16 +57,6 @@ class UnreadableImageError(ValueError):
     def __init__(self, path: Path, reason: str, detail: str):
         super().__init__(f"cannot read image {path}: {reason} ({detail})")
         self.path, self.reason = path, reason
-
-
-def is_image_file(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def find_images(root: str | Path) -> list[Path]:
-    """Image files (by :data:`IMAGE_EXTENSIONS`) under ``root``, recursively, sorted by path; [] when
-    ``root`` is not a folder."""
-    return sorted(p for p in Path(root).rglob("*") if p.is_file() and is_image_file(p))
 
 
 def read_image(path: str | Path) -> ImageData:
