@@ -115,10 +115,11 @@ def test_tiles_and_prior_caches_map_the_input_the_same_way(tmp_path, capsys):
     torch.testing.assert_close(tiled, expected, rtol=0, atol=1e-12)
     assert (tiled - restore_tensor(unit, x, tile=32, overlap=8, stat_passes=0)).abs().max() > 0.05
 
-    images = tmp_path / "images"
+    images = tmp_path / "data" / "input"  # a paired folder, as train's --data takes
     pixels = np.random.default_rng(0).integers(0, 256, (2, 36, 44, 3)).astype(np.float32) / 255
     for i, rgb in enumerate(pixels):
         write_image(images / f"{i}.png", ImageData(rgb))
+        write_image(tmp_path / "data" / "gt" / f"{i}.png", ImageData(rgb))
     prior32 = bilinear_prior()
     for input_range in (UNIT_RANGE, (-1.0, 1.0)):
         out = tmp_path / f"cache{input_range[0]}.safetensors"
@@ -129,7 +130,7 @@ def test_tiles_and_prior_caches_map_the_input_the_same_way(tmp_path, capsys):
         d_g, p_f = prior32((x - 0.5) / 0.5 if input_range != UNIT_RANGE else x)
         torch.testing.assert_close(cache["1.png"][0], d_g[0], rtol=0, atol=1e-6)
         torch.testing.assert_close(cache["1.png"][1], p_f[0], rtol=0, atol=1e-5)
-    assert main(["train", "--config", "tiny", "--data", str(images), "--out", str(tmp_path / "run"),
+    assert main(["train", "--config", "tiny", "--data", str(images.parent), "--out", str(tmp_path / "run"),
                  "--prior-cache", str(out), "--device", "cpu"]) == 2
     assert "--preprocess daclip --input-range 0,1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
