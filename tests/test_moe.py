@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from m2restore_kernels.moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
+from m2restore_kernels.moe import (importance, moe_mlp, moe_mlp_ref, noisy_topk_load, router_z_loss, topk_softmax,
+                                   topk_softmax_ref)
 from m2restore_kernels.testing import assert_close_rel
 
 from m2restore_kernels._backend import DISABLE_ENV, native_ready
@@ -92,6 +93,65 @@ def topk_backend(request, monkeypatch):
     if request.param == "torch" and DEVICE.type == "cpu" and not native_ready(moe_native.LIBRARY):
         pytest.skip("the C top-K needs a working C compiler")
     return request.param
+
+
+def _routing_ref(logits: torch.Tensor, k: int, routing: str, renormalize: bool):
+    """float64 weights, indices and (K+1)-th logit of each routing form, written out from a sort."""
+    vals, idx = torch.sort(logits, dim=1, descending=True, stable=True)
+    if routing == "softmax_topk":
+        probs = torch.softmax(logits, dim=1).gather(1, idx[:, :k])
+        weights = probs / probs.sum(1, keepdim=True) if renormalize else probs
+    else:
+        weights = torch.softmax(vals[:, :k], dim=1)
+    nxt = vals[:, k] if k < logits.shape[1] else torch.full_like(vals[:, 0], float("-inf"))
+    return weights, idx[:, :k], nxt
+
+
+@pytest.mark.parametrize("routing,renormalize", [("topk_softmax", True), ("softmax_topk", True),
+                                                 ("softmax_topk", False)])
+@pytest.mark.parametrize("N,k", [(6, 2), (8, 8), (64, 5)])
+def test_routing_forms_and_next_logit(topk_backend, routing, renormalize, N, k):
+    """Mixtral's softmax-then-top-K (renormalised: Mixtral; not: Qwen2-MoE, OLMoE) and M2Restore's
+    top-K-then-softmax, with the (K+1)-th logit, against the float64 formulas; gradients too."""
+    logits = torch.randn(97, N, generator=torch.Generator().manual_seed(N + k), dtype=torch.float64).to(DEVICE)
+    ref_in, got_in = logits.clone().requires_grad_(), logits.float().requires_grad_()
+    w_ref, i_ref, n_ref = _routing_ref(ref_in, k, routing, renormalize)
+    w, i, nxt = topk_softmax(got_in, k, backend=topk_backend, routing=routing, renormalize=renormalize,
+                             return_next=True)
+    assert torch.equal(i, i_ref) and w.dtype == nxt.dtype == torch.float32 and nxt.shape == (97,)
+    assert_close_rel(w, w_ref, "topk_softmax", torch.float32, "weights")
+    assert torch.equal(nxt.double(), n_ref.float().double())
+    w2, i2 = topk_softmax(got_in, k, backend=topk_backend, routing=routing, renormalize=renormalize)
+    assert torch.equal(i2, i) and torch.allclose(w2, w, rtol=1e-6, atol=1e-7)
+    g = torch.Generator().manual_seed(4)
+    dw, dn = torch.randn(w.shape, generator=g, dtype=torch.float64), torch.randn(97, generator=g, dtype=torch.float64)
+    loss_ref = (w_ref * dw.to(DEVICE)).sum() + (n_ref.nan_to_num(neginf=0.0) * dn.to(DEVICE)).sum()
+    loss = (w * dw.float().to(DEVICE)).sum() + (nxt.nan_to_num(neginf=0.0) * dn.float().to(DEVICE)).sum()
+    (g_ref,) = torch.autograd.grad(loss_ref, ref_in)
+    (g_got,) = torch.autograd.grad(loss, got_in)
+    assert_close_rel(g_got, g_ref, "topk_softmax", torch.float32, "grad of logits")
+
+
+def test_noisy_topk_load_importance_and_z_loss():
+    """The load helpers against the noisy top-K formulas in float64, from a second top-K(K+1)."""
+    g = torch.Generator().manual_seed(8)
+    P, N, k = 50, 6, 2
+    clean = torch.randn(P, N, generator=g, dtype=torch.float64, requires_grad=True)
+    std = torch.rand(P, N, generator=g, dtype=torch.float64) + 0.1
+    noisy = clean + std * torch.randn(P, N, generator=g, dtype=torch.float64)
+    top, _ = noisy.topk(k + 1, dim=1)
+    is_in = noisy > top[:, k:]
+    normal = torch.distributions.Normal(0.0, 1.0)
+    want = torch.where(is_in, normal.cdf((clean - top[:, k:]) / std), normal.cdf((clean - top[:, k - 1:k]) / std)).sum(0)
+    w, i, nxt = topk_softmax(noisy, k, return_next=True)
+    got = noisy_topk_load(clean, noisy, std, i, nxt)
+    assert torch.allclose(got, want, rtol=1e-12)
+    (g_want,) = torch.autograd.grad(want.square().sum(), clean)
+    (g_got,) = torch.autograd.grad(got.square().sum(), clean)
+    assert torch.allclose(g_got, g_want, rtol=1e-10)
+    dense = torch.zeros(P, N, dtype=torch.float64).scatter(1, i, w)
+    assert torch.allclose(importance(w, i, N), dense.sum(0), rtol=1e-12)
+    assert torch.allclose(router_z_loss(noisy), (torch.logsumexp(noisy, 1) ** 2).mean(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("N,k", [(1, 1), (4, 2), (6, 2), (6, 6), (8, 1), (8, 8), (64, 5)])
@@ -494,6 +554,26 @@ def test_moe_mlp_rejects_bad_input(name, bad, match, backend):
     args[name] = bad(args)
     with pytest.raises(ValueError, match=rf"\b{match}\b"):
         moe_mlp(**args, backend=backend)
+
+
+def test_moe_mlp_rejects_unknown_forms_and_mismatched_experts():
+    args = _valid_args()
+    for kw, match in [(dict(activation="tanh"), "activation must be one of .*swiglu"),
+                      (dict(layout="fused"), "layout must be one of .*linear"),
+                      (dict(activation="swiglu"), r"w2 must have shape \(4, 10, 16\)"),
+                      (dict(layout="linear"), r"w1 must have shape \(N, Hd, C\) with C=16")]:
+        with pytest.raises(ValueError, match=match):
+            moe_mlp(**args, backend="torch", **kw)
+    args["w2"] = args["w2"][:3]
+    with pytest.raises(ValueError, match=r"w2 must have shape \(4, 20, 16\)"):
+        moe_mlp(**args, backend="torch")
+
+
+def test_topk_softmax_rejects_unknown_routing():
+    with pytest.raises(ValueError, match="routing must be one of .*softmax_topk"):
+        topk_softmax(torch.randn(5, 4), 2, routing="sinkhorn")
+    with pytest.raises(ValueError, match="renormalize=False applies to routing='softmax_topk'"):
+        topk_softmax(torch.randn(5, 4), 2, renormalize=False)
 
 
 def test_moe_mlp_rejects_unknown_combine_and_backend():

@@ -41,8 +41,8 @@ from . import native_impl, torch_impl, triton_impl
 from .reference import (ACTIVATIONS, COMBINES, GATED_ACTIVATIONS, LAYOUTS, ROUTINGS, moe_mlp_ref,
                         topk_softmax_ref)
 
-__all__ = ["topk_softmax", "topk_softmax_ref", "moe_mlp", "moe_mlp_ref", "COMBINES", "ACTIVATIONS", "LAYOUTS",
-           "ROUTINGS"]
+__all__ = ["topk_softmax", "topk_softmax_ref", "moe_mlp", "moe_mlp_ref", "noisy_topk_load", "importance",
+           "router_z_loss", "COMBINES", "ACTIVATIONS", "LAYOUTS", "ROUTINGS"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,12 +95,24 @@ def _check_topk_args(logits, k):
         raise ValueError(f"topk_softmax: k must be an int in [1, N={N}], got {k!r}")
 
 
-def topk_softmax(logits: Tensor, k: int, backend: str = "auto"):
-    """Top-K routing: softmax over the K largest logits of each row.
+def topk_softmax(logits: Tensor, k: int, backend: str = "auto", *, routing: str = "topk_softmax",
+                 renormalize: bool = True, return_next: bool = False):
+    """Top-K routing: the K largest logits of each row and their gate weights.
 
     logits: (P, N) float32, float16, bfloat16 or float64; k an int in [1, N]. Returns ``weights``
-    (P, K) in logits' dtype, the softmax of the kept logits sorted descending, and ``indices``
-    (P, K) int64. Differentiable in ``logits`` (the dropped logits get zero gradient).
+    (P, K) in logits' dtype, sorted descending, and ``indices`` (P, K) int64; with
+    ``return_next=True`` also ``next_logit`` (P,), the (K+1)-th largest logit (-inf where K = N),
+    which a noisy top-K load estimate needs (:func:`noisy_topk_load`) without a second top-K.
+    Differentiable in ``logits``.
+
+    ``routing``: how the weights come from the logits; every backend takes every form.
+
+    * ``"topk_softmax"`` (M2Restore): softmax over the K kept logits (the dropped ones get zero
+      gradient);
+    * ``"softmax_topk"`` (Mixtral, Qwen-MoE, OLMoE): softmax over all N, then the K largest;
+      ``renormalize=True`` divides them by their sum (Mixtral, ``norm_topk_prob=True``), which is
+      the same function as ``"topk_softmax"`` and runs as it; ``renormalize=False`` keeps the
+      probabilities over all N (every logit gets a gradient).
 
     Order: ``torch.sort``'s (and ``torch.topk``'s) total order, whatever the logits: NaN ranks
     above +inf, -0.0 equals 0.0, and equal logits (NaNs among them) go to the lower expert index.
@@ -117,9 +129,62 @@ def topk_softmax(logits: Tensor, k: int, backend: str = "auto"):
     float32, or float64 for float64.
     """
     _check_topk_args(logits, k)
+    if routing not in ROUTINGS:
+        raise ValueError(f"topk_softmax: routing must be one of {ROUTINGS}, got {routing!r}")
+    if not renormalize and routing != "softmax_topk":
+        raise ValueError("topk_softmax: renormalize=False applies to routing='softmax_topk' only (the softmax over "
+                         "the K kept logits sums to 1 already)")
+    N = logits.shape[1]
+    select = k + 1 if return_next and k < N else k
     impl = resolve_impl("topk_softmax", logits.device, logits.dtype, backend,
-                        native_ok=logits.shape[1] <= native_impl.TOPK_MAX_N)
-    return _topk_softmax_op(logits, k, impl)
+                        native_ok=N <= native_impl.TOPK_MAX_N)
+    weights, selected = _topk_softmax_op(logits, select, impl)
+    if renormalize and not return_next:  # the fused kernel's softmax is the answer
+        return weights, selected
+    indices = selected[:, :k]
+    acc = torch_impl.accumulation_dtype(logits.dtype)
+    if renormalize:
+        weights = torch.softmax(logits.gather(1, indices).to(acc), dim=1).to(logits.dtype)
+    else:
+        weights = torch.softmax(logits.to(acc), dim=1).gather(1, indices).to(logits.dtype)
+    if not return_next:
+        return weights, indices
+    if select > k:
+        next_logit = logits.gather(1, selected[:, k:]).squeeze(1)
+    else:  # K = N: no expert is left out
+        next_logit = logits.new_full(logits.shape[:1], float("-inf"))
+    return weights, indices, next_logit
+
+
+def noisy_topk_load(clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, indices: Tensor,
+                    next_logit: Tensor) -> Tensor:
+    """Shazeer et al.'s (2017) smooth load estimate for noisy top-K gates: (N,) float32 (float64 for
+    float64), differentiable in the clean logits, the noise scale and the noisy thresholds.
+
+    clean_logits, noisy_logits, noise_std (P, N); indices (P, K) and next_logit (P,) from
+    ``topk_softmax(noisy_logits, k, return_next=True)``. Expert e's load sums over rows the
+    probability that it stays in the top K under fresh noise: Phi((clean - threshold) / std), the
+    threshold being the (K+1)-th noisy logit where e is in the top K and the K-th where it is not.
+    """
+    acc = torch_impl.accumulation_dtype(clean_logits.dtype)
+    noisy = noisy_logits.to(acc)
+    kth = noisy.gather(1, indices[:, -1:])
+    nxt = next_logit.to(acc)[:, None]
+    threshold = torch.where(noisy > nxt, nxt, kth)
+    return torch.special.ndtr((clean_logits.to(acc) - threshold) / noise_std.to(acc)).sum(0)
+
+
+def importance(weights: Tensor, indices: Tensor, n_experts: int) -> Tensor:
+    """Per-expert sum of the gate weights (N,) (float32, float64 for float64): the dense gates'
+    column sums without building them. Differentiable in ``weights``."""
+    acc = torch_impl.accumulation_dtype(weights.dtype)
+    return weights.new_zeros(n_experts, dtype=acc).index_add(0, indices.reshape(-1), weights.reshape(-1).to(acc))
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE's router z-loss: the mean over rows of logsumexp(logits)^2 (a 0-d float32 tensor,
+    float64 for float64)."""
+    return torch.logsumexp(logits.to(torch_impl.accumulation_dtype(logits.dtype)), dim=1).square().mean()
 
 
 # --------------------------------------------------------------------------------------------
