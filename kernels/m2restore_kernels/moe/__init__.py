@@ -2,9 +2,12 @@
 
 Two ops, each with a plain reference (``*_ref``), a sparse PyTorch path and a Triton path:
 
-* ``topk_softmax(logits, k) -> (weights, indices)``: softmax over the K largest logits per row.
+* ``topk_softmax(logits, k) -> (weights, indices)``: softmax over the K largest logits per row
+  (or, ``routing="softmax_topk"``, over all N first), optionally with the (K+1)-th logit; the
+  balance terms ``noisy_topk_load``, ``importance`` and ``router_z_loss`` beside it.
 * ``moe_mlp(x, weights, indices, w1, b1, w2, b2, combine)``: every row runs only its K chosen
-  experts ``GELU(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` and combines them with the gate weights.
+  experts ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` (GELU, SiLU, ReLU, or gated SwiGLU/GeGLU;
+  weights stacked or in nn.Linear's layout) and combines them with the gate weights.
 
 Both sparse paths share one dispatch plan: the K*P (row, slot) assignments are sorted once by
 expert (stable, so each expert's rows stay in row order) and each expert then works on one

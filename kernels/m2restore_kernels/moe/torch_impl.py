@@ -220,8 +220,8 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
     Hd, dtype = w2.shape[1], out.dtype
     acc = accumulation_dtype(dtype)
     dout, dweights = _combine_bwd(dy, out.view(K, P, x.shape[1]).to(acc), weights, combine, native)
-    n_halves = hidden_blocks(activation)
-    w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2), n_halves)
+    blocks = hidden_blocks(activation)
+    w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2), blocks)
     tokens = order % P
     dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(dtype)
     dx_sorted = torch.empty_like(dout)
@@ -245,7 +245,7 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
     dx = dx_slots[0].to(acc, copy=True)
     for k in range(1, K):
         dx += dx_slots[k]
-    dw1, db1, dw2 = _unpad_hidden(dw1, db1, dw2, n_halves, Hd)
+    dw1, db1, dw2 = _unpad_hidden(dw1, db1, dw2, blocks, Hd)
     # Gradients in each input's own dtype (autocast's casts are inside the op) and w1's and w2's in
     # their strides (the fake's empty_like: a transposed nn.Linear view gets a transposed gradient,
     # which autograd hands back to the parameter without a copy).
