@@ -80,23 +80,25 @@ def moe_cases(quick: bool, shared_memory: int):
     block_n = moe.pow2_at_least(N, moe.MIN_TILE)
     i64 = dict(order_ptr="i64", offsets_ptr="i64", idx_ptr="i64")
     autocast = dict(x_ptr="fp32", w1_ptr="fp32", b1_ptr="fp32", w2_ptr="fp32", b2_ptr="fp32")
-    runs = [(dtype, "", {}) for dtype in _dtypes(quick)]
+    # The GELU experts of the DDER; gated SwiGLU experts (a second w1 tile per hidden chunk) too.
+    runs = [(dtype, "", {}, dict(ACT=moe.ACT_CODES["gelu"], GATED=False)) for dtype in _dtypes(quick)]
+    runs.append((torch.bfloat16, " swiglu", {}, dict(ACT=moe.ACT_CODES["swiglu"], GATED=True)))
     if not quick:
-        runs.append((torch.bfloat16, " autocast", autocast))
-    for dtype, note, inputs in runs:
+        runs.append((torch.bfloat16, " autocast", autocast, dict(ACT=moe.ACT_CODES["gelu"], GATED=False)))
+    for dtype, note, inputs, form in runs:
         for level, (C, Hd) in enumerate(widths):
             p = P >> (2 * level)
             cfg, bwd = (moe.default_config(K * p, N, C, Hd, CUDA, dtype, shared_memory, backward=b)
                         for b in (False, True))
             label = f"C={C} hidden={Hd}{note}"
             yield Case("moe", moe.KERNELS["moe_mlp_fwd"], label, dtype,
-                       dict(HAS_B1=True, HAS_B2=True, BLOCK_N=block_n, **_moe_tiles(cfg, dtype)),
+                       dict(HAS_B1=True, HAS_B2=True, BLOCK_N=block_n, **form, **_moe_tiles(cfg, dtype)),
                        ptrs=dict(**inputs, **i64), **_moe_run(cfg))
             yield Case("moe", moe.KERNELS["moe_mlp_bwd_dx"], label, dtype,
-                       dict(HAS_B1=True, BLOCK_N=block_n, **_moe_tiles(bwd, dtype)),
+                       dict(HAS_B1=True, BLOCK_N=block_n, **form, **_moe_tiles(bwd, dtype)),
                        ptrs=dict(dxa_ptr="fp32", **inputs, **i64), **_moe_run(bwd))
             yield Case("moe", moe.KERNELS["moe_mlp_bwd_dw"], label, dtype,
-                       dict(SPLIT=bwd.dw_split, HAS_B1=True, **_moe_tiles(bwd, dtype)),
+                       dict(SPLIT=bwd.dw_split, HAS_B1=True, **form, **_moe_tiles(bwd, dtype)),
                        ptrs=dict(dw1_ptr="fp32", db1_ptr="fp32", dw2_ptr="fp32", db2_ptr="fp32", **inputs, **i64),
                        **_moe_run(bwd))
             if note:

@@ -150,3 +150,62 @@ def test_moe_dispatch(bench, benchmark, device, moe_shape, variant, passes, dtyp
     # The bf16 tolerance for every variant under autocast: its GEMMs run in bfloat16.
     err = assert_close_rel(y, _float64_reference(tuple(moe_shape), device.type), "moe_mlp", dtype)
     benchmark.extra_info["rel_err_vs_float64"] = float(f"{err:.3g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A transformers Mixtral sparse MoE block: transformers' own expert loop against the one-call patch
+# ---------------------------------------------------------------------------------------------
+# (tokens, hidden C, expert hidden Hd, experts N, top K); --quick: a tiny one.
+MIXTRAL_BLOCK = (2048, 256, 512, 8, 2)
+MIXTRAL_TINY = (64, 32, 64, 8, 2)
+
+
+@functools.lru_cache(maxsize=2)
+def _mixtral_block(shape: tuple):
+    """transformers' MixtralSparseMoeBlock (SwiGLU experts, fused gate_up_proj in nn.Linear layout,
+    softmax-then-top-K routing) with random float32 weights, and its input (1, tokens, C)."""
+    transformers = pytest.importorskip("transformers")
+    from m2restore_kernels.integrations.transformers import BACKEND_ATTRIBUTE, register
+
+    tokens, C, Hd, N, K = shape
+    register()
+    config = transformers.MixtralConfig(hidden_size=C, intermediate_size=Hd, num_local_experts=N,
+                                        num_experts_per_tok=K, experts_implementation="eager")
+    torch.manual_seed(0)
+    block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(config)
+    # What "auto" runs on a CPU outside the tests (where TRITON_INTERPRET=1 would pick the interpreter).
+    setattr(block.experts, BACKEND_ATTRIBUTE, "torch")
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+    return block, torch.randn(1, tokens, C, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("implementation", ["eager", "m2restore"])
+def test_mixtral_block(bench, benchmark, device, quick, implementation, passes):
+    """``eager``: transformers' expert loop (one-hot masks, a Python loop over the hit experts,
+    index_add); ``m2restore``: the same block after the one-call patch (moe_mlp, swiglu, layout
+    "linear"). Float32 on the CPU (bf16 only where the CPU has native bf16: not timed here)."""
+    if device.type != "cpu":
+        pytest.skip("the CPU comparison: on CUDA transformers picks grouped_mm, not the eager loop")
+    shape = MIXTRAL_TINY if quick else MIXTRAL_BLOCK
+    block, x = _mixtral_block(shape)
+    block.experts.config._experts_implementation = implementation  # what set_experts_implementation flips
+    params = [x.requires_grad_(passes == "fwd_bwd"), *block.parameters()]
+
+    def step():
+        with torch.set_grad_enabled(passes == "fwd_bwd"):
+            y = block(x)
+            if passes == "fwd_bwd":
+                torch.autograd.grad(y.sum(), params)
+        return y.detach()
+
+    tokens, C, Hd, N, K = shape
+    benchmark.group = f"mixtral block {tokens}x{C} hidden {Hd} N{N} K{K} {passes} fp32"
+    benchmark.extra_info.update(tokens=tokens, C=C, Hd=Hd, N=N, K=K)
+    y = bench(step)
+    block.experts.config._experts_implementation = "eager"
+    with torch.no_grad():
+        want = block(x)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)

@@ -7,9 +7,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from m2restore_kernels.moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
+from m2restore_kernels.moe import (importance, moe_mlp, moe_mlp_ref, noisy_topk_load, router_z_loss, topk_softmax,
+                                   topk_softmax_ref)
 from m2restore_kernels.testing import assert_close_rel
 
 from m2restore_kernels._backend import DISABLE_ENV, native_ready
@@ -33,26 +35,31 @@ def _one_intra_op_thread():
 
 
 
-def make_experts(N: int, C: int, Hd: int, bias: bool = True, seed: int = 0):
-    """float64 (w1, b1, w2, b2) scaled so hidden and outputs stay O(1)."""
+def make_experts(N: int, C: int, Hd: int, bias: bool = True, seed: int = 0, gated: bool = False,
+                 layout: str = "stacked"):
+    """float64 (w1, b1, w2, b2) scaled so hidden and outputs stay O(1); gated: w1 has 2*Hd hidden
+    columns; layout "linear": nn.Linear's (N, out, in), contiguous as a Linear keeps it."""
     g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(N, C, Hd, generator=g, dtype=torch.float64) / math.sqrt(C)
+    H1 = 2 * Hd if gated else Hd
+    w1 = torch.randn(N, C, H1, generator=g, dtype=torch.float64) / math.sqrt(C)
     w2 = torch.randn(N, Hd, C, generator=g, dtype=torch.float64) / math.sqrt(Hd)
-    b1 = 0.5 * torch.randn(N, Hd, generator=g, dtype=torch.float64) if bias else None
+    b1 = 0.5 * torch.randn(N, H1, generator=g, dtype=torch.float64) if bias else None
     b2 = 0.5 * torch.randn(N, C, generator=g, dtype=torch.float64) if bias else None
+    if layout == "linear":
+        w1, w2 = w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
     return w1, b1, w2, b2
 
 
-def check_moe(backend, dtype, x, weights, indices, experts, combine):
+def check_moe(backend, dtype, x, weights, indices, experts, combine, **form):
     """Forward and every gradient of moe_mlp in ``dtype`` against moe_mlp_ref in float64 on the
-    same (rounded) inputs, all on DEVICE."""
+    same (rounded) inputs, all on DEVICE; ``form``: activation= and layout= for both."""
     x, weights, indices = x.to(DEVICE), weights.to(DEVICE), indices.to(DEVICE)
     experts = [t.to(DEVICE) if t is not None else None for t in experts]
     inputs = [t.to(dtype) if t is not None else None for t in (x, weights, *experts)]
     ref_in = [t.double().requires_grad_() if t is not None else None for t in inputs]
     got_in = [t.clone().requires_grad_() if t is not None else None for t in inputs]
-    ref = moe_mlp_ref(ref_in[0], ref_in[1], indices, *ref_in[2:], combine=combine)
-    got = moe_mlp(got_in[0], got_in[1], indices, *got_in[2:], combine=combine, backend=backend)
+    ref = moe_mlp_ref(ref_in[0], ref_in[1], indices, *ref_in[2:], combine=combine, **form)
+    got = moe_mlp(got_in[0], got_in[1], indices, *got_in[2:], combine=combine, backend=backend, **form)
     assert got.dtype == dtype and got.shape == ref.shape
     assert_close_rel(got, ref, "moe_mlp", dtype, "y")
     # The upstream gradient is an input too: the same one, rounded to dtype, for both sides.
@@ -63,6 +70,8 @@ def check_moe(backend, dtype, x, weights, indices, experts, combine):
     names = ["x", "weights", "w1", "b1", "w2", "b2"]
     for i, rg, gg in zip(wrt, ref_g, got_g):
         assert gg.dtype == dtype, names[i]
+        # Gradients come in their parameters' own layout (no transposed copy for autograd to make).
+        assert gg.stride() == got_in[i].stride(), names[i]
         assert_close_rel(gg, rg, "moe_mlp", dtype, f"grad of {names[i]}")
 
 
@@ -84,6 +93,65 @@ def topk_backend(request, monkeypatch):
     if request.param == "torch" and DEVICE.type == "cpu" and not native_ready(moe_native.LIBRARY):
         pytest.skip("the C top-K needs a working C compiler")
     return request.param
+
+
+def _routing_ref(logits: torch.Tensor, k: int, routing: str, renormalize: bool):
+    """float64 weights, indices and (K+1)-th logit of each routing form, written out from a sort."""
+    vals, idx = torch.sort(logits, dim=1, descending=True, stable=True)
+    if routing == "softmax_topk":
+        probs = torch.softmax(logits, dim=1).gather(1, idx[:, :k])
+        weights = probs / probs.sum(1, keepdim=True) if renormalize else probs
+    else:
+        weights = torch.softmax(vals[:, :k], dim=1)
+    nxt = vals[:, k] if k < logits.shape[1] else torch.full_like(vals[:, 0], float("-inf"))
+    return weights, idx[:, :k], nxt
+
+
+@pytest.mark.parametrize("routing,renormalize", [("topk_softmax", True), ("softmax_topk", True),
+                                                 ("softmax_topk", False)])
+@pytest.mark.parametrize("N,k", [(6, 2), (8, 8), (64, 5)])
+def test_routing_forms_and_next_logit(topk_backend, routing, renormalize, N, k):
+    """Mixtral's softmax-then-top-K (renormalised: Mixtral; not: Qwen2-MoE, OLMoE) and M2Restore's
+    top-K-then-softmax, with the (K+1)-th logit, against the float64 formulas; gradients too."""
+    logits = torch.randn(97, N, generator=torch.Generator().manual_seed(N + k), dtype=torch.float64).to(DEVICE)
+    ref_in, got_in = logits.clone().requires_grad_(), logits.float().requires_grad_()
+    w_ref, i_ref, n_ref = _routing_ref(ref_in, k, routing, renormalize)
+    w, i, nxt = topk_softmax(got_in, k, backend=topk_backend, routing=routing, renormalize=renormalize,
+                             return_next=True)
+    assert torch.equal(i, i_ref) and w.dtype == nxt.dtype == torch.float32 and nxt.shape == (97,)
+    assert_close_rel(w, w_ref, "topk_softmax", torch.float32, "weights")
+    assert torch.equal(nxt.double(), n_ref.float().double())
+    w2, i2 = topk_softmax(got_in, k, backend=topk_backend, routing=routing, renormalize=renormalize)
+    assert torch.equal(i2, i) and torch.allclose(w2, w, rtol=1e-6, atol=1e-7)
+    g = torch.Generator().manual_seed(4)
+    dw, dn = torch.randn(w.shape, generator=g, dtype=torch.float64), torch.randn(97, generator=g, dtype=torch.float64)
+    loss_ref = (w_ref * dw.to(DEVICE)).sum() + (n_ref.nan_to_num(neginf=0.0) * dn.to(DEVICE)).sum()
+    loss = (w * dw.float().to(DEVICE)).sum() + (nxt.nan_to_num(neginf=0.0) * dn.float().to(DEVICE)).sum()
+    (g_ref,) = torch.autograd.grad(loss_ref, ref_in)
+    (g_got,) = torch.autograd.grad(loss, got_in)
+    assert_close_rel(g_got, g_ref, "topk_softmax", torch.float32, "grad of logits")
+
+
+def test_noisy_topk_load_importance_and_z_loss():
+    """The load helpers against the noisy top-K formulas in float64, from a second top-K(K+1)."""
+    g = torch.Generator().manual_seed(8)
+    P, N, k = 50, 6, 2
+    clean = torch.randn(P, N, generator=g, dtype=torch.float64, requires_grad=True)
+    std = torch.rand(P, N, generator=g, dtype=torch.float64) + 0.1
+    noisy = clean + std * torch.randn(P, N, generator=g, dtype=torch.float64)
+    top, _ = noisy.topk(k + 1, dim=1)
+    is_in = noisy > top[:, k:]
+    normal = torch.distributions.Normal(0.0, 1.0)
+    want = torch.where(is_in, normal.cdf((clean - top[:, k:]) / std), normal.cdf((clean - top[:, k - 1:k]) / std)).sum(0)
+    w, i, nxt = topk_softmax(noisy, k, return_next=True)
+    got = noisy_topk_load(clean, noisy, std, i, nxt)
+    assert torch.allclose(got, want, rtol=1e-12)
+    (g_want,) = torch.autograd.grad(want.square().sum(), clean)
+    (g_got,) = torch.autograd.grad(got.square().sum(), clean)
+    assert torch.allclose(g_got, g_want, rtol=1e-10)
+    dense = torch.zeros(P, N, dtype=torch.float64).scatter(1, i, w)
+    assert torch.allclose(importance(w, i, N), dense.sum(0), rtol=1e-12)
+    assert torch.allclose(router_z_loss(noisy), (torch.logsumexp(noisy, 1) ** 2).mean(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("N,k", [(1, 1), (4, 2), (6, 2), (6, 6), (8, 1), (8, 8), (64, 5)])
@@ -417,6 +485,49 @@ def test_moe_mlp_random_shapes(P, C, Hd, N, data):
 
 
 # ---------------------------------------------------------------------------------------------
+# Expert forms: activations, gated experts, nn.Linear layout
+# ---------------------------------------------------------------------------------------------
+FORMS = [("silu", "stacked", True), ("relu", "linear", True), ("swiglu", "linear", False),
+         ("geglu", "stacked", True), ("swiglu", "stacked", True), ("gelu", "linear", False)]
+# The interpreter is slow: Triton takes the forms that cover plain and gated, both layouts, with
+# and without biases.
+TRITON_FORMS = [("relu", "linear", True), ("swiglu", "linear", False), ("geglu", "stacked", True)]
+
+
+@pytest.mark.parametrize("backend,activation,layout,bias",
+                         [("torch", *f) for f in FORMS] + [("triton", *f) for f in TRITON_FORMS])
+def test_moe_mlp_expert_forms_float32(activation, layout, bias, backend):
+    """Every activation and gated form, both weight layouts, biases or none; Hd = 19 also takes the
+    CPU path's hidden padding (each half of a gated w1 padded on its own)."""
+    g = torch.Generator().manual_seed(len(activation) + len(layout))
+    P, C, Hd, N, K = 57, 16, 19, 4, 2
+    x = torch.randn(P, C, generator=g, dtype=torch.float64)
+    weights, indices = route(torch.randn(P, N, generator=g, dtype=torch.float64), K)
+    experts = make_experts(N, C, Hd, bias=bias, gated=activation in ("swiglu", "geglu"), layout=layout)
+    check_moe(backend, torch.float32, x, weights, indices, experts, "sum", activation=activation, layout=layout)
+
+
+@pytest.mark.parametrize("backend,activation,layout", [("torch", "swiglu", "linear"), ("torch", "relu", "stacked"),
+                                                       ("triton", "swiglu", "linear")])
+def test_moe_mlp_expert_forms_float16_and_float64(activation, layout, backend):
+    x, weights, indices, _ = _routing_case("dder_like")
+    experts = make_experts(6, 48, 40, gated=activation == "swiglu", layout=layout)
+    check_moe(backend, torch.float16, x, weights, indices, experts, "logsumexp", activation=activation, layout=layout)
+    if backend == "torch":
+        check_moe(backend, torch.float64, x, weights, indices, experts, "sum", activation=activation, layout=layout)
+
+
+def test_swiglu_by_hand():
+    """One row, one expert, nn.Linear layout: y = w * down(SiLU(gate x) * (up x)), written out."""
+    g = torch.Generator().manual_seed(5)
+    gate, up, down = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((3, 4), (3, 4), (4, 3)))
+    x = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    want = 0.25 * (down @ (F.silu(gate @ x[0]) * (up @ x[0])))
+    got = moe_mlp(x, torch.tensor([[0.25]], dtype=torch.float64), torch.tensor([[0]]), torch.cat([gate, up])[None],
+                  None, down[None], None, activation="swiglu", layout="linear")
+    assert torch.allclose(got[0], want, rtol=1e-12, atol=1e-12)
+
+
 # Bad input
 # ---------------------------------------------------------------------------------------------
 def _valid_args():
@@ -446,6 +557,26 @@ def test_moe_mlp_rejects_bad_input(name, bad, match, backend):
     args[name] = bad(args)
     with pytest.raises(ValueError, match=rf"\b{match}\b"):
         moe_mlp(**args, backend=backend)
+
+
+def test_moe_mlp_rejects_unknown_forms_and_mismatched_experts():
+    args = _valid_args()
+    for kw, match in [(dict(activation="tanh"), "activation must be one of .*swiglu"),
+                      (dict(layout="fused"), "layout must be one of .*linear"),
+                      (dict(activation="swiglu"), r"w2 must have shape \(4, 10, 16\)"),
+                      (dict(layout="linear"), r"w1 must have shape \(N, Hd, C\) with C=16")]:
+        with pytest.raises(ValueError, match=match):
+            moe_mlp(**args, backend="torch", **kw)
+    args["w2"] = args["w2"][:3]
+    with pytest.raises(ValueError, match=r"w2 must have shape \(4, 20, 16\)"):
+        moe_mlp(**args, backend="torch")
+
+
+def test_topk_softmax_rejects_unknown_routing():
+    with pytest.raises(ValueError, match="routing must be one of .*softmax_topk"):
+        topk_softmax(torch.randn(5, 4), 2, routing="sinkhorn")
+    with pytest.raises(ValueError, match="renormalize=False applies to routing='softmax_topk'"):
+        topk_softmax(torch.randn(5, 4), 2, renormalize=False)
 
 
 def test_moe_mlp_rejects_unknown_combine_and_backend():
@@ -521,16 +652,21 @@ def test_custom_ops_pass_opcheck():
     args = _valid_args()
     x, weights, indices, w1, b1, w2, b2 = (args[n] for n in ("x", "weights", "indices", "w1", "b1", "w2", "b2"))
     x, weights = x.requires_grad_(), weights.requires_grad_()
-    # float32 throughout, and float32 inputs with bfloat16 GEMMs (what autocast asks for).
-    for dtype in (torch.float32, torch.bfloat16):
-        torch.library.opcheck(ops.moe_mlp.default, (x, weights, indices, w1, b1, w2, b2, "logsumexp", "torch", True,
-                                                    dtype))
+    # float32 throughout, and float32 inputs with bfloat16 GEMMs (what autocast asks for); and gated
+    # experts in nn.Linear's layout (transposed views: the fakes must give the real strides).
+    gated = [t.float().to(DEVICE) for t in make_experts(4, 16, 10, gated=True, layout="linear")]
+    forms = [("gelu", w1, b1, w2, dtype) for dtype in (torch.float32, torch.bfloat16)]
+    forms.append(("swiglu", gated[0].transpose(1, 2), gated[1], gated[2].transpose(1, 2), torch.float32))
+    for activation, w1_, b1_, w2_, dtype in forms:
+        torch.library.opcheck(ops.moe_mlp.default, (x, weights, indices, w1_, b1_, w2_, b2, "logsumexp", activation,
+                                                    "torch", True, dtype))
     # The backward ops have no autograd of their own (no double backward): inputs without grad.
     x, weights = x.detach(), weights.detach()
-    for dtype in (torch.float32, torch.bfloat16):
-        y, out, order, offsets = ops.moe_mlp(x, weights, indices, w1, b1, w2, b2, "logsumexp", "torch", True, dtype)
-        torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(y), x, weights, order, offsets, w1, b1, w2,
-                                                        out, "logsumexp", "torch"))
+    for activation, w1_, b1_, w2_, dtype in forms:
+        y, out, order, offsets = ops.moe_mlp(x, weights, indices, w1_, b1_, w2_, b2, "logsumexp", activation,
+                                             "torch", True, dtype)
+        torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(y), x, weights, order, offsets, w1_, b1_,
+                                                        w2_, out, "logsumexp", activation, "torch"))
     logits = torch.randn(9, 5, requires_grad=True)
     torch.library.opcheck(ops.topk_softmax.default, (logits, 2, "torch"))
     w, i = topk_softmax(logits.detach(), 2, backend="torch")

@@ -2,9 +2,12 @@
 
 Two ops, each with a plain reference (``*_ref``), a sparse PyTorch path and a Triton path:
 
-* ``topk_softmax(logits, k) -> (weights, indices)``: softmax over the K largest logits per row.
+* ``topk_softmax(logits, k) -> (weights, indices)``: softmax over the K largest logits per row
+  (or, ``routing="softmax_topk"``, over all N first), optionally with the (K+1)-th logit; the
+  balance terms ``noisy_topk_load``, ``importance`` and ``router_z_loss`` beside it.
 * ``moe_mlp(x, weights, indices, w1, b1, w2, b2, combine)``: every row runs only its K chosen
-  experts ``GELU(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` and combines them with the gate weights.
+  experts ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` (GELU, SiLU, ReLU, or gated SwiGLU/GeGLU;
+  weights stacked or in nn.Linear's layout) and combines them with the gate weights.
 
 Both sparse paths share one dispatch plan: the K*P (row, slot) assignments are sorted once by
 expert (stable, so each expert's rows stay in row order) and each expert then works on one
@@ -38,9 +41,11 @@ from torch import Tensor
 
 from .._backend import resolve_impl
 from . import native_impl, torch_impl, triton_impl
-from .reference import COMBINES, moe_mlp_ref, topk_softmax_ref
+from .reference import (ACTIVATIONS, COMBINES, GATED_ACTIVATIONS, LAYOUTS, ROUTINGS, moe_mlp_ref,
+                        topk_softmax_ref)
 
-__all__ = ["topk_softmax", "topk_softmax_ref", "moe_mlp", "moe_mlp_ref", "COMBINES"]
+__all__ = ["topk_softmax", "topk_softmax_ref", "moe_mlp", "moe_mlp_ref", "noisy_topk_load", "importance",
+           "router_z_loss", "COMBINES", "ACTIVATIONS", "LAYOUTS", "ROUTINGS"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,12 +98,24 @@ def _check_topk_args(logits, k):
         raise ValueError(f"topk_softmax: k must be an int in [1, N={N}], got {k!r}")
 
 
-def topk_softmax(logits: Tensor, k: int, backend: str = "auto"):
-    """Top-K routing: softmax over the K largest logits of each row.
+def topk_softmax(logits: Tensor, k: int, backend: str = "auto", *, routing: str = "topk_softmax",
+                 renormalize: bool = True, return_next: bool = False):
+    """Top-K routing: the K largest logits of each row and their gate weights.
 
     logits: (P, N) float32, float16, bfloat16 or float64; k an int in [1, N]. Returns ``weights``
-    (P, K) in logits' dtype, the softmax of the kept logits sorted descending, and ``indices``
-    (P, K) int64. Differentiable in ``logits`` (the dropped logits get zero gradient).
+    (P, K) in logits' dtype, sorted descending, and ``indices`` (P, K) int64; with
+    ``return_next=True`` also ``next_logit`` (P,), the (K+1)-th largest logit (-inf where K = N),
+    which a noisy top-K load estimate needs (:func:`noisy_topk_load`) without a second top-K.
+    Differentiable in ``logits``.
+
+    ``routing``: how the weights come from the logits; every backend takes every form.
+
+    * ``"topk_softmax"`` (M2Restore): softmax over the K kept logits (the dropped ones get zero
+      gradient);
+    * ``"softmax_topk"`` (Mixtral, Qwen-MoE, OLMoE): softmax over all N, then the K largest;
+      ``renormalize=True`` divides them by their sum (Mixtral, ``norm_topk_prob=True``), which is
+      the same function as ``"topk_softmax"`` and runs as it; ``renormalize=False`` keeps the
+      probabilities over all N (every logit gets a gradient).
 
     Order: ``torch.sort``'s (and ``torch.topk``'s) total order, whatever the logits: NaN ranks
     above +inf, -0.0 equals 0.0, and equal logits (NaNs among them) go to the lower expert index.
@@ -115,9 +132,62 @@ def topk_softmax(logits: Tensor, k: int, backend: str = "auto"):
     float32, or float64 for float64.
     """
     _check_topk_args(logits, k)
+    if routing not in ROUTINGS:
+        raise ValueError(f"topk_softmax: routing must be one of {ROUTINGS}, got {routing!r}")
+    if not renormalize and routing != "softmax_topk":
+        raise ValueError("topk_softmax: renormalize=False applies to routing='softmax_topk' only (the softmax over "
+                         "the K kept logits sums to 1 already)")
+    N = logits.shape[1]
+    select = k + 1 if return_next and k < N else k
     impl = resolve_impl("topk_softmax", logits.device, logits.dtype, backend,
-                        native_ok=logits.shape[1] <= native_impl.TOPK_MAX_N)
-    return _topk_softmax_op(logits, k, impl)
+                        native_ok=N <= native_impl.TOPK_MAX_N)
+    weights, selected = _topk_softmax_op(logits, select, impl)
+    if renormalize and not return_next:  # the fused kernel's softmax is the answer
+        return weights, selected
+    indices = selected[:, :k]
+    acc = torch_impl.accumulation_dtype(logits.dtype)
+    if renormalize:
+        weights = torch.softmax(logits.gather(1, indices).to(acc), dim=1).to(logits.dtype)
+    else:
+        weights = torch.softmax(logits.to(acc), dim=1).gather(1, indices).to(logits.dtype)
+    if not return_next:
+        return weights, indices
+    if select > k:
+        next_logit = logits.gather(1, selected[:, k:]).squeeze(1)
+    else:  # K = N: no expert is left out
+        next_logit = logits.new_full(logits.shape[:1], float("-inf"))
+    return weights, indices, next_logit
+
+
+def noisy_topk_load(clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, indices: Tensor,
+                    next_logit: Tensor) -> Tensor:
+    """Shazeer et al.'s (2017) smooth load estimate for noisy top-K gates: (N,) float32 (float64 for
+    float64), differentiable in the clean logits, the noise scale and the noisy thresholds.
+
+    clean_logits, noisy_logits, noise_std (P, N); indices (P, K) and next_logit (P,) from
+    ``topk_softmax(noisy_logits, k, return_next=True)``. Expert e's load sums over rows the
+    probability that it stays in the top K under fresh noise: Phi((clean - threshold) / std), the
+    threshold being the (K+1)-th noisy logit where e is in the top K and the K-th where it is not.
+    """
+    acc = torch_impl.accumulation_dtype(clean_logits.dtype)
+    noisy = noisy_logits.to(acc)
+    kth = noisy.gather(1, indices[:, -1:])
+    nxt = next_logit.to(acc)[:, None]
+    threshold = torch.where(noisy > nxt, nxt, kth)
+    return torch.special.ndtr((clean_logits.to(acc) - threshold) / noise_std.to(acc)).sum(0)
+
+
+def importance(weights: Tensor, indices: Tensor, n_experts: int) -> Tensor:
+    """Per-expert sum of the gate weights (N,) (float32, float64 for float64): the dense gates'
+    column sums without building them. Differentiable in ``weights``."""
+    acc = torch_impl.accumulation_dtype(weights.dtype)
+    return weights.new_zeros(n_experts, dtype=acc).index_add(0, indices.reshape(-1), weights.reshape(-1).to(acc))
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE's router z-loss: the mean over rows of logsumexp(logits)^2 (a 0-d float32 tensor,
+    float64 for float64)."""
+    return torch.logsumexp(logits.to(torch_impl.accumulation_dtype(logits.dtype)), dim=1).square().mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,7 +205,7 @@ def _check_index_range(indices: Tensor, n_experts: int):
 
 @torch.library.custom_op("m2restore_kernels::moe_mlp", mutates_args=())
 def _moe_mlp_op(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
-                w2: Tensor, b2: Optional[Tensor], combine: str, impl: str, check_indices: bool,
+                w2: Tensor, b2: Optional[Tensor], combine: str, activation: str, impl: str, check_indices: bool,
                 dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """GEMMs in ``dtype`` whatever the inputs' dtypes (autocast). -> (y (P, C) dtype, and for the
     backward: expert outputs (K*P, C) dtype, row k*P + p; the dispatch plan, order (K*P,) int64 and
@@ -143,12 +213,13 @@ def _moe_mlp_op(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Opt
     if check_indices:
         _check_index_range(indices, w1.shape[0])
     if impl == "triton":
-        return triton_impl.moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype)
-    return torch_impl.moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, native=impl == "native")
+        return triton_impl.moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation)
+    return torch_impl.moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation,
+                                  native=impl == "native")
 
 
 @_moe_mlp_op.register_fake
-def _(x, weights, indices, w1, b1, w2, b2, combine, impl, check_indices, dtype):
+def _(x, weights, indices, w1, b1, w2, b2, combine, activation, impl, check_indices, dtype):
     KP = indices.numel()
     return (x.new_empty(x.shape, dtype=dtype), x.new_empty(KP, x.shape[1], dtype=dtype),
             indices.new_empty(KP, dtype=torch.int64), indices.new_empty(w1.shape[0] + 1, dtype=torch.int64))
@@ -156,24 +227,27 @@ def _(x, weights, indices, w1, b1, w2, b2, combine, impl, check_indices, dtype):
 
 @torch.library.custom_op("m2restore_kernels::moe_mlp_bwd", mutates_args=())
 def _moe_mlp_bwd_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, w1: Tensor,
-                    b1: Optional[Tensor], w2: Tensor, out: Tensor, combine: str, impl: str
+                    b1: Optional[Tensor], w2: Tensor, out: Tensor, combine: str, activation: str, impl: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype (w1's for b1 and w2's for
-    b2, which are computed even when the bias is None); GEMMs in ``out``'s dtype."""
+    b2, which are computed even when the bias is None), w1's and w2's in their strides (empty_like);
+    GEMMs in ``out``'s dtype."""
     if impl == "triton":
-        return triton_impl.moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine)
-    return torch_impl.moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, native=impl == "native")
+        return triton_impl.moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activation)
+    return torch_impl.moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activation,
+                                  native=impl == "native")
 
 
 @_moe_mlp_bwd_op.register_fake
-def _(dy, x, weights, order, offsets, w1, b1, w2, out, combine, impl):
+def _(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activation, impl):
     return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1),
             w1.new_empty(w1.shape[0], w1.shape[2]), torch.empty_like(w2), w2.new_empty(w2.shape[0], w2.shape[2]))
 
 
 def _moe_mlp_setup_context(ctx, inputs, output):
-    x, weights, indices, w1, b1, w2, b2, combine, impl, _check, _dtype = inputs
-    ctx.combine, ctx.impl, ctx.has_b1, ctx.has_b2 = combine, impl, b1 is not None, b2 is not None
+    x, weights, indices, w1, b1, w2, b2, combine, activation, impl, _check, _dtype = inputs
+    ctx.combine, ctx.activation, ctx.impl = combine, activation, impl
+    ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
     _, out, order, offsets = output
     ctx.save_for_backward(x, weights, order, offsets, w1, b1, w2, out)
 
@@ -181,15 +255,15 @@ def _moe_mlp_setup_context(ctx, inputs, output):
 def _moe_mlp_backward(ctx, dy, *_grads_of_saved_outputs):
     x, weights, order, offsets, w1, b1, w2, out = ctx.saved_tensors
     dx, dweights, dw1, db1, dw2, db2 = _moe_mlp_bwd_op(
-        dy, x, weights, order, offsets, w1, b1, w2, out, ctx.combine, ctx.impl)
+        dy, x, weights, order, offsets, w1, b1, w2, out, ctx.combine, ctx.activation, ctx.impl)
     return (dx, dweights, None, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _moe_mlp_op.register_autograd(_moe_mlp_backward, setup_context=_moe_mlp_setup_context)
 
 
-def _check_args(x, weights, indices, w1, b1, w2, b2, combine, autocast: bool):
+def _check_args(x, weights, indices, w1, b1, w2, b2, combine, activation, layout, autocast: bool):
     named = dict(x=x, weights=weights, indices=indices, w1=w1, b1=b1, w2=w2, b2=b2)
     for name, t in named.items():
         if t is None and name in ("b1", "b2"):
@@ -200,6 +274,11 @@ def _check_args(x, weights, indices, w1, b1, w2, b2, combine, autocast: bool):
             raise ValueError(f"moe_mlp: {name} is on {t.device} but x is on {x.device}")
     if combine not in COMBINES:
         raise ValueError(f"moe_mlp: combine must be one of {COMBINES}, got {combine!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe_mlp: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"moe_mlp: layout must be one of {LAYOUTS} ((N, C, H1) and (N, Hd, C), or nn.Linear's "
+                         f"(N, H1, C) and (N, C, Hd)), got {layout!r}")
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"moe_mlp: x must be a floating (P, C) tensor, got {x.dtype} of shape {tuple(x.shape)}")
     P, C = x.shape
@@ -210,14 +289,21 @@ def _check_args(x, weights, indices, w1, b1, w2, b2, combine, autocast: bool):
     if weights.shape != indices.shape or not weights.is_floating_point():
         raise ValueError(f"moe_mlp: weights must be a floating tensor of shape {tuple(indices.shape)} like indices, "
                          f"got {weights.dtype} of shape {tuple(weights.shape)}")
-    if w1.dim() != 3 or w1.shape[1] != C:
-        raise ValueError(f"moe_mlp: w1 must have shape (N, C={C}, Hd), got {tuple(w1.shape)}")
-    N, _, Hd = w1.shape
-    expected = dict(w2=(N, Hd, C), b1=(N, Hd), b2=(N, C))
+    gated = activation in GATED_ACTIVATIONS
+    linear = layout == "linear"
+    hidden = "2*Hd" if gated else "Hd"
+    w1_form = f"(N, {hidden}, C)" if linear else f"(N, C, {hidden})"
+    if w1.dim() != 3 or w1.shape[2 if linear else 1] != C or (gated and w1.shape[1 if linear else 2] % 2):
+        raise ValueError(f"moe_mlp: w1 must have shape {w1_form} with C={C} for layout={layout!r}, "
+                         f"activation={activation!r}, got {tuple(w1.shape)}")
+    N, H1 = w1.shape[0], w1.shape[1 if linear else 2]
+    Hd = H1 // 2 if gated else H1
+    expected = dict(w2=(N, C, Hd) if linear else (N, Hd, C), b1=(N, H1), b2=(N, C))
     for name, shape in expected.items():
         t = named[name]
         if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"moe_mlp: {name} must have shape {shape}, got {tuple(t.shape)}")
+            raise ValueError(f"moe_mlp: {name} must have shape {shape} like w1 {tuple(w1.shape)} (N={N} experts, "
+                             f"{hidden}={H1}, layout={layout!r}, activation={activation!r}), got {tuple(t.shape)}")
     for name in ("w1", "b1", "w2", "b2"):
         t = named[name]
         if t is not None and not t.is_floating_point():
@@ -227,15 +313,30 @@ def _check_args(x, weights, indices, w1, b1, w2, b2, combine, autocast: bool):
                              f"under autocast)")
 
 
+def _unit_stride(t: Tensor) -> Tensor:
+    """A (N, rows, cols) weight as it lies when one of its two inner dims is dense (row-major or a
+    transposed view: BLAS and the kernels take either), else a contiguous copy."""
+    return t if 1 in t.stride()[1:] else t.contiguous()
+
+
 def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-            b2: Optional[Tensor], combine: str = "sum", backend: str = "auto", *,
-            check_indices: bool = True) -> Tensor:
+            b2: Optional[Tensor], combine: str = "sum", backend: str = "auto", *, activation: str = "gelu",
+            layout: str = "stacked", check_indices: bool = True) -> Tensor:
     """Sparse mixture of expert MLPs; only the K experts chosen per row are computed.
 
     x (P, C) float32, float16, bfloat16 or float64; weights (P, K) floating gate weights;
-    indices (P, K) int64/int32 in [0, N); w1 (N, C, Hd), b1 (N, Hd) or None, w2 (N, Hd, C), b2 (N, C)
-    or None, all in x's dtype. Returns y (P, C) in x's dtype:
-    ``y[p] = sum_k weights[p,k] * (GELU(x[p] @ w1[e] + b1[e]) @ w2[e] + b2[e])``, e = indices[p,k],
+    indices (P, K) int64/int32 in [0, N). Expert parameters, all in x's dtype, with H1 = Hd for a
+    plain ``activation`` (``"gelu"`` exact, ``"silu"``, ``"relu"``) and H1 = 2*Hd for a gated one
+    (``"swiglu"``: SiLU(gate) * up, ``"geglu"``: GELU(gate) * up; w1's first Hd hidden units are
+    the gate, the next Hd the up projection, as transformers' ``gate_up_proj``):
+
+    * ``layout="stacked"``: w1 (N, C, H1), w2 (N, Hd, C) (x @ w1[e]);
+    * ``layout="linear"``: nn.Linear's (out, in) per expert, w1 (N, H1, C), w2 (N, C, Hd)
+      (x @ w1[e].T): read where they lie, no copy per call, and their gradients come back in
+      that layout;
+
+    b1 (N, H1) or None, b2 (N, C) or None. Returns y (P, C) in x's dtype:
+    ``y[p] = sum_k weights[p,k] * (act(x[p] @ w1[e] + b1[e]) @ w2[e] + b2[e])``, e = indices[p,k],
     or with ``combine="logsumexp"`` ``y[p] = log sum_k weights[p,k] * exp(expert output)``.
     Differentiable in every floating input. Under autocast (CUDA, or CPU where bf16 GEMMs are
     fast) the GEMMs take the autocast dtype and y comes in it, as if x and the expert parameters
@@ -255,8 +356,11 @@ def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optiona
     """
     autocast = (isinstance(x, Tensor) and x.device.type in ("cuda", "cpu")
                 and torch.is_autocast_enabled(x.device.type))
-    _check_args(x, weights, indices, w1, b1, w2, b2, combine, autocast)
+    _check_args(x, weights, indices, w1, b1, w2, b2, combine, activation, layout, autocast)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-    args = [t.contiguous() if t is not None else None for t in (x, weights, indices.long(), w1, b1, w2, b2)]
+    if layout == "linear":  # views: the kernels take (N, C, H1) and (N, Hd, C) in any strides
+        w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
+    x, weights, b1, b2 = (t.contiguous() if t is not None else None for t in (x, weights, b1, b2))
     impl = resolve_impl("moe_mlp", x.device, dtype, backend)
-    return _moe_mlp_op(*args, combine, impl, check_indices, dtype)[0]
+    return _moe_mlp_op(x, weights, indices.long().contiguous(), _unit_stride(w1), b1, _unit_stride(w2), b2,
+                       combine, activation, impl, check_indices, dtype)[0]

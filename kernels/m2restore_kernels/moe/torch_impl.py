@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native_impl
+from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, hidden
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,14 +92,52 @@ def _combine(out: Tensor, weights: Tensor, combine: str, native: bool) -> Tensor
 HIDDEN_MULTIPLE = 16
 
 
-def _pad_hidden(w1, b1, w2, multiple: int = HIDDEN_MULTIPLE):
-    """Zero-pad the hidden width to a multiple of ``multiple``: CPU BLAS (MKL) runs GEMMs with an
-    odd output width (127, 255, 510) several times slower (bench/RESULTS.md). Padded units see zero weights and
-    bias, so they are GELU(0) = 0 and meet zero rows of w2."""
-    pad = -w1.shape[2] % multiple
+def _pad_hidden(w1, b1, w2, blocks: int, multiple: int = HIDDEN_MULTIPLE):
+    """Zero-pad the hidden width Hd to a multiple of ``multiple``: CPU BLAS (MKL) runs GEMMs with an
+    odd output width (127, 255, 510) several times slower (bench/RESULTS.md). w1's columns are
+    ``blocks`` blocks of Hd (2 for gated experts: [gate | up]), each padded on its own. Padded units
+    see zero weights and bias, so they are act(0) = 0 (act(0) * 0 gated) and meet zero rows of w2."""
+    Hd = w2.shape[1]
+    pad = -Hd % multiple
     if pad == 0:
         return w1, b1, w2
-    return F.pad(w1, (0, pad)), F.pad(b1, (0, pad)) if b1 is not None else None, F.pad(w2, (0, 0, 0, pad))
+
+    def pad_blocks(t):
+        return None if t is None else F.pad(t.unflatten(-1, (blocks, Hd)), (0, pad)).flatten(-2)
+    return pad_blocks(w1), pad_blocks(b1), F.pad(w2, (0, 0, 0, pad))
+
+
+def _unpad_hidden(dw1, db1, dw2, blocks: int, Hd: int):
+    """The gradients of :func:`_pad_hidden`'s inputs from those of its outputs."""
+    padded = dw2.shape[1]
+    if padded == Hd:
+        return dw1, db1, dw2
+
+    def cut(t):
+        return t.unflatten(-1, (blocks, padded))[..., :Hd].flatten(-2)
+    return cut(dw1), cut(db1), dw2[:, :Hd]
+
+
+def _plain_bwd(grad: Tensor, h: Tensor, name: str) -> Tensor:
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(grad, h)
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad, h)
+    return grad * (h > 0)
+
+
+def _act_bwd(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    """d loss / d h from d loss / d act(h)."""
+    gated = GATED_ACTIVATIONS.get(activation)
+    if gated is None:
+        return _plain_bwd(grad, h, activation)
+    gate, up = h.chunk(2, dim=-1)
+    return torch.cat([_plain_bwd(grad * up, gate, gated), grad * PLAIN_ACTIVATIONS[gated](gate)], dim=-1)
+
+
+def hidden_blocks(activation: str) -> int:
+    """How many Hd-wide blocks w1's hidden columns hold: 2 ([gate | up]) for gated experts."""
+    return 2 if activation in GATED_ACTIVATIONS else 1
 
 
 def _segments(offsets: Tensor):
@@ -136,11 +175,13 @@ def _cast(dtype: torch.dtype, *tensors):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
-def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, native: bool = False):
+def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation: str = "gelu",
+                native: bool = False):
     """-> (y (P, C) dtype, expert outputs (K*P, C) dtype, order (K*P,), offsets (N+1,)); GEMMs in
-    ``dtype``; ``native``: the K-way combination in C."""
+    ``dtype``; ``native``: the K-way combination in C. w1 (N, C, H1) and w2 (N, Hd, C) in any
+    strides (BLAS takes transposed operands as they are)."""
     P, K = indices.shape
-    w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2))
+    w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2), hidden_blocks(activation))
     (b2,) = _cast(dtype, b2)
     order, offsets = sort_assignments(indices, w1.shape[0])
     tokens = order % P
@@ -150,7 +191,7 @@ def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, native: boo
     for e, lo, hi in _segments(offsets):
         b1e, b2e = (None if b is None else b[e] for b in (b1, b2))
         for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
-            h = F.gelu(_linear(x.index_select(0, tokens[s:t]).to(dtype), w1[e], b1e))
+            h = hidden(_linear(x.index_select(0, tokens[s:t]).to(dtype), w1[e], b1e), activation)
             _linear(h, w2[e], b2e, out=out[s:t])
     out = out.index_select(0, _inverse(order))
     y = _combine(out.view(K, P, x.shape[1]).to(accumulation_dtype(dtype)), weights, combine, native)
@@ -170,13 +211,17 @@ def _combine_bwd(dy, out, weights, combine, native: bool):
     return grad.mul_(w), dweights
 
 
-def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, native: bool = False):
-    """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype; GEMMs in out's dtype."""
+def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activation: str = "gelu",
+                native: bool = False):
+    """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype and the w1 and w2
+    gradients in their inputs' strides; GEMMs in out's dtype."""
     P, K = weights.shape
-    Hd, dtype, w1_dtype, w2_dtype = w1.shape[2], out.dtype, w1.dtype, w2.dtype  # before the casts below
+    w1_in, w2_in = w1, w2  # before the casts below
+    Hd, dtype = w2.shape[1], out.dtype
     acc = accumulation_dtype(dtype)
     dout, dweights = _combine_bwd(dy, out.view(K, P, x.shape[1]).to(acc), weights, combine, native)
-    w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2))
+    blocks = hidden_blocks(activation)
+    w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2), blocks)
     tokens = order % P
     dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(dtype)
     dx_sorted = torch.empty_like(dout)
@@ -190,9 +235,9 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, native
         for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
             xe, de = x.index_select(0, tokens[s:t]).to(dtype), dout[s:t]
             hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
-            dw2[e] += F.gelu(hpre).t() @ de
+            dw2[e] += hidden(hpre, activation).t() @ de
             db2[e] += de.sum(0, **sums)
-            dh = torch.ops.aten.gelu_backward(de @ w2[e].t(), hpre)
+            dh = _act_bwd(de @ w2[e].t(), hpre, activation)
             dw1[e] += xe.t() @ dh
             db1[e] += dh.sum(0, **sums)
             torch.mm(dh, w1[e].t(), out=dx_sorted[s:t])
@@ -200,8 +245,10 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, native
     dx = dx_slots[0].to(acc, copy=True)
     for k in range(1, K):
         dx += dx_slots[k]
-    # Gradients in each input's own dtype (autocast's casts are inside the op); custom-op outputs
-    # must have the fake's (contiguous) strides; the hidden padding comes off here.
-    return tuple(t.contiguous() for t in (dx.to(x.dtype), dweights.to(weights.dtype), dw1[:, :, :Hd].to(w1_dtype),
-                                          db1[:, :Hd].to(w1_dtype), dw2[:, :Hd].to(w2_dtype), db2.to(w2_dtype)))
-
+    dw1, db1, dw2 = _unpad_hidden(dw1, db1, dw2, blocks, Hd)
+    # Gradients in each input's own dtype (autocast's casts are inside the op) and w1's and w2's in
+    # their strides (the fake's empty_like: a transposed nn.Linear view gets a transposed gradient,
+    # which autograd hands back to the parameter without a copy).
+    dw1_out, dw2_out = torch.empty_like(w1_in), torch.empty_like(w2_in)
+    return (dx.to(x.dtype).contiguous(), dweights.to(weights.dtype).contiguous(), dw1_out.copy_(dw1),
+            db1.to(w1_in.dtype).contiguous(), dw2_out.copy_(dw2), db2.to(w2_in.dtype).contiguous())

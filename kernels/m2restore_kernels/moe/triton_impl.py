@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .._triton import dot_precision, gelu, gelu_grad, jit, tl, triton
+from .reference import GATED_ACTIVATIONS
 
 # --------------------------------------------------------------------------------------------
 # Launch configuration
@@ -217,15 +218,57 @@ def _segment_rows(order_ptr, offsets_ptr, pid, P, N, BLOCK_M: tl.constexpr, BLOC
     return e, a, a % tl.maximum(P, 1), rmask  # P = 0 (no rows at all) must not divide by zero
 
 
+ACT_CODES = {"gelu": 0, "silu": 1, "relu": 2, "swiglu": 1, "geglu": 0}
+
+
+@jit
+def _act(x, ACT: tl.constexpr):
+    """The plain activation ``ACT`` (ACT_CODES) in float32."""
+    if ACT == 0:
+        return gelu(x)
+    elif ACT == 1:
+        return x * tl.sigmoid(x)
+    else:
+        return tl.maximum(x, 0.0)
+
+
+@jit
+def _act_grad(x, ACT: tl.constexpr):
+    """d act(x) / dx (ReLU's is 0 at 0, as torch's)."""
+    if ACT == 0:
+        return gelu_grad(x)
+    elif ACT == 1:
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    else:
+        return (x > 0).to(tl.float32)
+
+
+@jit
+def _first_projection(xt, w1_e, b1_e, c, hh, cmask, hmask, HD, S1C, S1H, dt,
+                      OFFSET: tl.constexpr, HAS_B1: tl.constexpr, PRECISION: tl.constexpr):
+    """(w1 chunk (BLOCK_C, BLOCK_H) in dt, x @ w1 chunk + b1 chunk in float32) of the hidden
+    columns hh (+ HD for OFFSET: a gated expert's up half)."""
+    col = hh + OFFSET * HD
+    w = tl.load(w1_e + c[:, None] * S1C + col[None, :] * S1H, mask=cmask[:, None] & hmask[None, :], other=0.0).to(dt)
+    h = tl.dot(xt, w, input_precision=PRECISION)
+    if HAS_B1:
+        h += tl.load(b1_e + col, mask=hmask, other=0.0).to(dt).to(tl.float32)[None, :]
+    return w, h
+
+
 @jit
 def _moe_mlp_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, order_ptr, offsets_ptr, P, C, HD, N,
-                           HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """out[a] = GELU(x[a % P] @ w1[e] + b1[e]) @ w2[e] + b2[e] for BLOCK_M sorted assignments a of
-    one expert e, in out's dtype (the compute dtype): x, the weights and the biases are rounded to it
-    as they are loaded (exactly as if cast beforehand), so autocast needs no cast kernels and no cast
-    copy of x; the dots accumulate in float32."""
+                        S1N, S1C, S1H, S2N, S2H, S2C, SB1,
+                        HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """out[a] = act(x[a % P] @ w1[e] + b1[e]) @ w2[e] + b2[e] for BLOCK_M sorted assignments a of
+    one expert e (gated: act(gate) * up, gate = hidden columns [0, HD), up = [HD, 2 HD)), in out's
+    dtype (the compute dtype): x, the weights and the biases are rounded to it as they are loaded
+    (exactly as if cast beforehand), so autocast needs no cast kernels and no cast copy of x; the
+    dots accumulate in float32. w1 (N, C, H1) and w2 (N, HD, C) come in any strides (S1*, S2*), so
+    nn.Linear's (N, H1, C) and (N, C, HD) are read where they lie."""
     e, a, tok, rmask = _segment_rows(order_ptr, offsets_ptr, tl.program_id(0), P, N, BLOCK_M, BLOCK_N)
     if e >= N:  # the grid is an upper bound on the block count
         return
@@ -234,28 +277,48 @@ def _moe_mlp_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, order_pt
     cmask = c < C
     xt = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(dt)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    w1_e = w1_ptr + e.to(tl.int64) * C * HD
-    w2_e = w2_ptr + e.to(tl.int64) * HD * C
+    w1_e = w1_ptr + e.to(tl.int64) * S1N
+    w2_e = w2_ptr + e.to(tl.int64) * S2N
+    b1_e = b1_ptr + e * SB1
     for h0 in range(0, HD, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
         hmask = hh < HD
-        w1t = tl.load(w1_e + c[:, None] * HD + hh[None, :], mask=cmask[:, None] & hmask[None, :], other=0.0).to(dt)
-        hpre = tl.dot(xt, w1t, input_precision=PRECISION)
-        if HAS_B1:
-            hpre += tl.load(b1_ptr + e * HD + hh, mask=hmask, other=0.0).to(dt).to(tl.float32)[None, :]
-        w2t = tl.load(w2_e + hh[:, None] * C + c[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0).to(dt)
-        # Padded hidden columns are GELU(0) = 0 and meet zero rows of w2: no extra masking needed.
-        acc = tl.dot(gelu(hpre).to(dt), w2t, acc, input_precision=PRECISION)
+        _, hpre = _first_projection(xt, w1_e, b1_e, c, hh, cmask, hmask, HD, S1C, S1H, dt, 0, HAS_B1, PRECISION)
+        h = _act(hpre, ACT)
+        if GATED:
+            _, up = _first_projection(xt, w1_e, b1_e, c, hh, cmask, hmask, HD, S1C, S1H, dt, 1, HAS_B1, PRECISION)
+            h = h * up
+        w2t = tl.load(w2_e + hh[:, None] * S2H + c[None, :] * S2C, mask=hmask[:, None] & cmask[None, :],
+                      other=0.0).to(dt)
+        # Padded hidden columns are act(0) = 0 and meet zero rows of w2: no extra masking needed.
+        acc = tl.dot(h.to(dt), w2t, acc, input_precision=PRECISION)
     if HAS_B2:
         acc += tl.load(b2_ptr + e * C + c, mask=cmask, other=0.0).to(dt).to(tl.float32)[None, :]
     tl.store(out_ptr + a[:, None] * C + c[None, :], acc.to(dt), mask=rmask[:, None] & cmask[None, :])
 
 
 @jit
+def _hidden_grads(xt, dout, w1_e, b1_e, w2_e, c, hh, cmask, hmask, HD, S1C, S1H, S2H, S2C, dt,
+                  HAS_B1: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr):
+    """For one hidden chunk: the w1 chunks (gate, up; up = gate when not GATED), the hidden activation
+    h and the gradients of the first projection's gate and up columns (float32)."""
+    w1g, g = _first_projection(xt, w1_e, b1_e, c, hh, cmask, hmask, HD, S1C, S1H, dt, 0, HAS_B1, PRECISION)
+    w2t_t = tl.load(w2_e + hh[None, :] * S2H + c[:, None] * S2C, mask=cmask[:, None] & hmask[None, :],
+                    other=0.0).to(dt)  # w2[e][chunk].T
+    dh = tl.dot(dout, w2t_t, input_precision=PRECISION)
+    a = _act(g, ACT)
+    if GATED:
+        w1u, up = _first_projection(xt, w1_e, b1_e, c, hh, cmask, hmask, HD, S1C, S1H, dt, 1, HAS_B1, PRECISION)
+        return w1g, w1u, a * up, dh * up * _act_grad(g, ACT), dh * a
+    return w1g, w1g, a, dh * _act_grad(g, ACT), dh
+
+
+@jit
 def _moe_mlp_bwd_dx_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, dxa_ptr, order_ptr, offsets_ptr, P, C, HD, N,
-                              HAS_B1: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                           S1N, S1C, S1H, S2N, S2H, S2C, SB1,
+                           HAS_B1: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dxa[a] = d out[a] / d x (float32), for the forward's row blocks; dots in dout's dtype."""
     e, a, tok, rmask = _segment_rows(order_ptr, offsets_ptr, tl.program_id(0), P, N, BLOCK_M, BLOCK_N)
     if e >= N:
@@ -267,30 +330,29 @@ def _moe_mlp_bwd_dx_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, dxa_ptr, ord
     xt = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=io_mask, other=0.0).to(dt)
     dout = tl.load(dout_ptr + a[:, None] * C + c[None, :], mask=io_mask, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    w1_e = w1_ptr + e.to(tl.int64) * C * HD
-    w2_e = w2_ptr + e.to(tl.int64) * HD * C
+    w1_e = w1_ptr + e.to(tl.int64) * S1N
+    w2_e = w2_ptr + e.to(tl.int64) * S2N
+    b1_e = b1_ptr + e * SB1
     for h0 in range(0, HD, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
-        wmask = cmask[:, None] & (hh < HD)[None, :]
-        w1t = tl.load(w1_e + c[:, None] * HD + hh[None, :], mask=wmask, other=0.0).to(dt)
-        w2t_t = tl.load(w2_e + hh[None, :] * C + c[:, None], mask=wmask, other=0.0).to(dt)  # w2[e][chunk].T
-        hpre = tl.dot(xt, w1t, input_precision=PRECISION)
-        if HAS_B1:
-            hpre += tl.load(b1_ptr + e * HD + hh, mask=hh < HD, other=0.0).to(dt).to(tl.float32)[None, :]
-        dh = tl.dot(dout, w2t_t, input_precision=PRECISION) * gelu_grad(hpre)
-        acc = tl.dot(dh.to(dt), tl.trans(w1t), acc, input_precision=PRECISION)
+        w1g, w1u, _, dg, du = _hidden_grads(xt, dout, w1_e, b1_e, w2_e, c, hh, cmask, hh < HD, HD, S1C, S1H,
+                                            S2H, S2C, dt, HAS_B1, ACT, GATED, PRECISION)
+        acc = tl.dot(dg.to(dt), tl.trans(w1g), acc, input_precision=PRECISION)
+        if GATED:
+            acc = tl.dot(du.to(dt), tl.trans(w1u), acc, input_precision=PRECISION)
     tl.store(dxa_ptr + a[:, None] * C + c[None, :], acc, mask=io_mask)
 
 
 @jit
 def _moe_mlp_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr, offsets_ptr,
-                              dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, P, C, HD, N,
-                              SPLIT: tl.constexpr, HAS_B1: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                              PRECISION: tl.constexpr):
+                           dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, P, C, HD, N,
+                           S1N, S1C, S1H, S2N, S2H, S2C, SB1,
+                           SPLIT: tl.constexpr, HAS_B1: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """Program (e, hidden chunk, split s) sums row blocks s, s+SPLIT, ... of expert e into
-    partial buffers dw1 (SPLIT, N, C, HD), db1 (SPLIT, N, HD), dw2 (SPLIT, N, HD, C), db2 (SPLIT, N, C)
-    (float32); dots in dout's dtype."""
+    contiguous float32 partial buffers dw1 (SPLIT, N, C, H1), db1 (SPLIT, N, H1), dw2 (SPLIT, N, HD, C),
+    db2 (SPLIT, N, C) (H1 = 2 HD gated, else HD); dots in dout's dtype."""
     dt = dout_ptr.dtype.element_ty
     e = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -301,15 +363,14 @@ def _moe_mlp_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr, o
     cmask = c < C
     hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = hh < HD
-    wmask = cmask[:, None] & hmask[None, :]
-    w1t = tl.load(w1_ptr + e.to(tl.int64) * C * HD + c[:, None] * HD + hh[None, :], mask=wmask, other=0.0).to(dt)
-    w2t_t = tl.load(w2_ptr + e.to(tl.int64) * HD * C + hh[None, :] * C + c[:, None], mask=wmask, other=0.0).to(dt)
-    b1 = tl.zeros((BLOCK_H,), tl.float32)
-    if HAS_B1:
-        b1 = tl.load(b1_ptr + e * HD + hh, mask=hmask, other=0.0).to(dt).to(tl.float32)
-    dw1 = tl.zeros((BLOCK_C, BLOCK_H), tl.float32)
+    w1_e = w1_ptr + e.to(tl.int64) * S1N
+    w2_e = w2_ptr + e.to(tl.int64) * S2N
+    b1_e = b1_ptr + e * SB1
+    dw1g = tl.zeros((BLOCK_C, BLOCK_H), tl.float32)
+    dw1u = tl.zeros((BLOCK_C, BLOCK_H), tl.float32)
     dw2 = tl.zeros((BLOCK_H, BLOCK_C), tl.float32)
-    db1 = tl.zeros((BLOCK_H,), tl.float32)
+    db1g = tl.zeros((BLOCK_H,), tl.float32)
+    db1u = tl.zeros((BLOCK_H,), tl.float32)
     db2 = tl.zeros((BLOCK_C,), tl.float32)
     for r0 in range(start + s * BLOCK_M, end, SPLIT * BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
@@ -318,18 +379,27 @@ def _moe_mlp_bwd_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, dout_ptr, order_ptr, o
         io_mask = rmask[:, None] & cmask[None, :]
         xt = tl.load(x_ptr + (a % P)[:, None] * C + c[None, :], mask=io_mask, other=0.0).to(dt)
         dout = tl.load(dout_ptr + a[:, None] * C + c[None, :], mask=io_mask, other=0.0)
-        hpre = tl.dot(xt, w1t, input_precision=PRECISION) + b1[None, :]
-        # Masked rows have GELU(b1) != 0 here, but their dout rows are zero, so they add nothing.
-        dh = tl.dot(dout, w2t_t, input_precision=PRECISION) * gelu_grad(hpre)
-        dw1 = tl.dot(tl.trans(xt), dh.to(dt), dw1, input_precision=PRECISION)
-        dw2 = tl.dot(tl.trans(gelu(hpre).to(dt)), dout, dw2, input_precision=PRECISION)
-        db1 += tl.sum(dh, axis=0)
+        # Masked rows have act(b1) != 0 here, but their dout rows are zero, so they add nothing.
+        _, _, h, dg, du = _hidden_grads(xt, dout, w1_e, b1_e, w2_e, c, hh, cmask, hmask, HD, S1C, S1H,
+                                        S2H, S2C, dt, HAS_B1, ACT, GATED, PRECISION)
+        dw1g = tl.dot(tl.trans(xt), dg.to(dt), dw1g, input_precision=PRECISION)
+        db1g += tl.sum(dg, axis=0)
+        if GATED:
+            dw1u = tl.dot(tl.trans(xt), du.to(dt), dw1u, input_precision=PRECISION)
+            db1u += tl.sum(du, axis=0)
+        dw2 = tl.dot(tl.trans(h.to(dt)), dout, dw2, input_precision=PRECISION)
         db2 += tl.sum(dout.to(tl.float32), axis=0)
     part = s * N + e
-    tl.store(dw1_ptr + part.to(tl.int64) * C * HD + c[:, None] * HD + hh[None, :], dw1, mask=wmask)
+    H1 = HD * (2 if GATED else 1)
+    wmask = cmask[:, None] & hmask[None, :]
+    dw1_part = dw1_ptr + part.to(tl.int64) * C * H1 + c[:, None] * H1
+    tl.store(dw1_part + hh[None, :], dw1g, mask=wmask)
+    tl.store(db1_ptr + part * H1 + hh, db1g, mask=hmask)
+    if GATED:
+        tl.store(dw1_part + HD + hh[None, :], dw1u, mask=wmask)
+        tl.store(db1_ptr + part * H1 + HD + hh, db1u, mask=hmask)
     tl.store(dw2_ptr + part.to(tl.int64) * HD * C + hh[:, None] * C + c[None, :], dw2,
              mask=hmask[:, None] & cmask[None, :])
-    tl.store(db1_ptr + part * HD + hh, db1, mask=hmask)
     if pid_h == 0:
         tl.store(db2_ptr + part * C + c, db2, mask=cmask)
 
@@ -515,22 +585,31 @@ def topk_softmax_bwd(grad_weights: Tensor, weights: Tensor, indices: Tensor, n: 
     return dlogits
 
 
-def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, config: Optional[LaunchConfig] = None):
+def _expert_args(w1, b1, w2, activation: str) -> tuple:
+    """The expert kernels' stride arguments (w1's, w2's, b1's per expert) and form constexprs."""
+    return ((*w1.stride(), *w2.stride(), b1.stride(0) if b1 is not None else 0),
+            dict(HAS_B1=b1 is not None, ACT=ACT_CODES[activation], GATED=activation in GATED_ACTIVATIONS))
+
+
+def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation: str = "gelu",
+                config: Optional[LaunchConfig] = None):
     """-> (y (P, C) dtype, expert outputs (K*P, C) dtype, order (K*P,), offsets (N+1,)); GEMMs in
-    ``dtype``. ``config``: the expert kernels' tiles, :func:`default_config`'s by default."""
-    cfg = config
+    ``dtype``. w1 (N, C, H1) and w2 (N, Hd, C) in any strides. ``config``: the expert kernels'
+    tiles, :func:`default_config`'s by default."""
     P, K = indices.shape
-    N, C, Hd = w1.shape
-    cfg = cfg or default_config(K * P, N, C, Hd, x.device, dtype)
+    N, C = w1.shape[:2]
+    Hd = w2.shape[1]
+    cfg = config or default_config(K * P, N, C, Hd, x.device, dtype)
     order, offsets = dispatch_plan(indices, N)
     out = torch.empty(K * P, C, dtype=dtype, device=x.device)
     y = torch.empty(P, C, dtype=dtype, device=x.device)
     if P == 0:
         return y, out, order, offsets
     grid, blocks = _row_block_launch(K * P, N, cfg)
+    strides, form = _expert_args(w1, b1, w2, activation)
     _moe_mlp_fwd_kernel[grid](
         x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out, order, offsets, P, C, Hd, N,
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None, PRECISION=dot_precision(dtype), **blocks)
+        *strides, HAS_B2=b2 is not None, PRECISION=dot_precision(dtype), **form, **blocks)
     block_p = combine_block_p(cfg.block_c, x.device)
     _moe_combine_fwd_kernel[(triton.cdiv(P, block_p),)](
         out, weights, y, P, C, K=K, LSE=combine == "logsumexp", BLOCK_P=block_p, BLOCK_C=cfg.block_c)
@@ -546,13 +625,15 @@ def combine_block_p(block_c: int, device: torch.device) -> int:
     return _per_device(device, interpreter=256, cuda=max(MIN_DOT, COMBINE_TILE_ELEMENTS // block_c))
 
 
-def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, config: Optional[LaunchConfig] = None):
-    """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype (w1's for b1 and w2's for b2);
-    GEMMs in out's dtype. ``config``: as :func:`moe_mlp_fwd`'s, with the backward's tiles by default."""
-    cfg = config
+def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activation: str = "gelu",
+                config: Optional[LaunchConfig] = None):
+    """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype (w1's for b1 and w2's for b2),
+    w1's and w2's in their inputs' strides; GEMMs in out's dtype. ``config``: as :func:`moe_mlp_fwd`'s,
+    with the backward's tiles by default."""
     P, K = weights.shape
-    N, C, Hd = w1.shape
-    cfg = cfg or default_config(K * P, N, C, Hd, x.device, out.dtype, backward=True)
+    N, C, H1 = w1.shape
+    Hd = w2.shape[1]
+    cfg = config or default_config(K * P, N, C, Hd, x.device, out.dtype, backward=True)
     precision = dot_precision(out.dtype)
     dout = torch.empty_like(out)
     dweights = torch.empty(P, K, dtype=weights.dtype, device=x.device)
@@ -561,22 +642,22 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, config
         dy.contiguous(), out, weights, dout, dweights, P, C,
         K=K, LSE=combine == "logsumexp", BLOCK_P=block_p, BLOCK_C=cfg.block_c)
     b1_arg = b1 if b1 is not None else w1
+    strides, form = _expert_args(w1, b1, w2, activation)
     dxa = torch.empty(K * P, C, dtype=torch.float32, device=x.device)
     grid, blocks = _row_block_launch(K * P, N, cfg)
     _moe_mlp_bwd_dx_kernel[grid](
-        x, w1, b1_arg, w2, dout, dxa, order, offsets, P, C, Hd, N,
-        HAS_B1=b1 is not None, PRECISION=precision, **blocks)
+        x, w1, b1_arg, w2, dout, dxa, order, offsets, P, C, Hd, N, *strides, PRECISION=precision, **form, **blocks)
     split = cfg.dw_split
     f32 = dict(dtype=torch.float32, device=x.device)
-    dw1, db1 = torch.empty(split, N, C, Hd, **f32), torch.empty(split, N, Hd, **f32)
+    dw1, db1 = torch.empty(split, N, C, H1, **f32), torch.empty(split, N, H1, **f32)
     dw2, db2 = torch.empty(split, N, Hd, C, **f32), torch.empty(split, N, C, **f32)
     _moe_mlp_bwd_dw_kernel[(N, triton.cdiv(Hd, cfg.block_h), split)](
-        x, w1, b1_arg, w2, dout, order, offsets, dw1, db1, dw2, db2, P, C, Hd, N,
-        SPLIT=split, HAS_B1=b1 is not None, PRECISION=precision, **cfg.launch_args())
+        x, w1, b1_arg, w2, dout, order, offsets, dw1, db1, dw2, db2, P, C, Hd, N, *strides,
+        SPLIT=split, PRECISION=precision, **form, **cfg.launch_args())
     dx = dxa.view(K, P, C).sum(0).to(x.dtype)
-    return (dx, dweights, dw1.sum(0).to(w1.dtype), db1.sum(0).to(w1.dtype),
-            dw2.sum(0).to(w2.dtype), db2.sum(0).to(w2.dtype))
-
+    # empty_like keeps w1's and w2's strides (a transposed nn.Linear view gets a transposed gradient).
+    return (dx, dweights, torch.empty_like(w1).copy_(dw1.sum(0)), db1.sum(0).to(w1.dtype),
+            torch.empty_like(w2).copy_(dw2.sum(0)), db2.sum(0).to(w2.dtype))
 
 
 KERNELS = {"topk_softmax_fwd": _topk_softmax_fwd_kernel, "topk_softmax_bwd": _topk_softmax_bwd_kernel,
