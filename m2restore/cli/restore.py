@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     max_memory = _max_memory(args.max_memory)
     jobs = _jobs(args.inputs, args.out)
     device = device_from_args(args.device)
-    resolve_dtype_from_args(args, device)
     model = _model(args, device)
+    resolve_dtype_from_args(args, device, model.config)
     _check_tiling(args.tile, args.tile_overlap, model.config)
 
     show = not args.quiet and sys.stderr.isatty()
