@@ -170,20 +170,21 @@ def _forward_lines(err: str) -> list[str]:
 def test_bench_prints_an_estimate_then_a_line_per_forward(capsys):
     from m2restore.cli.bench import planned_forwards
 
-    rc = main(["bench", "--config", "tiny", "--size", "16,24", "--no-prior", "--device", "cpu", "--rounds", "2",
-               "--warmup", "1", "--backends", "reference,torch", "--dtypes", "fp32"])
+    rc = main(["bench", "--config", "tiny", "--size", "16,24", "--no-prior", "--device", "cpu", "--rounds", "1",
+               "--warmup", "0", "--backends", "torch", "--dtypes", "fp32"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    cases = [Case(b, "eager", "fp32", False, s) for s in (16, 24) for b in ("reference", "torch")]
-    total = planned_forwards(cases, 2, 1)
-    assert total == 4 * 3 + 2  # each case's warm-up and timed calls, one reference output per size
+    cases = [Case("torch", "eager", "fp32", False, s) for s in (16, 24)]
+    total = planned_forwards(cases, 1, 0)
+    assert total == 2 + 2  # one timed call per case, one reference output per size
     err = captured.err.splitlines()
     estimate = next(i for i, line in enumerate(err) if line.startswith(f"m2restore bench: estimate {total} forwards"))
     forwards = _forward_lines(captured.err)
     assert [line.split(":")[0] for line in forwards] == [f"forward {i}/{total}" for i in range(1, total + 1)]
     assert err.index("    " + forwards[0]) < estimate < err.index("    " + forwards[1])  # from the first forward
-    assert "reference fp32 16px reference output" in forwards[0] and "reference fp32 24px reference output" in \
-        forwards[7]
+    assert [line.split(": ")[1].split(",")[0] for line in forwards] == [
+        "reference fp32 16px reference output", "torch fp32 16px timed 1/1",
+        "reference fp32 24px reference output", "torch fp32 24px timed 1/1"]
     assert all("elapsed, about" in line and line.endswith("s left") for line in forwards)
     assert "forward " not in captured.out  # progress on stderr, the report on stdout
 
@@ -228,6 +229,6 @@ def test_a_default_run_says_when_it_was_cut(monkeypatch, capsys):
     assert main(["bench", "--config", "tiny", "--size", "16", "--no-prior", "--device", "cpu",
                  "--backends", "torch", "--dtypes", "fp32"]) == 0
     captured = capsys.readouterr()
-    assert "the default run is cut to fit" in captured.err
+    assert "the default run is cut to its least (one timed round per case), still over the 0 min" in captured.err
     assert "0 warm-up + 1 timed rounds" in captured.out
     assert len(_forward_lines(captured.err)) == 2  # the reference output and one timed call

@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if first_s is not None:
         planned = rounds, warmup
         if args.rounds is None and args.warmup is None and not args.full:
-            rounds, warmup = fit_to_budget(first_s, cases, rounds, warmup)
+            rounds, warmup = fit_to_budget(first_s, cases, rounds, warmup, DEFAULT_BUDGET_S)
         progress.total = planned_forwards(cases, rounds, warmup)
         _estimate(first_s, progress.total, cases, rounds, warmup, capped=(rounds, warmup) != planned)
     print(f"m2restore bench: config {args.config}, batch 1, {len(cases)} case(s) on {machine}, "
@@ -221,9 +221,14 @@ def _first_forward(session, first: Case, progress: _Progress) -> float | None:
 
 
 def _estimate(first_s: float, total: int, cases: list[Case], rounds: int, warmup: int, capped: bool) -> None:
-    left = planned_seconds(first_s, cases, rounds, warmup) - first_s
-    note = (f"; the default run is cut to fit about {DEFAULT_BUDGET_S / 60:.0f} min (--rounds, --warmup "
-            "or --full choose)" if capped else "")
+    planned = planned_seconds(first_s, cases, rounds, warmup)
+    left = planned - first_s
+    note = ""
+    if capped:
+        fits = ("to fit" if planned <= DEFAULT_BUDGET_S else
+                "to its least (one timed round per case), still over")
+        note = (f"; the default run is cut {fits} the {DEFAULT_BUDGET_S / 60:.0f} min it aims at (--rounds, "
+                "--warmup or --full choose)")
     more = f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
     print(f"m2restore bench: estimate {total} forwards at about {first_s:.1f} s each (the first, scaled by "
           f"pixels): about {more} more{note}", file=sys.stderr, flush=True)
