@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 # Timed rounds and untimed warm-up calls per case when not given, by default and with --full. A
 # 224² forward takes seconds on a CPU, so a few rounds give a median; on a GPU it takes
 # milliseconds, and the first calls pay for autotuning and allocator growth. The defaults take
-# about a minute on a quiet 2-core CPU (bench/RESULTS.md); DEFAULT_BUDGET_S caps them on a slow or
-# busy one.
+# about a minute on a quiet 2-core AVX2 AMD EPYC (9 forwards of 4.4-5.5 s, bench/RESULTS.md);
+# DEFAULT_BUDGET_S caps them on a slower or busy CPU.
 ROUNDS = {"cpu": 3, "cuda": 20}
 WARMUP = {"cpu": 1, "cuda": 5}
 ROUNDS_FULL = {"cpu": 5, "cuda": 30}
