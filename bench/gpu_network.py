@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for network.json, network.md and cases/")
     parser.add_argument("--quick", action="store_true", help="tiny config, small sizes, few rounds (a CPU check)")
     parser.add_argument("--budget-s", type=float, default=360.0, help="stop starting cases after this many seconds")
+    parser.add_argument("--case-limit-s", type=float, default=None,
+                        help="each case's time limit (default: the seconds it may take on a GPU, per case); a CPU "
+                             "run, slower and maybe on a busy machine, gives a hang guard here")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated from {','.join(CASES)}")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": machine(), "settings": _settings(args), "cases": {}}
     failed = 0
     for name in names:
-        limit = min(CASES[name][0], deadline - time.monotonic())
+        limit = min(args.case_limit_s or CASES[name][0], deadline - time.monotonic())
         if limit < 10:
             report["cases"][name] = {"status": "skipped: budget spent"}
             failed += 1

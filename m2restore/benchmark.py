@@ -150,20 +150,23 @@ def time_fn(
     device: torch.device,
     rounds: int,
     warmup: int,
+    progress: Callable[[str, float], None] | None = None,
 ) -> list[float]:
     """Call ``fn`` on ``inputs`` in turn, ``warmup`` untimed then ``rounds`` timed; ms per call.
 
     Rotating the inputs keeps a GPU from serving one image from its L2 cache. On CUDA each call is
     bracketed by events on the current stream and the loop synchronises once at the end, so host
-    overhead that the GPU hides is not counted; on CPU it is wall-clock time.
+    overhead that the GPU hides is not counted; on CPU it is wall-clock time, and ``progress``
+    (CPU only: CUDA calls return before the GPU is done) hears of each call after it, with what it
+    was ("warm-up 1/2", "timed 3/5") and the seconds it took.
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
     if not inputs:
         raise ValueError("inputs must hold at least one tensor")
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
     if device.type == "cuda":
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
         torch.cuda.synchronize(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(rounds)]
@@ -174,10 +177,14 @@ def time_fn(
         torch.cuda.synchronize(device)
         return [start.elapsed_time(end) for start, end in events]
     times = []
-    for i in range(rounds):
+    for i in range(warmup + rounds):
         t0 = time.perf_counter()
-        fn(inputs[(warmup + i) % len(inputs)])
-        times.append((time.perf_counter() - t0) * 1e3)
+        fn(inputs[i % len(inputs)])
+        seconds = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(seconds * 1e3)
+        if progress is not None:
+            progress(f"warm-up {i + 1}/{warmup}" if i < warmup else f"timed {i - warmup + 1}/{rounds}", seconds)
     return times
 
 
@@ -234,6 +241,8 @@ class BenchSession:
         self._prior: torch.nn.Module | None = None
         self._state: dict[str, torch.Tensor] | None = None
         self._reference_out: dict[tuple[bool, int], torch.Tensor] = {}
+        #: Seconds the forward of each reference output took (model construction not counted).
+        self.reference_seconds: dict[tuple[bool, int], float] = {}
 
     def prior(self, on: bool):
         from m2restore import NullPrior
@@ -283,10 +292,16 @@ class BenchSession:
         return capture_cuda_graph(fwd, example) if case.mode == "graph" else fwd
 
     def reference_output(self, prior: bool, x: torch.Tensor) -> torch.Tensor:
+        """The fp32 eager reference's output for ``x`` (computed once per prior and size; the
+        seconds its forward took go into :attr:`reference_seconds`)."""
         key = (prior, x.shape[-1])
         if key not in self._reference_out:
             fwd = self.forward(Case("reference", prior=prior, size=x.shape[-1]), x)
+            t0 = time.perf_counter()
             self._reference_out[key] = fwd(x).float().clone()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.reference_seconds[key] = time.perf_counter() - t0
         return self._reference_out[key]
 
 
@@ -326,8 +341,15 @@ def run_cases(
     warmup: int,
     n_inputs: int,
     log: Callable[[str], None] = print,
+    progress: Callable[[Case, str, float], None] | None = None,
 ) -> list[Result]:
-    """Time each case; a case that fails is recorded with its error and the others go on."""
+    """Time each case; a case that fails is recorded with its error and the others go on.
+
+    Each case's relative error is that of its first call (on ``inputs[0]``, a warm-up call unless
+    ``warmup`` is 0), so no forward is spent on it alone. ``progress`` hears of every forward on a
+    CPU after it: the case, what the call was ("reference output", "warm-up 1/1", "timed 2/3") and
+    its seconds.
+    """
     results = []
     inputs_by_size: dict[int, list[torch.Tensor]] = {}
     cases = list(cases)
@@ -339,12 +361,24 @@ def run_cases(
         log(f"  [{number}/{len(cases)}] {case.label:<18} {case.dtype:<5} prior {'on ' if case.prior else 'off'} "
             f"{case.size}px ...")
         try:
+            fresh = (case.prior, case.size) not in session.reference_seconds
             ref = session.reference_output(case.prior, inputs[0])
+            if fresh and progress is not None and session.device.type != "cuda":
+                progress(case.baseline, "reference output", session.reference_seconds[case.prior, case.size])
             reset_peak_memory(session.device)
             fwd = session.forward(case, inputs[0])
-            result.times_ms = time_fn(fwd, inputs, session.device, rounds, warmup)
+            first: list[torch.Tensor] = []
+
+            def call(x: torch.Tensor) -> torch.Tensor:
+                y = fwd(x)
+                if not first:  # time_fn's first call is on inputs[0]
+                    first.append(y.float().clone())
+                return y
+
+            result.times_ms = time_fn(call, inputs, session.device, rounds, warmup,
+                                      progress and (lambda what, seconds: progress(case, what, seconds)))
             result.peak_mem_mb = peak_memory_mb(session.device)
-            result.rel_err = relative_error(fwd(inputs[0]), ref)
+            result.rel_err = relative_error(first[0], ref)
             log(f"    {result.ms:.2f} ms, rel err {result.rel_err:.1e}")
         except Exception as exc:  # noqa: BLE001 - one broken variant must not hide the others
             result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]

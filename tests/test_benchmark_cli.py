@@ -169,3 +169,76 @@ def test_graph_mode_is_only_asked_of_the_capturable_backend():
     cases = cases_from_args(args, torch.device("cuda"))
     assert [(c.backend, c.mode) for c in cases] == [
         ("reference", "eager"), ("torch", "eager"), ("triton", "eager"), ("triton", "graph")]
+
+
+# ------------------------------------------------------------------ progress, estimate, default plan
+
+def _forward_lines(err: str) -> list[str]:
+    return [line.strip() for line in err.splitlines() if line.strip().startswith("forward ")]
+
+
+def test_bench_prints_an_estimate_then_a_line_per_forward(capsys):
+    from m2restore.cli.bench import planned_forwards
+
+    rc = main(["bench", "--config", "tiny", "--size", "16,24", "--no-prior", "--device", "cpu", "--rounds", "1",
+               "--warmup", "0", "--backends", "torch", "--dtypes", "fp32"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    cases = [Case("torch", "eager", "fp32", False, s) for s in (16, 24)]
+    total = planned_forwards(cases, 1, 0)
+    assert total == 2 + 2  # one timed call per case, one reference output per size
+    err = captured.err.splitlines()
+    estimate = next(i for i, line in enumerate(err) if line.startswith(f"m2restore bench: estimate {total} forwards"))
+    forwards = _forward_lines(captured.err)
+    assert [line.split(":")[0] for line in forwards] == [f"forward {i}/{total}" for i in range(1, total + 1)]
+    assert err.index("    " + forwards[0]) < estimate < err.index("    " + forwards[1])  # from the first forward
+    assert [line.split(": ")[1].split(",")[0] for line in forwards] == [
+        "reference fp32 16px reference output", "torch fp32 16px timed 1/1",
+        "reference fp32 24px reference output", "torch fp32 24px timed 1/1"]
+    assert all("elapsed, about" in line and line.endswith("s left") for line in forwards)
+    assert "forward " not in captured.out  # progress on stderr, the report on stdout
+
+
+def test_bench_default_cpu_plan_is_small_whatever_auto_picks(monkeypatch):
+    import argparse
+
+    from m2restore import precision
+    from m2restore.cli.bench import ROUNDS, WARMUP, add_arguments, cases_from_args, planned_forwards
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for native in ("0", "1"):
+        monkeypatch.setenv(precision.NATIVE_BF16_ENV, native)
+        cases = cases_from_args(parser.parse_args([]), torch.device("cpu"))
+        assert {c.size for c in cases} == {224}
+        # paper() at 224², reference and ours: 9 forwards, or 17 where bf16 is native (bf16 ~1.4x faster).
+        assert planned_forwards(cases, ROUNDS["cpu"], WARMUP["cpu"]) == (17 if native == "1" else 9)
+
+
+@pytest.mark.parametrize("first_s, expected", [
+    (1.0, (3, 1)),  # 9 forwards of 1 s fit: the defaults stay
+    (25.0, (3, 0)),  # 9 × 25 s do not, 7 × 25 s do: the warm-up goes
+    (35.0, (2, 0)),  # then rounds: 5 × 35 s
+    (500.0, (1, 0)),  # at least one timed round of each case, whatever the budget
+])
+def test_a_default_run_is_cut_to_the_budget_from_its_first_forward(first_s, expected):
+    from m2restore.cli.bench import DEFAULT_BUDGET_S, fit_to_budget, planned_seconds
+
+    cases = [Case("reference", size=224), Case("torch", size=224)]
+    assert fit_to_budget(first_s, cases, 3, 1) == expected
+    rounds, warmup = expected
+    assert planned_seconds(first_s, cases, rounds, warmup) <= DEFAULT_BUDGET_S or expected == (1, 0)
+    # Scaled by pixels from the first case's size: references at 448² and 224², one call of each case.
+    assert planned_seconds(2.0, [Case("torch", size=448)] + cases, 1, 0) == pytest.approx(2.0 * (1 + 0.25 + 1.5))
+
+
+def test_a_default_run_says_when_it_was_cut(monkeypatch, capsys):
+    from m2restore.cli import bench
+
+    monkeypatch.setattr(bench, "DEFAULT_BUDGET_S", 0.0)
+    assert main(["bench", "--config", "tiny", "--size", "16", "--no-prior", "--device", "cpu",
+                 "--backends", "torch", "--dtypes", "fp32"]) == 0
+    captured = capsys.readouterr()
+    assert "the default run is cut to its least (one timed round per case), still over the 0 min" in captured.err
+    assert "0 warm-up + 1 timed rounds" in captured.out
+    assert len(_forward_lines(captured.err)) == 2  # the reference output and one timed call

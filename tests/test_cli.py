@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import m2restore.cli as cli
-from m2restore.assets import DEMO_WEIGHTS
+from m2restore import M2RestoreConfig
 from m2restore.precision import cpu_flags, native_bf16, resolve_precision
+from m2restore.restore import DEMO_WEIGHTS, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "m2restore" / "assets" / "samples"
@@ -291,7 +292,7 @@ def test_main_turns_each_kind_of_error_into_its_line_and_status(monkeypatch, cap
 # ------------------------------------------------------------------------------ --dtype auto
 
 @pytest.mark.parametrize("device, machine, expected", [
-    ("cpu", dict(capability="AVX2", flags={"avx2", "fma"}), "fp32"),  # this project's EPYC
+    ("cpu", dict(capability="AVX2", flags={"avx2", "fma"}), "fp32"),  # an AVX2 EPYC (Zen 2/3)
     ("cpu", dict(capability="AVX512", flags={"avx512f", "avx512bw"}), "fp32"),  # Skylake-SP: no bf16
     ("cpu", dict(capability="AVX512", flags={"avx512f", "avx512_bf16"}), "bf16"),  # Cooper Lake, Zen 4
     ("cpu", dict(capability="AVX2", flags={"avx512f", "avx512_bf16"}), "fp32"),  # AVX-512 kernels off
@@ -355,7 +356,7 @@ def test_readme_restore_command_runs_as_written(tmp_path):
     one = sorted(SAMPLES.iterdir())[0]
     proc = m2restore("-v", "restore", str(one), "-o", str(tmp_path / "v"))
     assert proc.returncode == 0, proc.stderr
-    chosen, why = resolve_precision("auto", "cpu")
+    chosen, why = resolve_precision("auto", "cpu", load_model(DEMO_WEIGHTS).config)
     assert f"--dtype auto chose {chosen} on cpu: {why}" in proc.stderr
     assert (tmp_path / "v" / one.name).is_file()
 
@@ -365,7 +366,7 @@ def test_readme_restore_command_runs_as_written(tmp_path):
 def test_bench_defaults_follow_the_machine_and_print_progress_per_case(tmp_path):
     proc = m2restore("bench", "--config", "tiny", "--size", "16", "--rounds", "1", "--no-prior", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    chosen, why = resolve_precision("auto", "cpu")
+    chosen, why = resolve_precision("auto", "cpu", M2RestoreConfig.tiny())
     dtypes = ["fp32"] + (["bf16"] if chosen == "bf16" else [])
     cases = [(b, d) for d in dtypes for b in ("reference", "torch")]
     assert f"dtypes {','.join(dtypes)}: {why}" in proc.stdout
@@ -383,11 +384,14 @@ def test_bench_default_dtypes_and_full_sweep(monkeypatch):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     cpu = torch.device("cpu")
+    monkeypatch.delenv(precision.NATIVE_BF16_ENV, raising=False)  # the flags below decide
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     for flags, dtypes in (({"avx2"}, ["fp32"]), ({"avx512_bf16"}, ["fp32", "bf16"])):
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: frozenset(flags))
-        cases = cases_from_args(parser.parse_args([]), cpu)
+        cases = cases_from_args(parser.parse_args([]), cpu)  # paper(), wide enough for bf16
         assert [(c.backend, c.dtype) for c in cases] == [(b, d) for d in dtypes for b in ("reference", "torch")]
+        tiny = cases_from_args(parser.parse_args(["--config", "tiny"]), cpu)  # too narrow: fp32 only
+        assert [(c.backend, c.dtype) for c in tiny] == [(b, "fp32") for b in ("reference", "torch")]
         full = cases_from_args(parser.parse_args(["--full"]), cpu)
         assert sorted({c.dtype for c in full}) == ["bf16", "fp32"]
     assert ROUNDS["cpu"] < ROUNDS_FULL["cpu"] and ROUNDS["cuda"] < ROUNDS_FULL["cuda"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 
 # Timed rounds and untimed warm-up calls per case when not given, by default and with --full. A
 # 224² forward takes seconds on a CPU, so a few rounds give a median; on a GPU it takes
-# milliseconds, and the first calls pay for autotuning and allocator growth. The defaults keep a
-# run near two minutes on a 2-core CPU (bench/RESULTS.md).
+# milliseconds, and the first calls pay for autotuning and allocator growth. The defaults take
+# about a minute on a quiet 2-core AVX2 AMD EPYC (9 forwards of 4.4-5.5 s, bench/RESULTS.md);
+# DEFAULT_BUDGET_S caps them on a slower or busy CPU.
 ROUNDS = {"cpu": 3, "cuda": 20}
 WARMUP = {"cpu": 1, "cuda": 5}
 ROUNDS_FULL = {"cpu": 5, "cuda": 30}
@@ -29,6 +31,9 @@ WARMUP_FULL = {"cpu": 2, "cuda": 5}
 DTYPES_FULL = {"cpu": ["fp32", "bf16"], "cuda": ["fp32", "bf16", "fp16"]}
 # Distinct inputs the timed calls rotate through: enough on a GPU that no call finds its image in L2.
 INPUTS = {"cpu": 2, "cuda": 4}
+# Seconds a default CPU run (no --rounds, --warmup, --full) should take at most, as estimated from
+# its first forward: past it the run drops its warm-up and then rounds, down to one timed round.
+DEFAULT_BUDGET_S = 180.0
 
 
 def _csv(kind: Callable[[str], object], choices: tuple | None = None):
@@ -78,27 +83,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "beside the measured times (m2restore.cost_model)")
 
 
-def default_dtypes(device: torch.device, full: bool = False) -> list[str]:
-    """fp32, plus bf16 where the device computes it natively (:func:`resolve_precision`);
-    ``full``: every dtype of :data:`DTYPES_FULL`."""
+def default_dtypes(device: torch.device, config, full: bool = False) -> list[str]:
+    """fp32, plus bf16 where ``--dtype auto`` picks it for a network of ``config`` on ``device``
+    (:func:`resolve_precision`); ``full``: every dtype of :data:`DTYPES_FULL`."""
     from ..precision import resolve_precision
 
     if full:
         return DTYPES_FULL["cuda" if device.type == "cuda" else "cpu"]
-    return list(dict.fromkeys(["fp32", resolve_precision("auto", device)[0]]))
+    return list(dict.fromkeys(["fp32", resolve_precision("auto", device, config)[0]]))
 
 
 def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[Case]:
-    from ..benchmark import CAPTURABLE, Case
+    from ..benchmark import CAPTURABLE, Case, model_config
 
     cuda = device.type == "cuda"
     backends = args.backends or ["reference", "triton" if cuda else "torch"]
-    dtypes = args.dtypes or default_dtypes(device, args.full)
+    dtypes = args.dtypes or default_dtypes(device, model_config(args.config, "reference"), args.full)
     modes = ["eager"] + ["compile"] * args.compile + ["graph"] * args.graph
     # Modes outermost: a graph capture that fails can leave CUDA unusable, so captures come last.
     return [Case(b, m, d, not args.no_prior, s)
             for m in modes for s in args.size for d in dtypes for b in backends
             if m != "graph" or b in CAPTURABLE]
+
+
+def planned_forwards(cases: list[Case], rounds: int, warmup: int) -> int:
+    """Forwards a run of ``cases`` takes: the warm-up and timed calls of each, and one fp32
+    reference output per prior and size."""
+    return len(cases) * (warmup + rounds) + len({(c.prior, c.size) for c in cases})
+
+
+def planned_seconds(first_s: float, cases: list[Case], rounds: int, warmup: int) -> float:
+    """Estimated seconds of all forwards of a run of ``cases`` when the first case's reference
+    output took ``first_s``: every forward costs that, scaled by pixels to its size."""
+    pixels = sum(size ** 2 for _, size in {(c.prior, c.size) for c in cases})
+    pixels += (warmup + rounds) * sum(c.size ** 2 for c in cases)
+    return first_s * pixels / cases[0].size ** 2
+
+
+def fit_to_budget(first_s: float, cases: list[Case], rounds: int, warmup: int,
+                  budget_s: float = DEFAULT_BUDGET_S) -> tuple[int, int]:
+    """(rounds, warmup) for a run of ``cases`` (:func:`planned_seconds` from ``first_s``) within
+    ``budget_s``: the warm-up goes first, then rounds, down to one timed round (so one forward per
+    case and reference output remains, whatever the budget)."""
+    while warmup + rounds > 1 and planned_seconds(first_s, cases, rounds, warmup) > budget_s:
+        if warmup:
+            warmup -= 1
+        else:
+            rounds -= 1
+    return rounds, warmup
+
+
+class _Progress:
+    """Prints a line per CPU forward to stderr (flushed: it shows under a pipe or in a log): which,
+    its seconds, the run's elapsed time and an estimate of what is left."""
+
+    def __init__(self, total: int, size: int):
+        import time
+
+        self.clock = time.perf_counter
+        self.start = self.clock()
+        self.total, self.done = total, 0
+        self.size, self.pixel_s = size, 0.0  # seconds per pixel of the forwards so far
+
+    def __call__(self, case: Case, what: str, seconds: float) -> None:
+        self.done += 1
+        self.pixel_s += seconds / case.size ** 2
+        left = self.pixel_s / self.done * self.size ** 2 * (self.total - self.done)
+        print(f"    forward {self.done}/{self.total}: {case.label} {case.dtype} {case.size}px {what}, "
+              f"{seconds:.1f} s; {self.clock() - self.start:.0f} s elapsed, about {left:.0f} s left",
+              file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,14 +178,28 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     machine = machine_name(device)
-    print(f"m2restore bench: config {args.config}, batch 1, {len(cases)} case(s) on {machine}, "
-          f"{warmup} warm-up + {rounds} timed rounds")
+    config = model_config(args.config, "reference")
     if args.dtypes is None and not args.full:
-        print(f"  dtypes {','.join(default_dtypes(device))}: {resolve_precision('auto', device)[1]} "
-              "(--dtypes or --full for others)")
+        print(f"  dtypes {','.join(default_dtypes(device, config))}: "
+              f"{resolve_precision('auto', device, config)[1]} (--dtypes or --full for others)")
     session = BenchSession(args.config, device)
+    progress = None
+    first_s = None
+    if kind == "cpu":  # forwards take seconds: say how many and how long, and keep a default run short
+        progress = _Progress(planned_forwards(cases, rounds, warmup), cases[0].size)
+        print(f"m2restore bench: {progress.total} forwards of {args.config}() planned; timing the first to "
+              "estimate the run", file=sys.stderr, flush=True)
+        first_s = _first_forward(session, cases[0], progress)
+    if first_s is not None:
+        planned = rounds, warmup
+        if args.rounds is None and args.warmup is None and not args.full:
+            rounds, warmup = fit_to_budget(first_s, cases, rounds, warmup, DEFAULT_BUDGET_S)
+        progress.total = planned_forwards(cases, rounds, warmup)
+        _estimate(first_s, progress.total, cases, rounds, warmup, capped=(rounds, warmup) != planned)
+    print(f"m2restore bench: config {args.config}, batch 1, {len(cases)} case(s) on {machine}, "
+          f"{warmup} warm-up + {rounds} timed rounds", flush=True)
     results = run_cases(session, cases, rounds, warmup, n_inputs=INPUTS[kind],
-                        log=lambda line: print(line, flush=True))  # progress shows when piped too
+                        log=lambda line: print(line, flush=True), progress=progress)  # shows when piped too
     print(format_table(results, machine))
     if args.roofline:
         from ..cost_model import roofline_tables
@@ -143,3 +210,32 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report_json(results, device, args.config, rounds, warmup), indent=2))
         print(f"wrote {args.json}")
     return 1 if any(r.error for r in results) else 0
+
+
+def _first_forward(session, first: Case, progress: _Progress) -> float | None:
+    """Seconds of ``first``'s fp32 reference output (which the run needs anyway), counted by
+    ``progress``; None where it fails (``run_cases`` then reports the error with the case)."""
+    from ..benchmark import make_inputs
+
+    x = make_inputs(first.size, session.device, INPUTS["cpu"])[0]  # run_cases compares on the same image
+    try:
+        session.reference_output(first.prior, x)
+    except Exception:  # noqa: BLE001 - reported by run_cases, which tries again
+        return None
+    seconds = session.reference_seconds[first.prior, first.size]
+    progress(first.baseline, "reference output", seconds)
+    return seconds
+
+
+def _estimate(first_s: float, total: int, cases: list[Case], rounds: int, warmup: int, capped: bool) -> None:
+    planned = planned_seconds(first_s, cases, rounds, warmup)
+    left = planned - first_s
+    note = ""
+    if capped:
+        fits = ("to fit" if planned <= DEFAULT_BUDGET_S else
+                "to its least (one timed round per case), still over")
+        note = (f"; the default run is cut {fits} the {DEFAULT_BUDGET_S / 60:.0f} min it aims at (--rounds, "
+                "--warmup or --full choose)")
+    more = f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
+    print(f"m2restore bench: estimate {total} forwards at about {first_s:.1f} s each (the first, scaled by "
+          f"pixels): about {more} more{note}", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import CONFIG_NAME, MODEL_BACKENDS, M2RestoreConfig, saved_config
 from ..assets import DEMO_WEIGHTS
-from ..options import AUTO, DEFAULT_STAT_PASSES, PRECISION_CHOICES
+from ..options import AUTO, CPU_BF16_MIN_DIM, DEFAULT_STAT_PASSES, PRECISION_CHOICES
 from .errors import UsageError
 
 
@@ -38,7 +38,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_default: Path |
     add_backend_argument(parser, "kernel backend (default: the one saved with the weights)")
     parser.add_argument("--dtype", choices=PRECISION_CHOICES, default=AUTO,
                         help="run the network under autocast to this dtype (fp32: none); auto (default): bf16 "
-                             "on GPUs and CPUs with native bf16 (AMX, AVX512-BF16), else fp32; -v says which")
+                             "on GPUs with bf16 tensor cores (A100 on) and on CPUs with native bf16 (AMX, "
+                             f"AVX512-BF16) for networks of dim {CPU_BF16_MIN_DIM} or more (e.g. paper(), not the tiny demo), else "
+                             "fp32 (AVX2 CPUs); -v says which and why")
     parser.add_argument("--tile", type=int, default=0,
                         help="restore in tiles of this size (0: the whole image, tiled only where it would not fit "
                              "in memory)")
@@ -165,16 +167,17 @@ def load_model_from_args(args: argparse.Namespace):
     from ..restore import load_model
 
     device = device_from_args(args.device)
-    resolve_dtype_from_args(args, device)
-    return load_model(args.weights, device, args.backend, args.prior_checkpoint), device
+    model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
+    resolve_dtype_from_args(args, device, model.config)
+    return model, device
 
 
-def resolve_dtype_from_args(args: argparse.Namespace, device) -> str:
-    """Replace ``args.dtype`` ``auto`` by the precision chosen for ``device``
-    (:func:`m2restore.precision.resolve_precision`), saying which and why under ``--verbose``."""
+def resolve_dtype_from_args(args: argparse.Namespace, device, config) -> str:
+    """Replace ``args.dtype`` ``auto`` by the precision chosen for ``device`` and a network of
+    ``config`` (:func:`m2restore.precision.resolve_precision`), saying which and why under ``--verbose``."""
     from ..precision import resolve_precision
 
-    precision, why = resolve_precision(args.dtype, device)
+    precision, why = resolve_precision(args.dtype, device, config)
     if args.dtype == AUTO and getattr(args, "verbose", False):
         print(f"m2restore: --dtype auto chose {precision} on {device}: {why}", file=sys.stderr)
     args.dtype = precision

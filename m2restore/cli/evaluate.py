@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     datasets = [(name, PairedImages(open_pairs(path), crop=None, flip=False)) for name, path in sets]
     device = distributed.init(device_from_args(args.device))
-    resolve_dtype_from_args(args, device)
     model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
+    resolve_dtype_from_args(args, device, model.config)
     lead = distributed.is_main()
     with autocast(device, args.dtype):
         results = [evaluate_set(model, ds, name, device, args.tile, args.tile_overlap, args.limit,

@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from ..restore import load_model, restore_file
 
     device = distributed.init(device_from_args(args.device))
-    resolve_dtype_from_args(args, device)
     model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
+    resolve_dtype_from_args(args, device, model.config)  # auto's CPU rule looks at the network's width
     lead = distributed.is_main()
     mine = jobs[distributed.rank()::distributed.world_size()]
 
