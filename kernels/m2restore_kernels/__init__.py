@@ -11,6 +11,7 @@ from importlib import metadata as _metadata
 from ._backend import BACKENDS, resolve_backend
 from .causal_conv1d import causal_conv1d, causal_conv1d_ref
 from .gated_fusion import gated_fusion, gated_fusion_ref
+from .integrations.mamba_ssm import apply_to_mamba_ssm
 from .moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
 from .selective_scan import selective_scan, selective_scan_ref
 
@@ -32,4 +33,5 @@ __all__ = [
     "gated_fusion", "gated_fusion_ref",
     "selective_scan", "selective_scan_ref",
     "causal_conv1d", "causal_conv1d_ref",
+    "apply_to_mamba_ssm",
 ]
