@@ -61,9 +61,9 @@ def test_the_activation_goes_to_the_package_by_name(monkeypatch):
     def fake_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
                 final_states_out=None, activation=None):
         assert seq_idx is None and initial_states is None
-        return causal_conv1d_ref(x, weight, bias, activation)
+        return causal_conv1d_ref(x, weight, bias, activation=activation)
 
     monkeypatch.setattr(conv, "resolve_impl", lambda *a, **k: "extension")
     monkeypatch.setattr(conv, "optional_op", lambda module, name: fake_fn)
     x, weight, bias = torch.randn(2, 3, 9), torch.randn(3, 4), torch.randn(3)
-    torch.testing.assert_close(causal_conv1d(x, weight, bias, "silu"), causal_conv1d_ref(x, weight, bias, "silu"))
+    torch.testing.assert_close(causal_conv1d(x, weight, bias, "silu"), causal_conv1d_ref(x, weight, bias, activation="silu"))

@@ -68,6 +68,9 @@ OPS = {
                               extension=("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")),
     "causal_conv1d": OpImpls(triton=False, extension=("causal_conv1d", "causal_conv1d_fn"),
                              extension_dtypes=UP_TO_FLOAT32),
+    # Decode steps: PyTorch on every device (a gather, a few small products and an in-place write).
+    "causal_conv1d_update": OpImpls(triton=False),
+    "selective_state_update": OpImpls(triton=False),
 }
 
 

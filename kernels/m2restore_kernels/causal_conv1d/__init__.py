@@ -1,30 +1,78 @@
-"""Depthwise causal 1-D convolution (the conv of Mamba's mixer), with the signature of causal_conv1d's
-``causal_conv1d_fn``.
+"""Depthwise causal 1-D convolution (the conv of Mamba's mixer) with causal_conv1d's API:
+``causal_conv1d_fn`` (whole signature: ``seq_idx``, ``initial_states``, ``return_final_states``,
+``final_states_out``) and the decode step ``causal_conv1d_update``, each with its ``*_ref``.
+``causal_conv1d(x, weight, bias, activation, backend=)`` is the short form the model calls.
 
 Implementations, chosen by ``_backend.resolve_impl``: ``"extension"`` (``backend="auto"`` on CUDA
-uses the ``causal_conv1d`` package's kernel when it imports; imported lazily, never on CPU), else
-``"torch"``, the grouped ``F.conv1d`` of ``reference.py``. There is no Triton version: that conv is
-already a single fused library call, so ``backend="triton"`` runs it too.
+uses the ``causal_conv1d`` package's kernel for the forms it takes: plain calls, 16/32-bit, width
+2..4; imported lazily, never on CPU), else ``"torch"`` (``torch_impl.py``: a grouped ``F.conv1d``,
+or the masked window sum with ``seq_idx``; autograd through it). There is no Triton version: the
+conv is already a single fused library call, so ``backend="triton"`` runs it too. The update is
+PyTorch everywhere (``reference.causal_conv1d_update_ref``: a gather, one small conv, an in-place
+write of the cache).
+
+All of it is traceable: torch.compile(fullgraph=True) keeps every form.
 """
 from __future__ import annotations
 
-from .._backend import OPS, optional_op, resolve_impl
-from .reference import ACTIVATIONS, _check_args, causal_conv1d_ref
+from .._backend import OPS, UP_TO_FLOAT32, optional_op, resolve_impl
+from . import torch_impl
+from .reference import (ACTIVATIONS, _check_args, causal_conv1d_ref, causal_conv1d_update_ref, check_update_args,
+                        with_final_states)
 
-__all__ = ["causal_conv1d", "causal_conv1d_ref", "ACTIVATIONS"]
+__all__ = ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update",
+           "causal_conv1d_update_ref", "ACTIVATIONS"]
 
 CAUSAL_CONV1D_FN = OPS["causal_conv1d"].extension
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, backend: str = "auto"):
-    """Depthwise causal conv, same contract as ``causal_conv1d_ref``.
+def _extension_takes(x, weight, bias) -> bool:
+    """The forms causal_conv1d's CUDA kernel accepts (it raises on the others)."""
+    return (2 <= weight.shape[1] <= 4 and weight.dtype in UP_TO_FLOAT32
+            and (bias is None or bias.dtype == weight.dtype) and (x.stride(2) == 1 or x.stride(1) == 1))
 
-    ``backend="auto"`` on float32/float16/bfloat16 CUDA tensors runs the causal_conv1d package's
-    kernel when installed (it takes no float64); otherwise (and for "triton"/"torch") the grouped
-    ``F.conv1d``, which takes every floating dtype in its own precision.
+
+def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                     final_states_out=None, activation=None, backend: str = "auto"):
+    """causal_conv1d's ``causal_conv1d_fn``: depthwise causal conv, results as :func:`causal_conv1d_ref`.
+
+    x (b, d, l), any strides (channel-last too; unlike the package, seq_idx and the states do not
+    require it); weight (d, w), any w >= 1; bias (d,) or None; seq_idx (b, l) int32/int64: taps reach
+    only positions of the same sequence, outputs at seq_idx < 0 are zero; initial_states (b, d, w - 1):
+    the inputs before t = 0 (they belong to each row's first sequence); return_final_states: also
+    return the last w - 1 inputs (b, d, w - 1) in x's dtype (not with seq_idx), written into
+    final_states_out when given (ignored otherwise, as in the package); activation None, "silu" or
+    "swish". seqlen 0 gives an empty output.
+
+    Dtypes: any floating x, weight, bias, states, each its own; computed in float32 (float64 when
+    any is float64; under autocast the plain conv runs in the autocast dtype); out in x's dtype.
+    Gradients reach x, weight, bias and initial_states, also from the final states.
+    Raises a one-line ValueError naming the argument for bad shapes, dtypes or combinations.
     """
-    _check_args(x, weight, bias, activation)
-    if resolve_impl("causal_conv1d", x.device, x.dtype, backend) == "extension":
+    _check_args(x, weight, bias, activation, seq_idx, initial_states, return_final_states, final_states_out)
+    plain = seq_idx is None and initial_states is None and not return_final_states
+    if (resolve_impl("causal_conv1d", x.device, x.dtype, backend) == "extension" and plain
+            and _extension_takes(x, weight, bias)):
         # By keyword: causal_conv1d_fn's fourth parameter is seq_idx.
         return optional_op(*CAUSAL_CONV1D_FN)(x, weight, bias, activation=activation)
-    return causal_conv1d_ref(x, weight, bias, activation)
+    out, full = torch_impl.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation)
+    return with_final_states(out, full, weight.shape[1], x.dtype, return_final_states, final_states_out)
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, backend: str = "auto"):
+    """``causal_conv1d_fn(x, weight, bias, activation=activation, backend=backend)``: the form the
+    model calls, with the activation as fourth positional argument."""
+    return causal_conv1d_fn(x, weight, bias, activation=activation, backend=backend)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
+                         conv_state_indices=None, backend: str = "auto"):
+    """causal_conv1d's ``causal_conv1d_update``: one (x (b, d)) or a few (x (b, d, l)) decode steps of
+    the causal conv from conv_state, which is updated in place; semantics of
+    :func:`~.reference.causal_conv1d_update_ref` (ring buffer with cache_seqlens, slots with
+    conv_state_indices, negative slot = padding row: zero output, nothing written).
+    -> out shaped like x, in x's dtype. PyTorch on every device and backend (no gradient is needed
+    by decoding, but the ops are differentiable in x, weight and bias)."""
+    check_update_args(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
+    resolve_impl("causal_conv1d_update", x.device, x.dtype, backend)  # validates backend
+    return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
