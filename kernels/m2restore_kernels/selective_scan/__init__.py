@@ -37,9 +37,12 @@ from torch import Tensor
 
 from .._backend import OPS, optional_op, resolve_impl
 from . import native_impl, torch_impl, triton_impl
-from .reference import _check_args, selective_scan_ref
+from ..causal_conv1d import causal_conv1d_fn
+from .reference import (_check_args, check_state_update_args, mamba_inner, mamba_inner_ref, selective_scan_ref,
+                        selective_state_update_ref)
 
-__all__ = ["selective_scan", "selective_scan_ref"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",
+           "mamba_inner_fn", "mamba_inner_ref"]
 
 MAMBA_SELECTIVE_SCAN_FN = OPS["selective_scan"].extension
 _FUSED = {"triton": triton_impl, "native": native_impl}  # the implementations behind the custom op
@@ -164,3 +167,44 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         args = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
         out, last, _ = _selective_scan_op(*args, delta_softplus, impl)
     return (out, last) if return_last_state else out
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None, backend: str = "auto"):
+    """mamba_ssm's ``selective_state_update``: one decode step of the scan, ``state`` updated in place
+    -> out (batch, [nheads,] dim) in x's dtype. Shapes, forms (single-head and multi-head with
+    grouped B/C), dtypes and ``state_batch_indices`` as :func:`~.reference.selective_state_update_ref`.
+    PyTorch on every device and backend (a few elementwise ops over the state; differentiable in
+    every input but the state, which is overwritten)."""
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    resolve_impl("selective_state_update", x.device, x.dtype, backend)  # validates backend
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+
+
+def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                   out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                   delta_softplus=True, checkpoint_lvl=1, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
+                   b_c_dt_rms_eps=1e-6, backend: str = "auto"):
+    """mamba_ssm's ``mamba_inner_fn`` (2.x signature; 1.1.x's is its first 15 parameters): Mamba's
+    block between in_proj and the output, out (batch, seqlen, d_model) =
+    out_proj(scan(silu(causal_conv(x)), delta, A, B, C, D, z, delta_bias)) with x, z = xz.chunk(2, 1),
+    x_dbl = x_proj(conv output) split into delta's rank columns (then delta_proj), B's and C's
+    (projected only where B, C are None; + B/C_proj_bias, RMS-normalised by b/c_rms_weight, delta by
+    dt_rms_weight, eps b_c_dt_rms_eps).
+
+    xz (b, 2d, l); conv1d_weight (d, 1, w) (or (d, w)); conv1d_bias (d,); x_proj_weight
+    (rank + 2 n, d) (n doubled for complex A); delta_proj_weight (d, rank); out_proj_weight
+    (d_model, d); A (d, n) real or complex; D, delta_bias (d,). Forward and backward are
+    :func:`causal_conv1d_fn`, ``F.linear`` and :func:`selective_scan` composed, each on ``backend``
+    (no fused kernel; ``checkpoint_lvl`` 0 or 1 is accepted and changes nothing: the conv output
+    and delta are kept for the backward). Under autocast the projections run in the autocast dtype.
+    """
+    def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=backend)
+
+    def conv(x, weight, bias, activation):
+        return causal_conv1d_fn(x, weight, bias, activation=activation, backend=backend)
+
+    return mamba_inner(conv, scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                       out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                       checkpoint_lvl, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps)

@@ -8,6 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._slots import check_indices, read_rows, write_rows_
+from ..causal_conv1d.reference import causal_conv1d_ref
+
+
+# A table, not dtype.to_complex(), which torch.compile cannot trace.
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -23,7 +30,7 @@ def _effective_delta(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus
 
 def _to_compute(X: Tensor, ct: torch.dtype) -> Tensor:
     """X in the compute dtype ct (float32/64), or its complex counterpart for complex X."""
-    return X.to(ct.to_complex() if X.is_complex() else ct)
+    return X.to(_COMPLEX[ct] if X.is_complex() else ct)
 
 
 def _complex_bc(X: Tensor, ct: torch.dtype) -> Tensor:
@@ -31,7 +38,7 @@ def _complex_bc(X: Tensor, ct: torch.dtype) -> Tensor:
     time-varying forms with real and imaginary parts interleaved along time, (..., n, 2l) ->
     complex (..., n, l)."""
     if X.dim() == 2:
-        return X.to(ct.to_complex())
+        return X.to(_COMPLEX[ct])
     return torch.view_as_complex(X.to(ct).unflatten(-1, (-1, 2)).contiguous())
 
 
@@ -129,3 +136,183 @@ def group_sizes(X: Tensor, d: int):
     """(groups, channels per group) of time-varying B or C ((1, d) for the time-invariant form)."""
     g = X.shape[1] if X.dim() == 4 else 1
     return g, d // g
+
+
+# --------------------------------------------------------------------------------------------
+# One decode step: mamba_ssm's selective_state_update
+# --------------------------------------------------------------------------------------------
+def _heads_form(state, x, dt, A, B, C, D, z, dt_bias):
+    """The single-head form (state (b, d, n), x (b, d), A (d, n), B/C (b, n), D/dt_bias (d,)) as the
+    multi-head one with one head, each argument by its own rank (mamba_ssm's rule)."""
+    def lift(t, rank, dim):
+        return t.unsqueeze(dim) if t is not None and t.dim() == rank else t
+
+    return (lift(state, 3, 1), lift(x, 2, 1), lift(dt, 2, 1), lift(A, 2, 0), lift(B, 2, 1), lift(C, 2, 1),
+            lift(D, 1, 0), lift(z, 2, 1), lift(dt_bias, 1, 0))
+
+
+def check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
+    """-> the arguments in the multi-head form; a one-line ValueError naming the argument otherwise."""
+    named = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    for name, t in named.items():
+        if t is None and name in ("D", "z", "dt_bias"):
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a real floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if state.dim() not in (3, 4):
+        raise ValueError(f"state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), got {tuple(state.shape)}")
+    state, x, dt, A, B, C, D, z, dt_bias = _heads_form(state, x, dt, A, B, C, D, z, dt_bias)
+    _, h, p, n = state.shape
+    b = x.shape[0]
+    rows = state.shape[0] if state_batch_indices is not None else b
+    if state.shape[0] != rows:
+        raise ValueError(f"state must have x's batch {b} rows (or pass state_batch_indices), got {tuple(state.shape)}")
+    g = B.shape[1] if B.dim() == 3 else 0
+    expected = dict(x=(b, h, p), dt=(b, h, p), A=(h, p, n), B=(b, g, n), C=(b, g, n), D=(h, p), z=(b, h, p),
+                    dt_bias=(h, p))
+    for name, t in zip(expected, (x, dt, A, B, C, D, z, dt_bias)):
+        if t is not None and tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must be {expected[name]} (or its single-head form) for state "
+                             f"(batch, nheads={h}, dim={p}, dstate={n}), got {tuple(t.shape)}")
+    if g < 1 or h % g:
+        raise ValueError(f"B and C must be (batch, ngroups, dstate) with ngroups dividing nheads={h}, got {tuple(B.shape)}")
+    check_indices("state_batch_indices", state_batch_indices, b, x.device)
+    return state, x, dt, A, B, C, D, z, dt_bias
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                               state_batch_indices=None):
+    """Reference (and PyTorch path) of :func:`selective_state_update`: one step of the recurrence,
+    ``state`` updated in place.
+
+    Multi-head form: state (batch, nheads, dim, dstate); x, dt, z (batch, nheads, dim); A (nheads,
+    dim, dstate); B, C (batch, ngroups, dstate), head h reading group h // (nheads / ngroups); D,
+    dt_bias (nheads, dim). Single-head form: the same without the nheads axis (B, C (batch, dstate)).
+    With dt' = softplus(dt + dt_bias) (or dt + dt_bias):
+    state' = exp(dt' A) state + dt' B x, out = (sum_n C state' + D x) * silu(z).
+    state_batch_indices (batch,): the state rows to read and write (state then has any number of
+    rows); a negative index marks a padding row: out zero, no row written.
+    Computed in float32 (float64 when state, x, dt, A, B or C is float64); the state is stored in its
+    dtype, out (from the unrounded new state) in x's dtype.
+    """
+    heads = state.dim() == 4
+    st, x4, dt4, A4, B4, C4, D4, z4, bias4 = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias,
+                                                                     state_batch_indices)
+    ct = torch.float64 if any(t.dtype == torch.float64 for t in (state, x, dt, A, B, C)) else torch.float32
+    old, valid = read_rows(st, state_batch_indices)
+    h, g = A4.shape[0], B4.shape[1]
+    delta = dt4.to(ct) + (bias4.to(ct) if bias4 is not None else 0)
+    delta = F.softplus(delta) if dt_softplus else delta
+    xc = x4.to(ct)
+    Bh, Ch = (X.to(ct).repeat_interleave(h // g, dim=1)[:, :, None, :] for X in (B4, C4))
+    prev = old.to(ct)
+    if torch.is_grad_enabled():
+        prev = prev.clone()  # the product saves it for the backward, and the state is overwritten below
+    new = torch.exp(delta[..., None] * A4.to(ct)) * prev + (delta * xc)[..., None] * Bh
+    out = (new * Ch).sum(-1)
+    if D4 is not None:
+        out = out + xc * D4.to(ct)
+    if z4 is not None:
+        out = out * F.silu(z4.to(ct))
+    if valid is not None:
+        out = out.masked_fill(~valid[:, None, None], 0.0)
+    write_rows_(st, state_batch_indices, valid, old, new)  # st is a view of state: writes reach it
+    out = out.to(x.dtype)
+    return out if heads else out.squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Mamba's inner block: mamba_ssm's mamba_inner_fn
+# --------------------------------------------------------------------------------------------
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2 over the last axis) + eps) * weight, computed in float32 (float64 for
+    float64), returned in x's dtype (mamba_ssm's ``rms_norm_forward``)."""
+    ct = _compute_dtype(x.dtype)
+    xc = x.to(ct)
+    return (xc * torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps) * weight.to(ct)).to(x.dtype)
+
+
+def _projected_bc(cols: Tensor, proj_bias, rms_weight, eps: float, complex_A: bool) -> Tensor:
+    """B or C from its columns of x_proj's output, (b, l, n) or (b, l, 2n) for complex A ->
+    (b, n, l), or (b, n, 2l) with real and imaginary parts interleaved along time."""
+    if proj_bias is not None:
+        cols = cols + proj_bias.to(cols.dtype)
+    if rms_weight is not None:
+        cols = rms_norm(cols, rms_weight, eps)
+    if complex_A:
+        b, l, n2 = cols.shape
+        return cols.reshape(b, l, n2 // 2, 2).permute(0, 2, 1, 3).reshape(b, n2 // 2, 2 * l)
+    return cols.transpose(1, 2)
+
+
+def check_mamba_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C,
+                           checkpoint_lvl, b_rms_weight, c_rms_weight, dt_rms_weight):
+    if not isinstance(xz, Tensor) or xz.dim() != 3 or xz.shape[1] % 2:
+        raise ValueError(f"xz must be (batch, 2 * dim, seqlen), got shape {tuple(getattr(xz, 'shape', ()))}")
+    d = xz.shape[1] // 2
+    if conv1d_weight.dim() not in (2, 3) or conv1d_weight.shape[0] != d or (
+            conv1d_weight.dim() == 3 and conv1d_weight.shape[1] != 1):
+        raise ValueError(f"conv1d_weight must be (dim={d}, 1, width) or (dim, width), got {tuple(conv1d_weight.shape)}")
+    if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] != d:
+        raise ValueError(f"delta_proj_weight must be (dim={d}, dt_rank), got {tuple(delta_proj_weight.shape)}")
+    if A.dim() != 2:
+        raise ValueError(f"A must be (dim={d}, dstate), got shape {tuple(A.shape)}")
+    n = A.shape[1] * (2 if A.is_complex() else 1)
+    need = delta_proj_weight.shape[1] + (n if B is None else 0) + (n if C is None else 0)
+    if x_proj_weight.dim() != 2 or x_proj_weight.shape[1] != d or x_proj_weight.shape[0] < need:
+        raise ValueError(f"x_proj_weight must be (dt_rank + B and C columns >= {need}, dim={d}), "
+                         f"got {tuple(x_proj_weight.shape)}")
+    if out_proj_weight.dim() != 2 or out_proj_weight.shape[1] != d:
+        raise ValueError(f"out_proj_weight must be (d_model, dim={d}), got {tuple(out_proj_weight.shape)}")
+    if checkpoint_lvl not in (0, 1):
+        raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
+    for name, w, size, given in (("b_rms_weight", b_rms_weight, n, B), ("c_rms_weight", c_rms_weight, n, C),
+                                 ("dt_rms_weight", dt_rms_weight, d, None)):
+        if w is None:
+            continue
+        if given is not None or A.is_complex():
+            raise ValueError(f"{name} normalises the projected {name[0].upper()} of real A only (as in mamba_ssm)")
+        if w.shape != (size,):
+            raise ValueError(f"{name} must be ({size},), got {tuple(w.shape)}")
+
+
+def mamba_inner(conv, scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                delta_softplus=True, checkpoint_lvl=1, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
+                b_c_dt_rms_eps=1e-6):
+    """Mamba's inner block from a causal conv ``conv(x, weight, bias, activation=)`` and a selective
+    scan ``scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)``: the composition that
+    :func:`mamba_inner_ref` and :func:`~m2restore_kernels.selective_scan.mamba_inner_fn` share."""
+    check_mamba_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C,
+                           checkpoint_lvl, b_rms_weight, c_rms_weight, dt_rms_weight)
+    rank = delta_proj_weight.shape[1]
+    n = A.shape[1] * (2 if A.is_complex() else 1)
+    x, z = xz.chunk(2, dim=1)
+    x = conv(x, conv1d_weight.squeeze(1) if conv1d_weight.dim() == 3 else conv1d_weight, conv1d_bias,
+             activation="silu")
+    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)                  # (b, l, rank + 2n)
+    delta = F.linear(x_dbl[..., :rank], delta_proj_weight)             # (b, l, d)
+    if dt_rms_weight is not None:
+        delta = rms_norm(delta, dt_rms_weight, b_c_dt_rms_eps)
+    if B is None:
+        B = _projected_bc(x_dbl[..., rank:rank + n], B_proj_bias, b_rms_weight, b_c_dt_rms_eps, A.is_complex())
+    if C is None:
+        C = _projected_bc(x_dbl[..., x_dbl.shape[-1] - n:], C_proj_bias, c_rms_weight, b_c_dt_rms_eps,
+                          A.is_complex())
+    y = scan(x, delta.transpose(1, 2), A, B, C, D, z, delta_bias, delta_softplus)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)  # (b, l, d_model)
+
+
+def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                    out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                    delta_softplus=True, checkpoint_lvl=1, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
+                    b_c_dt_rms_eps=1e-6):
+    """Reference of :func:`~m2restore_kernels.selective_scan.mamba_inner_fn` (same signature): the
+    causal conv's and the scan's references composed (mamba_ssm's ``mamba_inner_ref`` takes
+    ``delta_softplus`` but always applies softplus; this one follows the flag)."""
+    return mamba_inner(causal_conv1d_ref, selective_scan_ref, xz, conv1d_weight, conv1d_bias, x_proj_weight,
+                       delta_proj_weight, out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias,
+                       C_proj_bias, delta_softplus, checkpoint_lvl, b_rms_weight, c_rms_weight, dt_rms_weight,
+                       b_c_dt_rms_eps)

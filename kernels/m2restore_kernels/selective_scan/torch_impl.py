@@ -5,7 +5,8 @@ Inside a chunk of T steps the states are ``x_t = (x_in' + cumsum_k(v_k E_k)) / E
 multiplies per state element, all vectorised, laid out (batch, channels, d_state, step-in-chunk,
 chunk) so every pass runs along contiguous rows of chunks. ``E`` grows like ``exp(|A| sum delta')``,
 so T is the longest power of two whose chunks keep that exponent under ``max_log_range``
-(data-dependent). The chunk entry states ``x_in'`` are the same recurrence one level up, over
+(data-dependent; under torch.compile the log-space scan below, whose shapes do not depend on the
+data). The chunk entry states ``x_in'`` are the same recurrence one level up, over
 chunks, in float64 (where the bound is ~600); where even single steps decay beyond the bound, a
 log-space scan (float64 ``logcumsumexp`` of the positive and negative parts) is exact at any
 decay. Channels go in blocks small enough to stay in cache.
@@ -47,7 +48,11 @@ def _chunk_len(rate: Tensor, dl: Tensor, max_chunk: int, max_range: float) -> in
     """Longest power-of-two chunk <= max_chunk whose in-chunk exponent |A| * sum(delta') stays <= max_range.
 
     rate (db,) = max_n |A[d, n]|; dl (b, db, L) delta' (>= 0).
+    Under torch.compile (and export) 1, the log-space scan: the chunk length would be read from the
+    data, a host sync and data-dependent shapes that a whole graph cannot hold.
     """
+    if torch.compiler.is_compiling():
+        return 1
     T = min(max_chunk, _next_pow2(dl.shape[-1]))
     dl = F.pad(dl, (0, (-dl.shape[-1]) % T)).detach()
     while T > 1:
