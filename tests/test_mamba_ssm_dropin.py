@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import m2restore_kernels
-from m2restore_kernels._backend import optional_op
+from m2restore_kernels._backend import DISABLE_ENV, optional_op
 from m2restore_kernels.integrations import mamba_ssm as integration
 from m2restore_kernels.testing import relative_error
 
@@ -40,6 +40,13 @@ HIDE_UPSTREAM = textwrap.dedent("""
 
     sys.meta_path = [NotInstalled if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 """)
+
+
+@pytest.fixture(autouse=True)
+def cpu_user(monkeypatch):
+    """CPU tensors run what a user's process runs on a CPU, the C loop (the Triton kernels, which
+    the root conftest's interpreter would run here, have their own tests)."""
+    monkeypatch.setenv(DISABLE_ENV, "triton")
 
 
 def run_python(code: str):
