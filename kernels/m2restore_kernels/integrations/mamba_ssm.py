@@ -18,7 +18,7 @@ What it does, in three cases:
   dispatcher. Modules imported later bind the dispatchers, since the defining modules now hold them.
 * neither installed: a meta-path finder placed after every other one serves small stand-in
   packages, ``mamba_ssm.ops.selective_scan_interface``, ``mamba_ssm.ops.triton.selective_state_update``,
-  ``mamba_ssm.ops.triton.layer_norm`` and ``causal_conv1d`` (+ ``causal_conv1d.causal_conv1d_interface``),
+  ``mamba_ssm.ops.triton.layer_norm`` (and 1.x's ``layernorm``) and ``causal_conv1d`` (+ ``causal_conv1d.causal_conv1d_interface``),
   holding our ops and references under upstream's names; client code that imports just those (MambaIR,
   VMamba) runs. An installed package is always found first.
 * a working CUDA install is never shadowed: each dispatcher sends CUDA tensors to upstream's own
@@ -126,16 +126,30 @@ def _ours(name: str) -> Callable:
             "rms_norm_fn": rms_norm_fn}.get(name) or getattr(m2restore_kernels, name)
 
 
-# name -> (defining upstream module, the CUDA extensions upstream's function needs; () for Triton)
+# The Triton norms' module: layer_norm in mamba-ssm 2.x, layernorm in 1.x.
+NORM_MODULES = ("mamba_ssm.ops.triton.layer_norm", "mamba_ssm.ops.triton.layernorm")
+# name -> (upstream modules that may define it, the first that exists is taken; the CUDA extensions
+# upstream's function needs, () for its Triton functions)
 DROP_INS = {
-    "selective_scan_fn": ("mamba_ssm.ops.selective_scan_interface", ("selective_scan_cuda",)),
-    "mamba_inner_fn": ("mamba_ssm.ops.selective_scan_interface", ("selective_scan_cuda", "causal_conv1d_cuda")),
-    "causal_conv1d_fn": ("causal_conv1d", ("causal_conv1d_cuda",)),
-    "causal_conv1d_update": ("causal_conv1d", ("causal_conv1d_cuda",)),
-    "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", ()),
-    "layer_norm_fn": ("mamba_ssm.ops.triton.layer_norm", ()),
-    "rms_norm_fn": ("mamba_ssm.ops.triton.layer_norm", ()),
+    "selective_scan_fn": (("mamba_ssm.ops.selective_scan_interface",), ("selective_scan_cuda",)),
+    "mamba_inner_fn": (("mamba_ssm.ops.selective_scan_interface",), ("selective_scan_cuda", "causal_conv1d_cuda")),
+    "causal_conv1d_fn": (("causal_conv1d",), ("causal_conv1d_cuda",)),
+    "causal_conv1d_update": (("causal_conv1d",), ("causal_conv1d_cuda",)),
+    "selective_state_update": (("mamba_ssm.ops.triton.selective_state_update",), ()),
+    "layer_norm_fn": (NORM_MODULES, ()),
+    "rms_norm_fn": (NORM_MODULES, ()),
 }
+
+
+def _first_module(names: tuple):
+    """The first of ``names`` that exists, imported; None when none does."""
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return importlib.import_module(name)
+        except ModuleNotFoundError:  # its parent package is missing
+            continue
+    return None
 
 UPSTREAM_ATTR = "__m2restore_upstream__"  # on a dispatcher: upstream's function when it runs here, else None
 
@@ -204,7 +218,7 @@ def _stand_in_packages() -> dict:
         "mamba_ssm": dict(scan), "mamba_ssm.ops": {}, "mamba_ssm.ops.triton": {},
         "mamba_ssm.ops.selective_scan_interface": scan,
         "mamba_ssm.ops.triton.selective_state_update": state_update,
-        "mamba_ssm.ops.triton.layer_norm": norms,
+        "mamba_ssm.ops.triton.layer_norm": norms, "mamba_ssm.ops.triton.layernorm": norms,  # 2.x, 1.x
         "causal_conv1d": dict(conv), "causal_conv1d.causal_conv1d_interface": conv,
     }
 
@@ -278,11 +292,11 @@ def apply_to_mamba_ssm() -> dict:
                     sys.modules[ext] = _MissingExtension(ext)
     originals = _STATE.setdefault("originals", {})
     dispatchers = {}
-    for name, (module_name, needs) in DROP_INS.items():
-        if not installed[module_name.split(".")[0]]:
+    for name, (module_names, needs) in DROP_INS.items():
+        module = _first_module(module_names) if installed[module_names[0].split(".")[0]] else None
+        current = getattr(module, name, None)
+        if current is None:  # not in this version
             continue
-        module = importlib.import_module(module_name)
-        current = getattr(module, name)
         if getattr(current, UPSTREAM_ATTR, False) is False:  # not one of ours yet
             originals[name] = current
             dispatchers[name] = _dispatcher(name, current, all(extensions.get(e, True) for e in needs))
@@ -304,11 +318,11 @@ def mamba_ssm_reference_path(model: Optional[torch.nn.Module] = None):
     layers get ``use_fast_path=False`` for the block."""
     ssi = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
     simple = importlib.import_module("mamba_ssm.modules.mamba_simple")
-    ln = importlib.import_module("mamba_ssm.ops.triton.layer_norm")
+    ln = _first_module(NORM_MODULES)
     conv_ref = importlib.import_module("causal_conv1d.causal_conv1d_interface").causal_conv1d_ref
 
     def norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
-                 is_rms_norm=False, **unused):
+                 is_rms_norm=False, **unused):  # unused: the flags the models leave at their defaults
         ref = ln.rms_norm_ref if is_rms_norm else ln.layer_norm_ref
         out = ref(x, weight, bias, residual=residual, eps=eps, prenorm=prenorm, upcast=True)
         if not prenorm:
