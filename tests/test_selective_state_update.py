@@ -58,8 +58,9 @@ def test_matches_formula_in_float64(fn, heads, flags):
     torch.testing.assert_close(state, exp_state, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_state_batch_indices_with_padding_and_a_16bit_state(state_dtype):
+def test_state_batch_indices_with_padding_and_a_16bit_state(state_dtype, backend):
     """Rows picked by state_batch_indices; -1: out zero and no row written. The state is stored in
     its dtype; out comes from the unrounded new state (computed in float32)."""
     a = make(dtype=torch.float32)
@@ -70,7 +71,7 @@ def test_state_batch_indices_with_padding_and_a_16bit_state(state_dtype):
                                      softplus=True)
     got = cache.clone()
     out = selective_state_update(got, **{k: v for k, v in a.items() if k != "state"}, dt_softplus=True,
-                                 state_batch_indices=idx)
+                                 state_batch_indices=idx, backend=backend)
     assert out.dtype == torch.float32 and torch.equal(out[1], torch.zeros_like(out[1]))
     torch.testing.assert_close(out[valid].double(), exp_out[valid], rtol=1e-5, atol=1e-5)
     expected = cache.clone()
@@ -79,6 +80,38 @@ def test_state_batch_indices_with_padding_and_a_16bit_state(state_dtype):
     torch.testing.assert_close(got.double(), expected.double(), rtol=tol, atol=tol)
     untouched = [r for r in range(7) if r not in (5, 2)]
     assert torch.equal(got[untouched], cache[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads", [True, False])
+def test_triton_kernel_matches_formula_on_strided_inputs(dtype, heads):
+    """The Triton step (interpreter on CPU) reads any strides: x, dt, z as slices of wider tensors,
+    A broadcast over dim (mamba_ssm's tied form), the state a slice of a larger cache."""
+    a = make(dtype=dtype) if heads else make(h=1, g=1, dtype=dtype)
+    for k in ("x", "dt", "z"):
+        a[k] = torch.cat([a[k], torch.randn_like(a[k])], dim=-1)[..., :5]
+    a["A"] = a["A"][:, :1].expand(-1, 5, -1)
+    cache = torch.cat([a["state"], torch.randn_like(a["state"])], dim=-1)
+    a["state"] = cache[..., :6]
+    exp_out, exp_state = step_formula(**a, softplus=True)
+    if not heads:
+        a = {k: None if v is None else v.squeeze(1 if k in ("state", "x", "dt", "z", "B", "C") else 0)
+             for k, v in a.items()}
+        exp_out, exp_state = exp_out.squeeze(1), exp_state.squeeze(1)
+    state = a.pop("state")
+    out = selective_state_update(state, **a, dt_softplus=True, backend="triton")
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), exp_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(state.double(), exp_state, rtol=tol, atol=tol)
+
+
+def test_triton_custom_op_registration():
+    a = make(dtype=torch.float32)
+    args = (a["state"], a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"], True,
+            torch.tensor([2, -1, 0], dtype=torch.int32))
+    torch.library.opcheck(torch.ops.m2restore_kernels.selective_state_update.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_steps_continue_the_selective_scan():
@@ -124,13 +157,15 @@ def test_bad_input_is_a_one_line_value_error(change, match):
         selective_state_update(**a)
 
 
-def test_fullgraph_compile():
-    a = make()
-    cache = torch.randn(5, 4, 5, 6, dtype=F64)
+@pytest.mark.parametrize("dtype", [F64, torch.float32])  # PyTorch ops; the Triton custom op
+def test_fullgraph_compile(dtype):
+    a = make(dtype=dtype)
+    cache = torch.randn(5, 4, 5, 6, dtype=dtype)
     idx = torch.tensor([4, -1, 0], dtype=torch.int32)
     step = torch.compile(selective_state_update, fullgraph=True, backend="aot_eager")
     expected_cache = cache.clone()
     rest = {k: v for k, v in a.items() if k != "state"}
     exp = selective_state_update_ref(expected_cache, **rest, dt_softplus=True, state_batch_indices=idx)
-    torch.testing.assert_close(step(cache, **rest, dt_softplus=True, state_batch_indices=idx), exp, rtol=0, atol=0)
-    assert torch.equal(cache, expected_cache)
+    tol = 0 if dtype == F64 else 1e-5
+    torch.testing.assert_close(step(cache, **rest, dt_softplus=True, state_batch_indices=idx), exp, rtol=tol, atol=tol)
+    torch.testing.assert_close(cache, expected_cache, rtol=tol, atol=tol)

@@ -68,9 +68,10 @@ OPS = {
                               extension=("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")),
     "causal_conv1d": OpImpls(triton=False, extension=("causal_conv1d", "causal_conv1d_fn"),
                              extension_dtypes=UP_TO_FLOAT32),
-    # Decode steps: PyTorch on every device (a gather, a few small products and an in-place write).
+    # The conv's decode step is PyTorch on every device (a gather, one small conv, an in-place write);
+    # the scan's has a Triton kernel (float32 compute).
     "causal_conv1d_update": OpImpls(triton=False),
-    "selective_state_update": OpImpls(triton=False),
+    "selective_state_update": OpImpls(triton_dtypes=UP_TO_FLOAT32),
 }
 
 

@@ -169,15 +169,41 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (out, last) if return_last_state else out
 
 
+@torch.library.custom_op("m2restore_kernels::selective_state_update", mutates_args=("state",))
+def _state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                     z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+                     state_batch_indices: Optional[Tensor]) -> Tensor:
+    """The Triton decode step on the arguments as given (either form), state written in place."""
+    heads = state.dim() == 4
+    args = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    out = triton_impl.selective_state_update(*args, dt_softplus, state_batch_indices)
+    return out if heads else out.squeeze(1)
+
+
+@_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    return torch.empty_like(x)
+
+
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                            state_batch_indices=None, backend: str = "auto"):
     """mamba_ssm's ``selective_state_update``: one decode step of the scan, ``state`` updated in place
     -> out (batch, [nheads,] dim) in x's dtype. Shapes, forms (single-head and multi-head with
     grouped B/C), dtypes and ``state_batch_indices`` as :func:`~.reference.selective_state_update_ref`.
-    PyTorch on every device and backend (a few elementwise ops over the state; differentiable in
-    every input but the state, which is overwritten)."""
+
+    ``backend``: "auto" (Triton where it runs, else PyTorch) | "triton" | "torch". The Triton kernel
+    (one program per block of channels, batch row and head; the custom op
+    ``m2restore_kernels::selective_state_update``, which mutates ``state``) computes in float32 and
+    has no backward, like mamba_ssm's: float64 (``"triton"`` raises a ValueError for it) and calls
+    that need gradients (any input requiring grad under grad mode) take the PyTorch ops, which are
+    differentiable in every input but the state.
+    """
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
-    resolve_impl("selective_state_update", x.device, x.dtype, backend)  # validates backend
+    wide = any(t.dtype == torch.float64 for t in (state, x, dt, A, B, C))
+    impl = resolve_impl("selective_state_update", x.device, torch.float64 if wide else x.dtype, backend)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias))
+    if impl == "triton" and not grads:
+        return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 

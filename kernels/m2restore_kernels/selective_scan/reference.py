@@ -226,12 +226,12 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
 # --------------------------------------------------------------------------------------------
 # Mamba's inner block: mamba_ssm's mamba_inner_fn
 # --------------------------------------------------------------------------------------------
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x / sqrt(mean(x^2 over the last axis) + eps) * weight, computed in float32 (float64 for
-    float64), returned in x's dtype (mamba_ssm's ``rms_norm_forward``)."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, dim: int = -1) -> Tensor:
+    """x / sqrt(mean(x^2 along dim) + eps) * weight, computed in float32 (float64 for float64),
+    returned in x's dtype (mamba_ssm's ``rms_norm_forward``, which normalises rows)."""
     ct = _compute_dtype(x.dtype)
     xc = x.to(ct)
-    return (xc * torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps) * weight.to(ct)).to(x.dtype)
+    return (xc * torch.rsqrt(xc.square().mean(dim, keepdim=True) + eps) * weight.to(ct)).to(x.dtype)
 
 
 def _projected_bc(cols: Tensor, proj_bias, rms_weight, eps: float, complex_A: bool) -> Tensor:
@@ -292,17 +292,19 @@ def mamba_inner(conv, scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta
     x, z = xz.chunk(2, dim=1)
     x = conv(x, conv1d_weight.squeeze(1) if conv1d_weight.dim() == 3 else conv1d_weight, conv1d_bias,
              activation="silu")
-    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)                  # (b, l, rank + 2n)
-    delta = F.linear(x_dbl[..., :rank], delta_proj_weight)             # (b, l, d)
+    # (b, l, d) rows made contiguous, as mamba_ssm does: one copy, and a layout the linears' backward
+    # can view under torch.compile (aot_autograd fails on the transposed view)
+    x_dbl = F.linear(x.transpose(1, 2).contiguous(), x_proj_weight)     # (b, l, rank + 2n)
+    delta = delta_proj_weight @ x_dbl[..., :rank].transpose(1, 2)      # (b, d, l), the scan's layout
     if dt_rms_weight is not None:
-        delta = rms_norm(delta, dt_rms_weight, b_c_dt_rms_eps)
+        delta = rms_norm(delta, dt_rms_weight[:, None], b_c_dt_rms_eps, dim=1)
     if B is None:
         B = _projected_bc(x_dbl[..., rank:rank + n], B_proj_bias, b_rms_weight, b_c_dt_rms_eps, A.is_complex())
     if C is None:
         C = _projected_bc(x_dbl[..., x_dbl.shape[-1] - n:], C_proj_bias, c_rms_weight, b_c_dt_rms_eps,
                           A.is_complex())
-    y = scan(x, delta.transpose(1, 2), A, B, C, D, z, delta_bias, delta_softplus)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)  # (b, l, d_model)
+    y = scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return F.linear(y.transpose(1, 2).contiguous(), out_proj_weight, out_proj_bias)  # (b, l, d_model)
 
 
 def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,

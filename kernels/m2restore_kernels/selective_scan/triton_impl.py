@@ -389,3 +389,81 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
 
 
 KERNELS = {"selective_scan_fwd": _selective_scan_fwd_kernel, "selective_scan_bwd": _selective_scan_bwd_kernel}
+
+
+# --------------------------------------------------------------------------------------------
+# One decode step (selective_state_update)
+# --------------------------------------------------------------------------------------------
+# Channels per program: enough rows of (dim, d_state) states to fill a program, fewer as d_state grows.
+STEP_ELEMENTS = 2048
+
+
+@jit
+def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, idx_ptr, out_ptr,
+                         p, n, heads_per_group,
+                         s_row, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, dt_p, a_h, a_p, a_n,
+                         b_b, b_g, b_n, c_b, c_g, c_n, d_h, d_p, z_b, z_h, z_p, bias_h, bias_p, o_b, o_h, o_p,
+                         SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (block of channels, batch row, head): state rows (BLOCK_P, BLOCK_N) in float32,
+    state <- exp(dt' A) state + dt' B x stored back in the state's dtype, out = (C . state + D x) silu(z).
+    A padding row (negative state index) writes zeros to out and nothing to the state."""
+    pid_p, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    pmask = offs_p < p
+    nmask = offs_n < n
+    if HAS_IDX:
+        row = tl.load(idx_ptr + pid_b).to(tl.int64)
+    else:
+        row = pid_b.to(tl.int64)
+    real = row >= 0
+    row = tl.maximum(row, 0)
+    smask = pmask[:, None] & nmask[None, :] & real
+    s_ptrs = state_ptr + row * s_row + pid_h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
+    state = tl.load(s_ptrs, mask=smask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + pid_b * x_b + pid_h * x_h + offs_p * x_p, mask=pmask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * dt_b + pid_h * dt_h + offs_p * dt_p, mask=pmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + pid_h * bias_h + offs_p * bias_p, mask=pmask, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(A_ptr + pid_h * a_h + offs_p[:, None] * a_p + offs_n[None, :] * a_n,
+                mask=pmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+    grp = pid_h // heads_per_group
+    Bv = tl.load(B_ptr + pid_b * b_b + grp * b_g + offs_n * b_n, mask=nmask, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + pid_b * c_b + grp * c_g + offs_n * c_n, mask=nmask, other=0.0).to(tl.float32)
+    state = tl.exp(dt[:, None] * A) * state + (dt * x)[:, None] * Bv[None, :]
+    tl.store(s_ptrs, state.to(state_ptr.dtype.element_ty), mask=smask)
+    out = tl.sum(state * Cv[None, :], axis=1)
+    if HAS_D:
+        out += x * tl.load(D_ptr + pid_h * d_h + offs_p * d_p, mask=pmask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * z_b + pid_h * z_h + offs_p * z_p, mask=pmask, other=0.0).to(tl.float32)
+        out *= z * tl.sigmoid(z)
+    out = tl.where(real, out, 0.0)
+    tl.store(out_ptr + pid_b * o_b + pid_h * o_h + offs_p * o_p, out.to(out_ptr.dtype.element_ty), mask=pmask)
+
+
+def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices) -> Tensor:
+    """One step on the multi-head form (see ``reference.selective_state_update_ref``), state in place;
+    any strides. -> out (b, h, p) in x's dtype."""
+    b, h, p = x.shape
+    n = A.shape[-1]
+    block_n = max(MIN_TILE, triton.next_power_of_2(n))
+    block_p = max(1, min(triton.next_power_of_2(p), STEP_ELEMENTS // block_n))
+    out = torch.empty_like(x)
+
+    def strides(t, k):
+        return t.stride() if t is not None else (0,) * k
+
+    _state_update_kernel[(triton.cdiv(p, block_p), b, h)](
+        state, x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
+        dt_bias if dt_bias is not None else x, state_batch_indices if state_batch_indices is not None else x, out,
+        p, n, h // B.shape[1],
+        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *strides(D, 2),
+        *strides(z, 3), *strides(dt_bias, 2), *out.stride(),
+        SOFTPLUS=dt_softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        HAS_IDX=state_batch_indices is not None, BLOCK_P=block_p, BLOCK_N=block_n)
+    return out
