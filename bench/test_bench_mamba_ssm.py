@@ -100,7 +100,7 @@ def lm(impl, cfg):
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     config = MambaConfig(d_model=cfg["d_model"], n_layer=cfg["n_layer"], vocab_size=cfg["vocab"],
-                         ssm_cfg={"layer": "Mamba1"}, pad_vocab_size_multiple=8)
+                         ssm_cfg={}, pad_vocab_size_multiple=8)
     return MambaLMHeadModel(config)
 
 
