@@ -12,6 +12,7 @@ from ._backend import BACKENDS, resolve_backend
 from .causal_conv1d import (causal_conv1d, causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update,
                             causal_conv1d_update_ref)
 from .gated_fusion import gated_fusion, gated_fusion_ref
+from .integrations.mamba_ssm import apply_to_mamba_ssm
 from .moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
 from .selective_scan import (mamba_inner_fn, mamba_inner_ref, selective_scan, selective_scan_ref,
                              selective_state_update, selective_state_update_ref)
@@ -30,6 +31,7 @@ __version__ = _installed_version()
 
 __all__ = [
     "BACKENDS", "resolve_backend", "__version__",
+    "apply_to_mamba_ssm",
     "topk_softmax", "topk_softmax_ref", "moe_mlp", "moe_mlp_ref",
     "gated_fusion", "gated_fusion_ref",
     "selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",

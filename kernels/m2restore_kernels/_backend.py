@@ -119,11 +119,14 @@ def native_ready(library: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def optional_op(module: str, name: str):
     """``module.name`` from an optional CUDA extension package (mamba-ssm, causal-conv1d), or None
-    when it does not import (not installed, or built for another torch/CUDA)."""
+    when it does not import (not installed, or built for another torch/CUDA). Where
+    ``integrations.mamba_ssm.apply_to_mamba_ssm`` rebound the name to its dispatcher, the upstream
+    function that dispatcher keeps for CUDA (None without the extension): never ourselves again."""
     try:
-        return getattr(importlib.import_module(module), name)
+        fn = getattr(importlib.import_module(module), name)
     except (ImportError, OSError, AttributeError):
         return None
+    return getattr(fn, "__m2restore_upstream__", fn)
 
 
 def probe(op: str, device: torch.device, backend: str) -> Available:
