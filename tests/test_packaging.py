@@ -27,7 +27,8 @@ def _shipped_folders() -> set[Path]:
     folders = set()
     for top in ("m2restore", "kernels"):
         for folder in [ROOT / top, *(d for d in (ROOT / top).rglob("*") if d.is_dir())]:
-            if "__pycache__" in folder.parts:
+            # what a build of either distribution leaves beside the sources (git ignores it)
+            if {"__pycache__", "build"} & set(folder.parts) or folder.name.endswith(".egg-info"):
                 continue
             if any(folder.glob("*.py")) or any(any(folder.glob(g)) for g in patterns.get(folder, ())):
                 folders.add(folder)
