@@ -43,7 +43,7 @@ def test_lines_at_most_every_interval_with_the_estimate():
 @pytest.fixture
 def image(tmp_path):
     rng = np.random.default_rng(3)
-    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "x.png")
     Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(tmp_path / "small.png")
     return tmp_path
 
@@ -56,7 +56,7 @@ def test_restore_without_a_terminal_prints_throttled_lines(image, capsys, monkey
             "--tile-overlap", "8", "--device", "cpu", "--dtype", "fp32"]
     assert main(args) == 0
     err = capsys.readouterr().err.splitlines()
-    total = 12 * (DEFAULT_STAT_PASSES + 1)  # 3 × 4 tiles of 32 at stride 24, once per pass
+    total = 4 * (DEFAULT_STAT_PASSES + 1)  # 2 × 2 tiles of 32 (the second flush with the end), once per pass
     # The image's clock reads 0 at its start and 10·k after its k-th forward.
     expected = ["m2restore restore: small.png (1/2): restored in 10 s"]  # whole: no tile forwards
     expected += [f"m2restore restore: x.png (2/2): {k}/{total} tile forwards, {progress.format_seconds(10 * k)} "

@@ -15,8 +15,8 @@ import torch
 from PIL import Image, ImageCms
 
 from m2restore.data.io import read_image
-from m2restore.restore import (DEFAULT_STAT_PASSES, DEMO_WEIGHTS, auto_tile, latent_map_bytes, load_model,
-                               restore_tensor, working_set_bytes)
+from m2restore.restore import (DEFAULT_STAT_PASSES, DEMO_WEIGHTS, latent_map_bytes, load_model, plan_restore,
+                               restore_tensor, weight_bytes, working_set_bytes)
 
 
 def _run(*args, tty=False):
@@ -157,19 +157,19 @@ def test_16bit_colour_png_keeps_its_icc_profile(tmp_path):
 
 def test_memory_budget_tiles_on_its_own(tmp_path):
     """With --max-memory below the image's estimated working set, the command restores in the tiles
-    auto_tile picks: the output equals restore_tensor with that tile, and differs from the whole."""
+    plan_restore picks: the output equals restore_tensor with that plan, and differs from the whole."""
     _image(tmp_path / "big.png", size=(72, 96), seed=8)
     budget = working_set_bytes(load_model(DEMO_WEIGHTS).config, 40, 40)
     status, stderr = _run(tmp_path / "big.png", "-o", tmp_path / "out", "--max-memory", str(budget))
     assert status == 0 and "Traceback" not in stderr
 
     model = load_model(DEMO_WEIGHTS)
-    tile = auto_tile(model.config, 72, 96, budget)
-    assert 0 < tile < 72
+    plan = plan_restore(model.config, 72, 96, budget, weight_bytes(model))
+    assert 0 < plan.tile < 72
     x = torch.from_numpy(read_image(tmp_path / "big.png").rgb).permute(2, 0, 1)[None]
     expected = {}
-    for name, t in (("tiled", tile), ("whole", 0)):
-        y = restore_tensor(model, x, t)[0].permute(1, 2, 0).numpy()
+    for name, t in (("tiled", plan.tile), ("whole", 0)):
+        y = restore_tensor(model, x, t, share_latent=plan.share_latent)[0].permute(1, 2, 0).numpy()
         expected[name] = np.rint(y * 255).astype(np.int32)
     got = np.asarray(Image.open(tmp_path / "out" / "big.png")).astype(np.int32)
     assert np.abs(got - expected["tiled"]).max() <= 1  # threads may reorder float sums by an ulp
