@@ -6,9 +6,9 @@ restores a batch, whole or in overlapping tiles blended with raised-cosine windo
 the whole image's prior, task prompt and pixel reductions: docs/design.md#tiling).
 :func:`restore_file` restores one image file into another that keeps its size, format, bit depth,
 grayscale-ness, alpha channel (passed through untouched; the network sees RGB), EXIF and ICC
-profile, tiling on its own when the image's estimated working set (:func:`working_set_bytes`)
-exceeds a memory budget; :func:`collect_inputs` maps files and folders to the outputs
-``m2restore restore`` writes.
+profile, tiling on its own as :func:`plan_restore` plans within a memory budget (the estimated
+peak above the process baseline: weights, whole-image buffers, shared latent map, one forward);
+:func:`collect_inputs` maps files and folders to the outputs ``m2restore restore`` writes.
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image, ImageCms
 
 from m2restore.data.io import read_image
-from m2restore.restore import (DEFAULT_STAT_PASSES, DEMO_WEIGHTS, latent_map_bytes, load_model, plan_restore,
-                               restore_tensor, weight_bytes, working_set_bytes)
+from m2restore.restore import (DEFAULT_STAT_PASSES, DEMO_WEIGHTS, image_bytes, latent_map_bytes, load_model,
+                               plan_restore, restore_tensor, weight_bytes, working_set_bytes)
 
 
 def _run(*args, tty=False):
@@ -159,13 +159,14 @@ def test_memory_budget_tiles_on_its_own(tmp_path):
     """With --max-memory below the image's estimated working set, the command restores in the tiles
     plan_restore picks: the output equals restore_tensor with that plan, and differs from the whole."""
     _image(tmp_path / "big.png", size=(72, 96), seed=8)
-    budget = working_set_bytes(load_model(DEMO_WEIGHTS).config, 40, 40)
+    model = load_model(DEMO_WEIGHTS)
+    # The weights and whole-image buffers, and the activations of a 40×40 image.
+    budget = weight_bytes(model) + image_bytes(model.config, 72, 96) + working_set_bytes(model.config, 40, 40)
     status, stderr = _run(tmp_path / "big.png", "-o", tmp_path / "out", "--max-memory", str(budget))
     assert status == 0 and "Traceback" not in stderr
 
-    model = load_model(DEMO_WEIGHTS)
     plan = plan_restore(model.config, 72, 96, budget, weight_bytes(model))
-    assert 0 < plan.tile < 72
+    assert 0 < plan.tile < 72 and plan.memory.total <= budget
     x = torch.from_numpy(read_image(tmp_path / "big.png").rgb).permute(2, 0, 1)[None]
     expected = {}
     for name, t in (("tiled", plan.tile), ("whole", 0)):
