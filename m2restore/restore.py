@@ -6,9 +6,9 @@ restores a batch, whole or in overlapping tiles blended with raised-cosine windo
 the whole image's prior, task prompt and pixel reductions: docs/design.md#tiling).
 :func:`restore_file` restores one image file into another that keeps its size, format, bit depth,
 grayscale-ness, alpha channel (passed through untouched; the network sees RGB), EXIF and ICC
-profile, tiling on its own when the image's estimated working set (:func:`working_set_bytes`)
-exceeds a memory budget; :func:`collect_inputs` maps files and folders to the outputs
-``m2restore restore`` writes.
+profile, tiling on its own as :func:`plan_restore` plans within a memory budget (the estimated
+peak above the process baseline: weights, whole-image buffers, shared latent map, one forward);
+:func:`collect_inputs` maps files and folders to the outputs ``m2restore restore`` writes.
 """
 from __future__ import annotations
 
@@ -95,7 +95,9 @@ def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = 
     if not 0 <= overlap < tile:
         raise ValueError(f"tile_overlap ({overlap}) must be non-negative and smaller than tile ({tile})")
     prior, task_prompt = model.shared_inputs(x, prior)
-    image = F.pad(x, (0, -w % m, 0, -h % m), mode="replicate")
+    # A padded copy only when the image needs padding: whole-image buffers count against the memory
+    # budget (image_bytes).
+    image = F.pad(x, (0, -w % m, 0, -h % m), mode="replicate") if (h % m or w % m) else x
     rows, cols = (list(zip(blend_windows(size, tile, overlap, x), tile_cores(size, tile, overlap, m)))
                   for size in image.shape[-2:])
     statistics = TileStatistics(image.shape[-2:], share_maps=share_latent)
@@ -114,7 +116,7 @@ def restore_tensor(model, x: torch.Tensor, tile: int = 0, overlap: int | None = 
                     progress(forwards)
         statistics.next_pass()
     out = out[:, :, :h, :w]
-    return out.clamp(0.0, 1.0) if clamp else out
+    return out.clamp_(0.0, 1.0) if clamp else out  # in place: no second whole-image buffer
 
 
 def tile_cores(size: int, tile: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:
@@ -219,6 +221,12 @@ DEFAULT_BUDGET_CAP = 3 << 29  # 1.5 GiB
 # for tiny(); bench/RESULTS.md) plus the two maps tiles sharing it keep (gathered input and result),
 # rounded up.
 LATENT_BYTES_PER_CHANNEL = 128
+# Whole-image buffers of restore_file per padded pixel besides the activations (bench/RESULTS.md,
+# "--max-memory"): while tiles run, the float32 input, the padded copy when the size is not a multiple
+# of pad_multiple and the blend accumulator (12 B each); while the output is encoded, the result, its
+# clipped copy, the stacked channels and the 8-bit samples (39 B); rounded up for the decoder's copies
+# the allocator keeps.
+IMAGE_BYTES_PER_PIXEL = 48
 
 
 def working_set_bytes(config, h: int, w: int) -> int:
@@ -264,33 +272,86 @@ def latent_map_bytes(config, h: int, w: int) -> int:
     return -(-h // 8) * -(-w // 8) * config.channels(4) * LATENT_BYTES_PER_CHANNEL
 
 
-def shares_latent(config, h: int, w: int, budget: int) -> bool:
-    """Whether tiles of an H×W image share the latent stage under a ``budget``-byte memory budget:
-    when its whole map takes at most half the budget (the tiles get the rest)."""
-    return latent_map_bytes(config, h, w) <= budget // 2
-
-
-def auto_tile(config, h: int, w: int, budget: int) -> int:
-    """0 when an H×W image fits ``budget`` bytes whole, else the largest tile (a multiple of the
-    padding multiple, at least 4 of them) whose working set fits it, beside the whole latent map
-    when the tiles share it (:func:`shares_latent`)."""
-    if working_set_bytes(config, h, w) <= budget:
-        return 0
-    if shares_latent(config, h, w, budget):
-        budget -= latent_map_bytes(config, h, w)
+def image_bytes(config, h: int, w: int) -> int:
+    """Estimated memory (bytes) of the whole-image buffers :func:`restore_file` holds for an H×W
+    image besides the network's activations: IMAGE_BYTES_PER_PIXEL per padded pixel, plus the task
+    prompt's first stride-3 convolution on the whole image (its output and activation, ``prompt_hidden``
+    float32 channels at 1/9 of the pixels)."""
     m = config.pad_multiple
-    side = int((budget / _bytes_per_pixel(config)) ** 0.5) // m * m
-    return max(4 * m, side)
+    pixels = -(-h // m) * m * (-(-w // m) * m)
+    return pixels * IMAGE_BYTES_PER_PIXEL + -(-pixels // 9) * 2 * 4 * config.prompt_hidden
+
+
+def weight_bytes(model) -> int:
+    """Bytes of ``model``'s parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+class MemoryEstimate(NamedTuple):
+    """Estimated peak memory (bytes) of one :func:`restore_file` run above the process baseline, by
+    what holds it: the model's ``weights``, the whole-image buffers (``image``, :func:`image_bytes`),
+    the whole latent map tiles share (``latent``, 0 when they do not) and one forward's activations
+    (``forward``: the whole image's or one tile's, :func:`working_set_bytes`, which include the blocks
+    the allocator keeps). ``total`` is what ``--max-memory`` bounds."""
+
+    weights: int
+    image: int
+    latent: int
+    forward: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.image + self.latent + self.forward
 
 
 class TilePlan(NamedTuple):
-    """How :func:`restore_file` restored an image: ``tile`` 0 whole, else in tiles of that size
+    """How :func:`restore_file` restores an image: ``tile`` 0 whole, else in tiles of that size
     with ``stat_passes`` gathering passes, sharing the latent stage across them when
-    ``share_latent`` (never without a gathering pass)."""
+    ``share_latent`` (never without a gathering pass or whole); ``memory`` is its estimated peak."""
 
     tile: int
     stat_passes: int
     share_latent: bool
+    memory: MemoryEstimate
+
+
+def plan_restore(config, h: int, w: int, budget: int, weights: int = 0, tile: int = 0,
+                 stat_passes: int = DEFAULT_STAT_PASSES) -> TilePlan:
+    """How to restore an H×W image with a ``config`` network of ``weights`` bytes within ``budget``
+    bytes above the process baseline (:class:`MemoryEstimate`). Whole when everything fits; else the
+    tiles share the latent stage when its whole map takes at most half of what the weights and
+    whole-image buffers leave, and ``tile`` 0 picks the largest tile (a multiple of the padding
+    multiple, at least 4 of them) whose forward fits the rest. A ``budget`` below what the smallest
+    tile needs gives that tile, and ``memory.total`` above the budget."""
+    m = config.pad_multiple
+    fixed = weights + image_bytes(config, h, w)
+    whole = MemoryEstimate(weights, fixed - weights, 0, working_set_bytes(config, h, w))
+    if tile == 0 and whole.total <= budget:
+        return TilePlan(0, stat_passes, False, whole)
+    latent = latent_map_bytes(config, h, w)
+    share = stat_passes > 0 and latent <= (budget - fixed) // 2
+    latent = latent if share else 0
+    if tile == 0:
+        side = int((max(0, budget - fixed - latent) / _bytes_per_pixel(config)) ** 0.5) // m * m
+        tile = max(4 * m, side)
+    if max(h, w) <= tile:
+        return TilePlan(0, stat_passes, False, whole)
+    padded = (-(-h // m) * m, -(-w // m) * m)
+    forward = working_set_bytes(config, min(tile, padded[0]), min(tile, padded[1]))
+    return TilePlan(tile, stat_passes, share, MemoryEstimate(weights, fixed - weights, latent, forward))
+
+
+def shares_latent(config, h: int, w: int, budget: int, weights: int = 0) -> bool:
+    """Whether tiles of an H×W image share the latent stage under a ``budget``-byte memory budget
+    (:func:`plan_restore`)."""
+    return plan_restore(config, h, w, budget, weights).share_latent
+
+
+def auto_tile(config, h: int, w: int, budget: int, weights: int = 0) -> int:
+    """0 when an H×W image fits ``budget`` bytes whole, else the tile :func:`plan_restore` picks."""
+    return plan_restore(config, h, w, budget, weights).tile
+
+
 
 
 def restore_file(model, src: Path, dst: Path, device: torch.device, precision: str = "fp32", tile: int = 0,
@@ -298,26 +359,25 @@ def restore_file(model, src: Path, dst: Path, device: torch.device, precision: s
                  stat_passes: int = DEFAULT_STAT_PASSES) -> TilePlan:
     """Restore the image file ``src`` into ``dst`` (format by its extension) with ``model`` on
     ``device`` at ``precision``; ``dst`` keeps ``src``'s alpha, bit depth, grayscale-ness, EXIF
-    and ICC profile. ``tile`` 0 restores the image whole when its working set fits ``max_memory``
-    bytes (default :func:`default_memory_budget`), else in the tiles :func:`auto_tile` picks; tiles
-    share the latent stage when the budget allows (:func:`shares_latent`). ``progress`` and
-    ``stat_passes`` go to :func:`restore_tensor`. Returns how it was tiled.
+    and ICC profile. The image is restored whole or in tiles as :func:`plan_restore` plans within
+    ``max_memory`` bytes above the process baseline (default :func:`default_memory_budget`);
+    ``tile`` > 0 asks for that tile. ``progress`` and ``stat_passes`` go to :func:`restore_tensor`.
+    Returns the plan (with its memory estimate, which may exceed the budget when even the smallest
+    tile does not fit).
 
     Unreadable files raise :class:`m2restore.data.io.UnreadableImageError`.
     """
-    from .data.io import ImageData, read_image, write_image
+    from .data.io import read_image, write_image
 
     image = read_image(src)
     h, w = image.rgb.shape[:2]
     budget = default_memory_budget() if max_memory is None else max_memory
-    if tile == 0:
-        tile = auto_tile(model.config, h, w, budget)
-    plan = TilePlan(tile if max(h, w) > tile > 0 else 0, stat_passes,
-                    stat_passes > 0 and shares_latent(model.config, h, w, budget))
+    plan = plan_restore(model.config, h, w, budget, weight_bytes(model), tile, stat_passes)
     x = torch.from_numpy(image.rgb).permute(2, 0, 1)[None].to(device)
     with autocast(device, precision):
         y = restore_tensor(model, x, plan.tile, overlap, progress=progress, stat_passes=plan.stat_passes,
                            share_latent=plan.share_latent)
-    y = y[0].permute(1, 2, 0).cpu().numpy()
-    write_image(dst, ImageData(y, image.alpha, image.bit_depth, image.grayscale, image.exif, image.icc_profile))
+    del x  # with image.rgb replaced, the input's buffer is free for encoding (image_bytes counts on it)
+    image.rgb = y[0].permute(1, 2, 0).cpu().numpy()
+    write_image(dst, image)
     return plan

@@ -8,9 +8,10 @@ from PIL import Image
 
 from m2restore import M2Restore, M2RestoreConfig, NullPrior
 from m2restore.cli import main
-from m2restore.restore import (LATENT_BYTES_PER_CHANNEL, auto_tile, blend_windows, collect_inputs, default_overlap,
-                               latent_map_bytes, parse_size, receptive_radius, restore_tensor, shares_latent,
-                               tile_cores, working_set_bytes)
+from m2restore.restore import (IMAGE_BYTES_PER_PIXEL, LATENT_BYTES_PER_CHANNEL, auto_tile, blend_windows,
+                               collect_inputs, default_overlap, image_bytes, latent_map_bytes, parse_size,
+                               plan_restore, receptive_radius, restore_tensor, shares_latent, tile_cores,
+                               weight_bytes, working_set_bytes)
 
 pytestmark = pytest.mark.filterwarnings("ignore:M2Restore has no degradation prior")
 
@@ -269,20 +270,45 @@ def test_memory_sizes_and_automatic_tiles():
             parse_size(bad)
     cfg = M2RestoreConfig.tiny()
     assert working_set_bytes(cfg, 100, 100) == working_set_bytes(cfg, 104, 104)  # padded to 8
-    assert auto_tile(cfg, 100, 100, working_set_bytes(cfg, 100, 100)) == 0
+    assert image_bytes(cfg, 100, 100) == image_bytes(cfg, 104, 104) > 104 * 104 * IMAGE_BYTES_PER_PIXEL
     latent = latent_map_bytes(cfg, 1600, 2400)
     assert latent == 200 * 300 * cfg.channels(4) * LATENT_BYTES_PER_CHANNEL
-    # A budget that holds the whole latent map twice: the tiles share it and fit beside it.
-    budget = working_set_bytes(cfg, 1600, 2400) // 5
-    assert shares_latent(cfg, 1600, 2400, budget)
-    tile = auto_tile(cfg, 1600, 2400, budget)
-    assert tile % 8 == 0
-    assert working_set_bytes(cfg, tile, tile) + latent <= budget < working_set_bytes(cfg, tile + 8, tile + 8) + latent
-    # One that does not: each tile runs its own latent stage and has the whole budget.
-    budget = 2 * latent - 1
-    assert not shares_latent(cfg, 1600, 2400, budget)
-    tile = auto_tile(cfg, 1600, 2400, budget)
-    assert working_set_bytes(cfg, tile, tile) <= budget < working_set_bytes(cfg, tile + 8, tile + 8)
+
+
+def test_the_plan_counts_every_component_within_the_budget():
+    """plan_restore's estimate is weights + whole-image buffers + shared latent map + one forward,
+    stays within the budget whenever a tile fits, and its tile is the largest that does."""
+    cfg = M2RestoreConfig.tiny()
+    weights = 3 << 20
+    h, w = 1600, 2400
+    fixed = weights + image_bytes(cfg, h, w)
+    whole = plan_restore(cfg, 100, 100, fixed + working_set_bytes(cfg, 100, 100), weights)
+    assert whole.tile == 0 and not whole.share_latent
+    assert whole.memory == (weights, image_bytes(cfg, 100, 100), 0, working_set_bytes(cfg, 100, 100))
+    assert plan_restore(cfg, 100, 100, whole.memory.total - 1, weights).tile > 0  # one byte short: tiled
+    latent = latent_map_bytes(cfg, h, w)
+    for budget, shared in ((fixed + 2 * latent + (64 << 20), True), (fixed + 2 * latent - 1, False),
+                           (3 << 29, True), (1 << 30, False)):
+        plan = plan_restore(cfg, h, w, budget, weights)
+        assert plan.share_latent == shared == shares_latent(cfg, h, w, budget, weights)
+        assert plan.tile == auto_tile(cfg, h, w, budget, weights) and plan.tile % 8 == 0
+        assert plan.memory == (weights, image_bytes(cfg, h, w), latent if shared else 0,
+                               working_set_bytes(cfg, plan.tile, plan.tile))
+        assert plan.memory.total <= budget < plan.memory.total - plan.memory.forward + working_set_bytes(
+            cfg, plan.tile + 8, plan.tile + 8)
+    # Without gathering passes nothing is shared, and the tile takes the latent map's share.
+    assert not plan_restore(cfg, h, w, 3 << 29, weights, stat_passes=0).share_latent
+    # A budget the weights and whole-image buffers alone exceed: the smallest tile, over the budget.
+    tight = plan_restore(cfg, h, w, fixed // 2, weights)
+    assert tight.tile == 32 and tight.memory.total > fixed // 2
+    # An asked-for tile is kept, and its forward counted.
+    asked = plan_restore(cfg, h, w, 3 << 29, weights, tile=256)
+    assert asked.tile == 256 and asked.memory.forward == working_set_bytes(cfg, 256, 256)
+
+
+def test_weight_bytes_counts_parameters_and_buffers():
+    model = torch.nn.BatchNorm2d(5).double()  # 10 parameters, 10 + 1 buffers (running stats, count)
+    assert weight_bytes(model) == (10 + 10) * 8 + 8
 
 
 def test_bf16_restore_runs_under_autocast_and_stays_close(weights, tmp_path):

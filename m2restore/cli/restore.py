@@ -1,8 +1,8 @@
 """``m2restore restore INPUT... -o OUTDIR``: restore image files and folders (see :mod:`m2restore.restore`).
 
 Each output keeps its input's size, format, bit depth, grayscale-ness, alpha channel, EXIF and ICC
-profile. Images whose estimated working set exceeds ``--max-memory`` (default: half the available
-memory, at most 1.5 GiB) are restored in tiles; ``--tile N`` asks for N×N tiles. A file that cannot be
+profile. Images whose estimated peak memory above the process baseline exceeds ``--max-memory``
+(default: half the available memory, at most 1.5 GiB) are restored in tiles; ``--tile N`` asks for N×N tiles. A file that cannot be
 read does not stop the others: each is reported by name, a summary line follows, and the exit
 status is 1. Paths and option values are checked before torch is imported.
 
@@ -28,9 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
     add_model_arguments(parser)
     parser.add_argument("--max-memory", default=None, metavar="SIZE",
-                        help="memory for one image's working set, e.g. 3G or 512M; larger images are tiled "
-                             "(default: half the available memory, at most 1.5G)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+                        help="peak memory of restoring one image above the process baseline (Python, torch and "
+                             "its libraries: about 1 GiB, docs/design.md#tiling): the weights, the whole image's "
+                             "buffers, the network's activations, the shared latent map; e.g. 3G or 512M; larger "
+                             "images are tiled (default: half the available memory, at most 1.5G)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars (on a terminal) or progress lines (elsewhere)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,29 +44,41 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import distributed
     from ..data.io import UnreadableImageError
-    from ..restore import load_model, restore_file
+    from ..restore import default_memory_budget, load_model, restore_file
+    from .progress import LineProgress
 
+    budget = default_memory_budget() if max_memory is None else max_memory
     device = distributed.init(device_from_args(args.device))
     model = load_model(args.weights, device, args.backend, args.prior_checkpoint)
     resolve_dtype_from_args(args, device, model.config)  # auto's CPU rule looks at the network's width
     lead = distributed.is_main()
     mine = jobs[distributed.rank()::distributed.world_size()]
 
+    # On a terminal, progress bars; elsewhere (a pipe, a log, a batch system) plain lines; process 0's only.
     show = not args.quiet and sys.stderr.isatty() and lead
     failed: list[tuple[Path, str]] = []
     out_dir = args.out.resolve()
-    for src, rel in tqdm(mine, desc="restore", unit="img", disable=not show or len(mine) == 1):
+    for number, (src, rel) in enumerate(tqdm(mine, desc="restore", unit="img", disable=not show or len(mine) == 1), 1):
         bar = tqdm(desc=src.name, unit="tile", leave=False, disable=not show)
+        lines = None if show or args.quiet else LineProgress(f"{src.name} ({number}/{len(mine)})")
 
         def progress(total: int) -> None:
             bar.total = total
             bar.update()
+            if lines is not None:
+                lines(total)
 
         try:
             plan = restore_file(model, src, out_dir / rel, device, args.dtype, args.tile, args.tile_overlap,
-                                max_memory, progress, args.stat_passes)
+                                budget, progress, args.stat_passes)
+            if lines is not None:
+                lines.finish("restored")
             if args.verbose:
                 tqdm.write(f"m2restore restore: {src.name}: {_describe(plan)}", file=sys.stderr)
+            if plan.memory.total > budget and not args.tile:  # the smallest tile did not fit
+                tqdm.write(f"m2restore restore: {src.name}: needed an estimated {_gib(plan.memory.total)} above the "
+                           f"process baseline even in {plan.tile}-pixel tiles, over --max-memory {_gib(budget)}",
+                           file=sys.stderr)
         except UnreadableImageError as e:
             failed.append((src, e.reason))
             tqdm.write(f"m2restore restore: {e}", file=sys.stderr)
@@ -116,7 +130,12 @@ def _jobs(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
 
 def _describe(plan) -> str:
     """What --verbose says of how an image was restored (a :class:`m2restore.restore.TilePlan`)."""
+    memory = f"estimated peak {_gib(plan.memory.total)} above the process baseline"
     if plan.tile == 0:
-        return "whole"
+        return f"whole, {memory}"
     latent = "shared on the whole map" if plan.share_latent else "per tile"
-    return f"{plan.tile}-pixel tiles, {plan.stat_passes} gathering passes, latent stage {latent}"
+    return f"{plan.tile}-pixel tiles, {plan.stat_passes} gathering passes, latent stage {latent}, {memory}"
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"

@@ -108,7 +108,11 @@ def write_image(path: str | Path, image: ImageData, quality: int = 95) -> None:
     if image.alpha is not None:
         channels.append(np.clip(image.alpha, 0.0, 1.0))
     scale = 255.0 if depth == 8 else 65535.0
-    samples = np.rint(np.stack(channels, axis=-1) * scale).astype(np.uint8 if depth == 8 else np.uint16)
+    stacked = np.stack(channels, axis=-1)
+    del rgb, channels  # whole-image temporaries: restore_file's memory budget counts few of them
+    stacked *= scale
+    samples = np.rint(stacked, out=stacked).astype(np.uint8 if depth == 8 else np.uint16)
+    del stacked
     path.parent.mkdir(parents=True, exist_ok=True)
     if depth == 16:
         _write_png16(path, samples, image.exif, image.icc_profile)
