@@ -82,7 +82,8 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(allweather, tmp_path, 
 
 
 def test_resume_without_checkpoint_fails(allweather, tmp_path, capsys):
-    assert _train(allweather, tmp_path, "--resume") == 1
+    # a usage error (status 2), answered before torch is imported
+    assert _train(allweather, tmp_path, "--resume") == 2
     err = capsys.readouterr().err
     assert "checkpoint.pt" in err and err.count("\n") == 1 and "Traceback" not in err
 
