@@ -341,19 +341,6 @@ def plan_restore(config, h: int, w: int, budget: int, weights: int = 0, tile: in
     return TilePlan(tile, stat_passes, share, MemoryEstimate(weights, fixed - weights, latent, forward))
 
 
-def shares_latent(config, h: int, w: int, budget: int, weights: int = 0) -> bool:
-    """Whether tiles of an H×W image share the latent stage under a ``budget``-byte memory budget
-    (:func:`plan_restore`)."""
-    return plan_restore(config, h, w, budget, weights).share_latent
-
-
-def auto_tile(config, h: int, w: int, budget: int, weights: int = 0) -> int:
-    """0 when an H×W image fits ``budget`` bytes whole, else the tile :func:`plan_restore` picks."""
-    return plan_restore(config, h, w, budget, weights).tile
-
-
-
-
 def restore_file(model, src: Path, dst: Path, device: torch.device, precision: str = "fp32", tile: int = 0,
                  overlap: int | None = None, max_memory: int | None = None, progress=None,
                  stat_passes: int = DEFAULT_STAT_PASSES) -> TilePlan:
