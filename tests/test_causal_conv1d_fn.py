@@ -1,6 +1,8 @@
 """causal_conv1d_fn / causal_conv1d_update: causal-conv1d's whole API, against float64 loops written here."""
 from __future__ import annotations
 
+import functools
+
 import math
 
 import pytest
@@ -223,6 +225,31 @@ def test_update_with_slots_and_padding_rows():
     assert torch.equal(all_padding, cache)
 
 
+@pytest.mark.parametrize("seqlen", [None, 3])  # None: x is (b, d)
+@pytest.mark.parametrize("form", ["shift", "ring", "slots"])
+def test_update_c_loop_matches_loops_on_strided_float32(seqlen, form):
+    """backend="torch" on CPU runs the C loop for a float32 cache: x a slice of a wider tensor, the
+    cache a slice of a longer one, 16-bit x with float32 weights; ring buffer or slots with padding."""
+    g = torch.Generator().manual_seed(4)
+    l = seqlen or 1
+    x = torch.randn(3, 4, 2 * l, generator=g)[..., ::2].to(torch.float16)
+    weight, bias = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
+    cache = torch.randn(5 if form == "slots" else 3, 4, 8, generator=g)[..., 1:6]  # 5 columns, strided rows
+    seqlens = torch.tensor([0, 4, 11], dtype=torch.int32) if form == "ring" else None
+    idx = torch.tensor([4, -1, 1]) if form == "slots" else None
+    rows = idx.clamp_min(0) if idx is not None else torch.arange(3)
+    exp_out, exp_rows = update_loops(x.double(), cache[rows].double(), weight.double(), bias.double(), "silu", seqlens)
+    got = cache.clone()
+    out = causal_conv1d_update(x if seqlen else x[..., 0], got, weight, bias, "silu", seqlens, idx, backend="torch")
+    assert out.dtype == torch.float16
+    valid = idx >= 0 if idx is not None else torch.ones(3, dtype=torch.bool)
+    exp_out[~valid] = 0
+    torch.testing.assert_close(out.double(), exp_out if seqlen else exp_out[..., 0], rtol=1e-3, atol=1e-3)
+    expected = cache.clone()
+    expected[rows[valid]] = exp_rows[valid].float()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_decoding_step_by_step_equals_the_whole_conv():
     x, weight, bias, _ = make(l=7, w=4)
     whole, final = causal_conv1d_fn(x, weight, bias, return_final_states=True, activation="silu")
@@ -261,3 +288,12 @@ def test_fullgraph_compile_keeps_every_form():
     exp = causal_conv1d_update_ref(x[..., :2], expected_cache, weight, bias, "silu", seqlens, idx)
     torch.testing.assert_close(update(x[..., :2], cache, weight, bias, "silu", seqlens, idx), exp, rtol=0, atol=0)
     assert torch.equal(cache, expected_cache)
+    # The C loop (float32 cache, backend="torch" on CPU) is a custom op that compile keeps whole.
+    cache32, x32, w32, b32 = cache.float(), x.float(), weight.float(), bias.float()
+    expected32 = cache32.clone()
+    exp = causal_conv1d_update_ref(x32[..., :2], expected32, w32, b32, "silu", seqlens, idx)
+    update32 = torch.compile(functools.partial(causal_conv1d_update, backend="torch"), fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(update32(x32[..., :2], cache32, w32, b32, "silu", seqlens, idx), exp,
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache32, expected32, rtol=0, atol=0)

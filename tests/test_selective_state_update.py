@@ -1,6 +1,8 @@
 """selective_state_update: mamba_ssm's one decode step, against a float64 formula written here."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,11 +84,13 @@ def test_state_batch_indices_with_padding_and_a_16bit_state(state_dtype, backend
     assert torch.equal(got[untouched], cache[untouched])
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads", [True, False])
-def test_triton_kernel_matches_formula_on_strided_inputs(dtype, heads):
-    """The Triton step (interpreter on CPU) reads any strides: x, dt, z as slices of wider tensors,
-    A broadcast over dim (mamba_ssm's tied form), the state a slice of a larger cache."""
+def test_fused_step_matches_formula_on_strided_inputs(dtype, heads, backend):
+    """The Triton step (interpreter on CPU) and the C loop (backend="torch" on CPU; a float16 state
+    takes the PyTorch ops) read any strides: x, dt, z as slices of wider tensors, A broadcast over
+    dim (mamba_ssm's tied form), the state a slice of a larger cache."""
     a = make(dtype=dtype) if heads else make(h=1, g=1, dtype=dtype)
     for k in ("x", "dt", "z"):
         a[k] = torch.cat([a[k], torch.randn_like(a[k])], dim=-1)[..., :5]
@@ -99,17 +103,18 @@ def test_triton_kernel_matches_formula_on_strided_inputs(dtype, heads):
              for k, v in a.items()}
         exp_out, exp_state = exp_out.squeeze(1), exp_state.squeeze(1)
     state = a.pop("state")
-    out = selective_state_update(state, **a, dt_softplus=True, backend="triton")
+    out = selective_state_update(state, **a, dt_softplus=True, backend=backend)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), exp_out, rtol=tol, atol=tol)
     torch.testing.assert_close(state.double(), exp_state, rtol=tol, atol=tol)
 
 
-def test_triton_custom_op_registration():
+@pytest.mark.parametrize("impl", ["triton", "native"])
+def test_custom_op_registration(impl):
     a = make(dtype=torch.float32)
     args = (a["state"], a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"], True,
-            torch.tensor([2, -1, 0], dtype=torch.int32))
+            torch.tensor([2, -1, 0], dtype=torch.int32), impl)
     torch.library.opcheck(torch.ops.m2restore_kernels.selective_state_update.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -157,12 +162,14 @@ def test_bad_input_is_a_one_line_value_error(change, match):
         selective_state_update(**a)
 
 
-@pytest.mark.parametrize("dtype", [F64, torch.float32])  # PyTorch ops; the Triton custom op
-def test_fullgraph_compile(dtype):
+# PyTorch ops; the Triton custom op; the C loop's custom op
+@pytest.mark.parametrize("dtype, backend", [(F64, "auto"), (torch.float32, "auto"), (torch.float32, "torch")])
+def test_fullgraph_compile(dtype, backend):
     a = make(dtype=dtype)
     cache = torch.randn(5, 4, 5, 6, dtype=dtype)
     idx = torch.tensor([4, -1, 0], dtype=torch.int32)
-    step = torch.compile(selective_state_update, fullgraph=True, backend="aot_eager")
+    step = torch.compile(functools.partial(selective_state_update, backend=backend), fullgraph=True,
+                         backend="aot_eager")
     expected_cache = cache.clone()
     rest = {k: v for k, v in a.items() if k != "state"}
     exp = selective_state_update_ref(expected_cache, **rest, dt_softplus=True, state_batch_indices=idx)

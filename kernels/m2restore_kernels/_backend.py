@@ -68,10 +68,11 @@ OPS = {
                               extension=("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")),
     "causal_conv1d": OpImpls(triton=False, extension=("causal_conv1d", "causal_conv1d_fn"),
                              extension_dtypes=UP_TO_FLOAT32),
-    # The conv's decode step is PyTorch on every device (a gather, one small conv, an in-place write);
-    # the scan's has a Triton kernel (float32 compute).
-    "causal_conv1d_update": OpImpls(triton=False),
-    "selective_state_update": OpImpls(triton_dtypes=UP_TO_FLOAT32),
+    # The decode steps: C loops on CPU (float32 compute, the state kept in float32); the scan's also
+    # a Triton kernel; the conv's is PyTorch elsewhere (a gather, one small conv, an in-place write).
+    "causal_conv1d_update": OpImpls(triton=False, native="causal_conv1d_cpu", native_dtypes=UP_TO_FLOAT32),
+    "selective_state_update": OpImpls(native="selective_scan_cpu", triton_dtypes=UP_TO_FLOAT32,
+                                      native_dtypes=UP_TO_FLOAT32),
 }
 
 
@@ -88,12 +89,18 @@ def interpreter_on() -> bool:
 
 
 def disabled_impls() -> frozenset:
-    """The implementations switched off by ``M2RESTORE_KERNELS_DISABLE`` (and ``M2RESTORE_NATIVE=0``)."""
-    names = {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}
+    """The implementations switched off by ``M2RESTORE_KERNELS_DISABLE`` (and ``M2RESTORE_NATIVE=0``),
+    read at every call (a process may change them), parsed once per value."""
+    return _parse_disabled(os.environ.get(DISABLE_ENV, ""), os.environ.get("M2RESTORE_NATIVE", "1"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_disabled(spec: str, native: str) -> frozenset:
+    names = {s.strip() for s in spec.split(",") if s.strip()}
     unknown = names - set(DISABLEABLE)
     if unknown:
         raise ValueError(f"{DISABLE_ENV} may name {DISABLEABLE}, got {sorted(unknown)}")
-    if os.environ.get("M2RESTORE_NATIVE", "1") == "0":
+    if native == "0":
         names.add("native")
     return frozenset(names)
 

@@ -89,6 +89,27 @@ def load(name: str) -> Optional[ctypes.CDLL]:
     return ctypes.CDLL(str(target))
 
 
+# A decode step of a small model is a few thousand multiply-adds: below this many elements a second
+# thread costs more to wake than it saves.
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+
+def threads_for(elements: int) -> int:
+    """OpenMP threads for a loop over ``elements`` values: one for small ones (PARALLEL_MIN_ELEMENTS)."""
+    return 1 if elements < PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
+
+
+def strides(t: Optional[torch.Tensor], rank: int) -> tuple:
+    """t's element strides (zeros for an absent tensor)."""
+    return t.stride() if t is not None else (0,) * rank
+
+
+def int64s(*values) -> ctypes.Array:
+    """A C struct made of int64 fields only, from its field values in order (a decode step's
+    shapes, strides and flags: one array is far cheaper to build than a ctypes.Structure)."""
+    return (ctypes.c_int64 * len(values))(*values)
+
+
 def ptr(t: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
     """A tensor's data as a C pointer argument (None: NULL). The caller keeps ``t`` alive (bound to
     a name) until the call returns: a temporary copy would be freed before C reads it."""

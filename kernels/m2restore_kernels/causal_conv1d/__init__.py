@@ -8,17 +8,23 @@ uses the ``causal_conv1d`` package's kernel for the forms it takes: plain calls,
 2..4; imported lazily, never on CPU), else ``"torch"`` (``torch_impl.py``: a grouped ``F.conv1d``,
 or the masked window sum with ``seq_idx``; autograd through it). There is no Triton version: the
 conv is already a single fused library call, so ``backend="triton"`` runs it too. The update is
-PyTorch everywhere (``reference.causal_conv1d_update_ref``: a gather, one small conv, an in-place
-write of the cache).
+a C loop on CPU (``native_impl.py``, ``csrc/causal_conv1d_cpu.c``: one pass per step, the cache
+updated in place) and PyTorch elsewhere (``reference.causal_conv1d_update_ref``: a gather, one small
+conv, an in-place write of the cache).
 
 All of it is traceable: torch.compile(fullgraph=True) keeps every form.
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+from torch import Tensor
+
 from .._backend import OPS, UP_TO_FLOAT32, optional_op, resolve_impl
-from . import torch_impl
+from . import native_impl, torch_impl
 from .reference import (ACTIVATIONS, _check_args, causal_conv1d_ref, causal_conv1d_update_ref, check_update_args,
-                        with_final_states)
+                        compute_dtype, with_final_states)
 
 __all__ = ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update",
            "causal_conv1d_update_ref", "ACTIVATIONS"]
@@ -65,14 +71,40 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend: str = "auto"):
     return causal_conv1d_fn(x, weight, bias, activation=activation, backend=backend)
 
 
+def _native_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
+                   cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor]) -> Tensor:
+    """The C decode step (x (b, d, l)), conv_state written in place -> out in x's dtype."""
+    return native_impl.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
+                                            conv_state_indices).to(x.dtype)
+
+
+# The same as a custom op, which torch.compile keeps whole (it cannot trace a ctypes call). Eager
+# calls skip it: the custom-op dispatch costs more than a small model's whole decode step.
+_update_op = torch.library.custom_op("m2restore_kernels::causal_conv1d_update",
+                                     mutates_args=("conv_state",))(_native_update)
+
+
+@_update_op.register_fake
+def _(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices):
+    return torch.empty_like(x)
+
+
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
                          conv_state_indices=None, backend: str = "auto"):
     """causal_conv1d's ``causal_conv1d_update``: one (x (b, d)) or a few (x (b, d, l)) decode steps of
     the causal conv from conv_state, which is updated in place; semantics of
     :func:`~.reference.causal_conv1d_update_ref` (ring buffer with cache_seqlens, slots with
     conv_state_indices, negative slot = padding row: zero output, nothing written).
-    -> out shaped like x, in x's dtype. PyTorch on every device and backend (no gradient is needed
-    by decoding, but the ops are differentiable in x, weight and bias)."""
+    -> out shaped like x, in x's dtype.
+
+    On CPU a C loop (``native_impl``) runs calls with a float32 conv_state that need no gradient;
+    the rest, and every other device, run the PyTorch ops (differentiable in x, weight and bias)."""
     check_update_args(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
-    resolve_impl("causal_conv1d_update", x.device, x.dtype, backend)  # validates backend
+    impl = resolve_impl("causal_conv1d_update", x.device, compute_dtype(x, weight, bias, conv_state), backend)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if impl == "native" and not grads and native_impl.takes(x, conv_state, weight):
+        steps = x if x.dim() == 3 else x.unsqueeze(-1)
+        step = _update_op if torch.compiler.is_compiling() else _native_update
+        out = step(steps, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
+        return out if x.dim() == 3 else out.squeeze(-1)
     return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)

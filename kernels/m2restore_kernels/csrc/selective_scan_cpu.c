@@ -190,3 +190,55 @@ void scan_bwd(const scan_shape *s, int threads, const float *u, const float *del
         free(slope);
     }
 }
+
+/* One decode step (mamba_ssm's selective_state_update), the state updated in place. Every tensor
+ * is float32 and addressed by its element strides, in the multi-head form:
+ *   state (slots, h, p, n); x, dt, z, out (b, h, p); A (h, p, n); B, C (b, g, n); D, bias (h, p)
+ * (strides 0 broadcast, as Mamba-2's expanded A). idx (b,) int64 or NULL: the state row of each
+ * batch row, negative for padding (out zero, nothing written). */
+typedef struct {
+    int64_t b, h, p, n, g;
+    int64_t s_state[4], s_x[3], s_dt[3], s_z[3], s_out[3], s_A[3], s_B[3], s_C[3], s_D[2], s_bias[2];
+    int64_t has_D, has_z, has_bias, has_idx, softplus; /* int64 like the rest: Python passes one int64 array */
+} update_shape;
+
+void state_update(const update_shape *s, int threads, float *state, const float *x, const float *dt,
+                  const float *A, const float *B, const float *C, const float *D, const float *z,
+                  const float *bias, const int64_t *idx, float *out) {
+    const int64_t rows = s->b * s->h * s->p, heads_per_group = s->h / s->g;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t bi = r / (s->h * s->p), hi = r / s->p % s->h, pi = r % s->p, gi = hi / heads_per_group;
+        float *o = out + bi * s->s_out[0] + hi * s->s_out[1] + pi * s->s_out[2];
+        const int64_t slot = s->has_idx ? idx[bi] : bi;
+        if (slot < 0) {
+            *o = 0.0f;
+            continue;
+        }
+        const float xv = x[bi * s->s_x[0] + hi * s->s_x[1] + pi * s->s_x[2]];
+        float dl = dt[bi * s->s_dt[0] + hi * s->s_dt[1] + pi * s->s_dt[2]];
+        if (s->has_bias)
+            dl += bias[hi * s->s_bias[0] + pi * s->s_bias[1]];
+        if (s->softplus) /* torch's softplus: x above 20 as is */
+            dl = dl <= 20.0f ? log1pf(expf(dl)) : dl;
+        float *st = state + slot * s->s_state[0] + hi * s->s_state[1] + pi * s->s_state[2];
+        const float *a = A + hi * s->s_A[0] + pi * s->s_A[1];
+        const float *bb = B + bi * s->s_B[0] + gi * s->s_B[1], *cc = C + bi * s->s_C[0] + gi * s->s_C[1];
+        const int64_t ss = s->s_state[3], sa = s->s_A[2], sb = s->s_B[2], sc = s->s_C[2];
+        const float dx = dl * xv;
+        float y = 0.0f;
+#pragma omp simd reduction(+ : y)
+        for (int64_t k = 0; k < s->n; k++) {
+            const float v = expf(dl * a[k * sa]) * st[k * ss] + dx * bb[k * sb];
+            st[k * ss] = v;
+            y += v * cc[k * sc];
+        }
+        if (s->has_D)
+            y += xv * D[hi * s->s_D[0] + pi * s->s_D[1]];
+        if (s->has_z) {
+            const float zv = z[bi * s->s_z[0] + hi * s->s_z[1] + pi * s->s_z[2]];
+            y *= zv / (1.0f + expf(-zv));
+        }
+        *o = y;
+    }
+}

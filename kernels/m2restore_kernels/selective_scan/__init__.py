@@ -44,7 +44,7 @@ from torch import Tensor
 from .._backend import OPS, optional_op, resolve_impl
 from . import native_impl, torch_impl, triton_impl
 from ..causal_conv1d import causal_conv1d_fn
-from .reference import (_check_args, check_state_update_args, mamba_inner, mamba_inner_ref, selective_scan_ref,
+from .reference import (_check_args, check_state_update_args, heads_form, mamba_inner, mamba_inner_ref, selective_scan_ref,
                         selective_state_update_ref)
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",
@@ -175,19 +175,25 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (out, last) if return_last_state else out
 
 
-@torch.library.custom_op("m2restore_kernels::selective_state_update", mutates_args=("state",))
-def _state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+def _fused_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                      z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
-                     state_batch_indices: Optional[Tensor]) -> Tensor:
-    """The Triton decode step on the arguments as given (either form), state written in place."""
-    heads = state.dim() == 4
-    args = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
-    out = triton_impl.selective_state_update(*args, dt_softplus, state_batch_indices)
+                     state_batch_indices: Optional[Tensor], impl: str) -> Tensor:
+    """The fused decode step (``impl`` "triton" or "native") on the arguments as given (either
+    form), state written in place."""
+    heads = state.dim() == 4  # the arguments were checked by selective_state_update
+    args = heads_form(state, x, dt, A, B, C, D, z, dt_bias)
+    out = _FUSED[impl].selective_state_update(*args, dt_softplus, state_batch_indices).to(x.dtype)
     return out if heads else out.squeeze(1)
 
 
+# The same as a custom op, which torch.compile keeps whole. Eager calls skip it: on a CPU the
+# custom-op dispatch costs more than a small model's whole decode step.
+_state_update_op = torch.library.custom_op("m2restore_kernels::selective_state_update",
+                                           mutates_args=("state",))(_fused_state_update)
+
+
 @_state_update_op.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, impl):
     return torch.empty_like(x)
 
 
@@ -208,8 +214,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     wide = any(t.dtype == torch.float64 for t in (state, x, dt, A, B, C))
     impl = resolve_impl("selective_state_update", x.device, torch.float64 if wide else x.dtype, backend)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias))
-    if impl == "triton" and not grads:
-        return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    # The C loop stores the state as float32, so it takes only a float32 state.
+    if not grads and (impl == "triton" or (impl == "native" and state.dtype == torch.float32)):
+        step = _state_update_op if torch.compiler.is_compiling() else _fused_state_update
+        return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, impl)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 

@@ -7,6 +7,7 @@ recurrence backwards, like the Triton kernels. The C side reads float32, contigu
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Optional
 
 import torch
@@ -34,12 +35,37 @@ _SCAN_FWD = [*_PTR] + [ctypes.c_void_p] * 11
 _SCAN_BWD = [*_PTR] + [ctypes.c_void_p] * 19
 
 
-def library() -> ctypes.CDLL:
+# (update_shape as int64s: b, h, p, n, g, strides of state, x, dt, z, out, A, B, C, D, bias, then the
+# flags has_D, has_z, has_bias, has_idx, softplus; threads; state, x, dt, A, B, C, D, z, bias, idx, out)
+_STATE_UPDATE = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int] + [ctypes.c_void_p] * 11
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
     """The loaded library with its C signatures declared (the resolver picked "native", so it builds)."""
     lib = _native.load(LIBRARY)
     lib.scan_fwd.argtypes = _SCAN_FWD
     lib.scan_bwd.argtypes = _SCAN_BWD
+    lib.state_update.argtypes = _STATE_UPDATE
     return lib
+
+
+def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices) -> Tensor:
+    """One step on the multi-head form (``reference.check_state_update_args``'s), any strides; state
+    float32, written in place (the caller checks its dtype), the rest converted to float32 where
+    they are not. -> out (b, h, p) float32."""
+    b, h, p = x.shape
+    n = state.shape[-1]
+    ins = [t if t is None or t.dtype == torch.float32 else t.float() for t in (x, dt, A, B, C, D, z, dt_bias)]
+    idx = None if state_batch_indices is None else state_batch_indices.to(torch.int64).contiguous()
+    out = torch.empty(b, h, p)
+    xf, dtf, Af, Bf, Cf, Df, zf, biasf = ins
+    shape = _native.int64s(b, h, p, n, B.shape[1], *state.stride(), *xf.stride(), *dtf.stride(),
+                           *_native.strides(zf, 3), *out.stride(), *Af.stride(), *Bf.stride(), *Cf.stride(),
+                           *_native.strides(Df, 2), *_native.strides(biasf, 2), D is not None, z is not None,
+                           dt_bias is not None, idx is not None, dt_softplus)
+    _library().state_update(shape, _native.threads_for(b * h * p * n), *map(_native.ptr, [state, *ins, idx, out]))
+    return out
 
 
 def _layout(X: Tensor, b: int, d: int, l: int, n: int) -> tuple:
@@ -86,7 +112,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     ins = _native_inputs(u, delta, A, B, C, D, z, delta_bias)
     out = torch.empty(b, d, l)
     last, ckpt = torch.empty(b, d, n), torch.empty(b, shape.nck, d, n)
-    library().scan_fwd(
+    _library().scan_fwd(
         ctypes.byref(shape), ctypes.c_int(torch.get_num_threads()), *map(_native.ptr, ins + [out, last, ckpt]))
     return out.to(u.dtype), last, ckpt
 
@@ -101,7 +127,7 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
     dA_part, dD_part, dbias_part = torch.empty(b, d, n), torch.empty(b, d), torch.empty(b, d)
     # Per-thread partial sums of the gradients every channel of a group adds to.
     dB_part, dC_part = torch.zeros(threads, shape.nB), torch.zeros(threads, shape.nC)
-    library().scan_bwd(
+    _library().scan_bwd(
         ctypes.byref(shape), ctypes.c_int(threads),
         *map(_native.ptr, ins + [du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part]))
 

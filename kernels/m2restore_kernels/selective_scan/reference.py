@@ -141,7 +141,7 @@ def group_sizes(X: Tensor, d: int):
 # --------------------------------------------------------------------------------------------
 # One decode step: mamba_ssm's selective_state_update
 # --------------------------------------------------------------------------------------------
-def _heads_form(state, x, dt, A, B, C, D, z, dt_bias):
+def heads_form(state, x, dt, A, B, C, D, z, dt_bias):
     """The single-head form (state (b, d, n), x (b, d), A (d, n), B/C (b, n), D/dt_bias (d,)) as the
     multi-head one with one head, each argument by its own rank (mamba_ssm's rule)."""
     def lift(t, rank, dim):
@@ -164,7 +164,7 @@ def check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_in
     if state.dim() not in (3, 4):
         raise ValueError(f"state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), "
                          f"got {tuple(state.shape)}")
-    state, x, dt, A, B, C, D, z, dt_bias = _heads_form(state, x, dt, A, B, C, D, z, dt_bias)
+    state, x, dt, A, B, C, D, z, dt_bias = heads_form(state, x, dt, A, B, C, D, z, dt_bias)
     _, h, p, n = state.shape
     b = x.shape[0]
     rows = state.shape[0] if state_batch_indices is not None else b
