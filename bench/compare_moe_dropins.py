@@ -3,7 +3,7 @@
 Mixtral-shaped transformers block (its eager expert loop vs the one-call patch), float32,
 forward and forward+backward. Prints the best of ``--rounds`` per variant and alternation.
 
-    python bench/compare_moe_dropins.py [--rounds 3] [--alternations 2]
+    python bench/compare_moe_dropins.py [--rounds 3] [--alternations 2] [--case dder|mixtral] [--threads 1]
 """
 from __future__ import annotations
 
@@ -57,10 +57,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--alternations", type=int, default=2)
+    parser.add_argument("--case", choices=("all", "dder", "mixtral"), default="all")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for case, steps in [("DDER 1 of 224x224 (P 50176, C 48, Hd 127, N 6, K 2)", _dder_steps()),
-                        ("Mixtral block (tokens 2048, C 256, Hd 512, N 8, K 2)", _mixtral_steps())]:
+    cases = {"dder": ("DDER 1 of 224x224 (P 50176, C 48, Hd 127, N 6, K 2)", _dder_steps),
+             "mixtral": ("Mixtral block (tokens 2048, C 256, Hd 512, N 8, K 2)", _mixtral_steps)}
+    for case, steps in [(name, make()) for key, (name, make) in cases.items() if args.case in ("all", key)]:
         for backward in (False, True):
             best = {name: float("inf") for name in steps}
             for _ in range(args.alternations):

@@ -3,6 +3,7 @@ torch.compile / torch.export. On CPU the Triton path runs in the interpreter (TR
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 
 import pytest
@@ -657,20 +658,54 @@ def test_custom_ops_pass_opcheck():
     gated = [t.float().to(DEVICE) for t in make_experts(4, 16, 10, gated=True, layout="linear")]
     forms = [("gelu", w1, b1, w2, dtype) for dtype in (torch.float32, torch.bfloat16)]
     forms.append(("swiglu", gated[0].transpose(1, 2), gated[1], gated[2].transpose(1, 2), torch.float32))
-    for activation, w1_, b1_, w2_, dtype in forms:
+    # save_hidden: the forward keeps the first projection for the backward, or leaves it to recompute.
+    for (activation, w1_, b1_, w2_, dtype), save in itertools.product(forms, (True, False)):
         torch.library.opcheck(ops.moe_mlp.default, (x, weights, indices, w1_, b1_, w2_, b2, "logsumexp", activation,
-                                                    "torch", True, dtype))
+                                                    "torch", True, dtype, save))
     # The backward ops have no autograd of their own (no double backward): inputs without grad.
     x, weights = x.detach(), weights.detach()
-    for activation, w1_, b1_, w2_, dtype in forms:
-        y, out, order, offsets = ops.moe_mlp(x, weights, indices, w1_, b1_, w2_, b2, "logsumexp", activation,
-                                             "torch", True, dtype)
+    for (activation, w1_, b1_, w2_, dtype), save in itertools.product(forms, (True, False)):
+        y, out, order, offsets, hpre = ops.moe_mlp(x, weights, indices, w1_, b1_, w2_, b2, "logsumexp", activation,
+                                                   "torch", True, dtype, save)
         torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(y), x, weights, order, offsets, w1_, b1_,
-                                                        w2_, out, "logsumexp", activation, "torch"))
+                                                        w2_, out, hpre, "logsumexp", activation, "torch"))
     logits = torch.randn(9, 5, requires_grad=True)
     torch.library.opcheck(ops.topk_softmax.default, (logits, 2, "torch"))
     w, i = topk_softmax(logits.detach(), 2, backend="torch")
     torch.library.opcheck(ops.topk_softmax_bwd.default, (torch.randn_like(w), w, i, 5, "torch"))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_kept_first_projection_is_saved_only_for_a_backward(activation, monkeypatch):
+    """The PyTorch path keeps x @ w1 + b1 (K*P rows, Hd padded to 16) for the backward only when a
+    gradient will be taken, and the backward from it equals the recomputing one and the float64
+    reference's, in row chunks of 7 (several per expert)."""
+    monkeypatch.setattr(moe_torch, "ROW_CHUNK_BYTES", 1)
+    monkeypatch.setattr(moe_torch, "MIN_ROW_CHUNK", 7)
+    x, weights, indices, _ = _routing_case("dder_like")
+    w1, b1, w2, b2 = make_experts(6, x.shape[1], 13, gated=activation == "swiglu")
+    seen = []
+    fwd = moe_torch.moe_mlp_fwd
+    monkeypatch.setattr(moe_torch, "moe_mlp_fwd", lambda *a, **kw: seen.append(kw["save_hidden"]) or fwd(*a, **kw))
+    args = (x, weights, indices, w1, b1, w2, b2)
+    with torch.no_grad():
+        moe_mlp(*args, backend="torch", activation=activation)
+    moe_mlp(*args, backend="torch", activation=activation)
+    moe_mlp(*(t.requires_grad_() if t is w2 else t for t in args), backend="torch", activation=activation)
+    assert seen == [False, False, True]
+    ops = torch.ops.m2restore_kernels
+    op_args = (x, weights, indices, w1, b1, w2, b2, "logsumexp", activation, "torch", True, torch.float64)
+    y, out, order, offsets, hpre = ops.moe_mlp(*op_args, True)
+    assert hpre.shape == (indices.numel(), (2 if activation == "swiglu" else 1) * 16)
+    assert ops.moe_mlp(*op_args, False)[4].numel() == 0
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    bwd = (dy, x, weights, order, offsets, w1, b1, w2, out)
+    kept = ops.moe_mlp_bwd(*bwd, hpre, "logsumexp", activation, "torch")
+    recomputed = ops.moe_mlp_bwd(*bwd, hpre[:0], "logsumexp", activation, "torch")
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # Last: the reference's .double() is the float64 inputs themselves, which it marks requiring grad.
+    check_moe("torch", torch.float64, x, weights, indices, (w1, b1, w2, b2), "logsumexp", activation=activation)
 
 
 def test_torch_compile_matches_eager():

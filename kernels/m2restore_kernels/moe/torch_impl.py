@@ -107,6 +107,12 @@ def _pad_hidden(w1, b1, w2, blocks: int, multiple: int = HIDDEN_MULTIPLE):
     return pad_blocks(w1), pad_blocks(b1), F.pad(w2, (0, 0, 0, pad))
 
 
+def padded_hidden(Hd: int, activation: str, multiple: int = HIDDEN_MULTIPLE) -> int:
+    """The width H1 of the first projection as this path computes it: Hd padded by :func:`_pad_hidden`,
+    times the blocks of w1."""
+    return hidden_blocks(activation) * (Hd + -Hd % multiple)
+
+
 def _unpad_hidden(dw1, db1, dw2, blocks: int, Hd: int):
     """The gradients of :func:`_pad_hidden`'s inputs from those of its outputs."""
     padded = dw2.shape[1]
@@ -176,10 +182,12 @@ def _cast(dtype: torch.dtype, *tensors):
 
 
 def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation: str = "gelu",
-                native: bool = False):
-    """-> (y (P, C) dtype, expert outputs (K*P, C) dtype, order (K*P,), offsets (N+1,)); GEMMs in
-    ``dtype``; ``native``: the K-way combination in C. w1 (N, C, H1) and w2 (N, Hd, C) in any
-    strides (BLAS takes transposed operands as they are)."""
+                native: bool = False, save_hidden: bool = False):
+    """-> (y (P, C) dtype, expert outputs (K*P, C) dtype, order (K*P,), offsets (N+1,), hpre); GEMMs
+    in ``dtype``; ``native``: the K-way combination in C. w1 (N, C, H1) and w2 (N, Hd, C) in any
+    strides (BLAS takes transposed operands as they are). ``hpre`` (K*P, padded_hidden) dtype: the
+    first projection x @ w1[e] + b1[e] of every assignment in the plan's order where
+    ``save_hidden``, else (0, padded_hidden)."""
     P, K = indices.shape
     w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2), hidden_blocks(activation))
     (b2,) = _cast(dtype, b2)
@@ -188,14 +196,15 @@ def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation:
     # GEMM2 writes straight into its expert's slice of the sorted order; one row gather then
     # restores (K, P) order. Per-expert row scatters (index_copy_, index_add_) are far slower on CPU.
     out = x.new_empty(K * P, w2.shape[2], dtype=dtype)
+    hpre = x.new_empty(K * P if save_hidden else 0, w1.shape[2], dtype=dtype)
     for e, lo, hi in _segments(offsets):
         b1e, b2e = (None if b is None else b[e] for b in (b1, b2))
         for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
-            h = hidden(_linear(x.index_select(0, tokens[s:t]).to(dtype), w1[e], b1e), activation)
-            _linear(h, w2[e], b2e, out=out[s:t])
+            h = _linear(x.index_select(0, tokens[s:t]).to(dtype), w1[e], b1e, out=hpre[s:t] if save_hidden else None)
+            _linear(hidden(h, activation), w2[e], b2e, out=out[s:t])
     out = out.index_select(0, _inverse(order))
     y = _combine(out.view(K, P, x.shape[1]).to(accumulation_dtype(dtype)), weights, combine, native)
-    return y.to(dtype), out, order, offsets
+    return y.to(dtype), out, order, offsets, hpre
 
 
 def _combine_bwd(dy, out, weights, combine, native: bool):
@@ -212,9 +221,11 @@ def _combine_bwd(dy, out, weights, combine, native: bool):
 
 
 def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activation: str = "gelu",
-                native: bool = False):
+                native: bool = False, hpre: Optional[Tensor] = None):
     """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype and the w1 and w2
-    gradients in their inputs' strides; GEMMs in out's dtype."""
+    gradients in their inputs' strides; GEMMs in out's dtype. ``hpre``: the forward's first
+    projection (``moe_mlp_fwd(save_hidden=True)``), or None to recompute it (2 of the 8 GEMM units
+    of a gated expert's backward, 1 of 5 for a plain one)."""
     P, K = weights.shape
     w1_in, w2_in = w1, w2  # before the casts below
     Hd, dtype = w2.shape[1], out.dtype
@@ -234,10 +245,10 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
     for e, lo, hi in _segments(offsets):
         for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
             xe, de = x.index_select(0, tokens[s:t]).to(dtype), dout[s:t]
-            hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
-            dw2[e] += hidden(hpre, activation).t() @ de
+            he = _linear(xe, w1[e], None if b1 is None else b1[e]) if hpre is None else hpre[s:t]
+            dw2[e] += hidden(he, activation).t() @ de
             db2[e] += de.sum(0, **sums)
-            dh = _act_bwd(de @ w2[e].t(), hpre, activation)
+            dh = _act_bwd(de @ w2[e].t(), he, activation)
             dw1[e] += xe.t() @ dh
             db1[e] += dh.sum(0, **sums)
             torch.mm(dh, w1[e].t(), out=dx_sorted[s:t])
