@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from m2restore_kernels.moe import (importance, moe_mlp, moe_mlp_ref, noisy_topk_load, router_z_loss, topk_softmax,
-                                   topk_softmax_ref)
+from m2restore_kernels.moe import (cv_squared, importance, moe_mlp, moe_mlp_ref, noisy_topk_load, router_z_loss,
+                                   topk_softmax, topk_softmax_ref)
 from m2restore_kernels.testing import assert_close_rel
 
 from m2restore_kernels._backend import DISABLE_ENV, native_ready
@@ -153,6 +153,38 @@ def test_noisy_topk_load_importance_and_z_loss():
     dense = torch.zeros(P, N, dtype=torch.float64).scatter(1, i, w)
     assert torch.allclose(importance(w, i, N), dense.sum(0), rtol=1e-12)
     assert torch.allclose(router_z_loss(noisy), (torch.logsumexp(noisy, 1) ** 2).mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("keep_prob", [0.0, 0.3, 1.0])
+def test_noisy_topk_load_with_masked_noise_and_cv_squared(keep_prob):
+    """keep_prob (the Bernoulli mask on the noise) against the estimator written pixel by pixel in
+    float64: thr = the k-th largest noisy logit of the other experts, load = sum over pixels of
+    q * Phi((clean - thr) / std) + (1 - q) * [clean > thr]; and cv_squared against var / mean^2."""
+    g = torch.Generator().manual_seed(9)
+    P, N, k = 24, 5, 2
+    clean = torch.randn(P, N, generator=g, dtype=torch.float64)
+    std = torch.rand(P, N, generator=g, dtype=torch.float64) + 0.1
+    noisy = clean + std * torch.randn(P, N, generator=g, dtype=torch.float64)
+    want = [0.0] * N
+    for p in range(P):
+        for n in range(N):
+            thr = sorted((noisy[p, m].item() for m in range(N) if m != n), reverse=True)[k - 1]
+            c = clean[p, n].item()
+            phi = 0.5 * (1 + math.erf((c - thr) / std[p, n].item() / math.sqrt(2)))
+            want[n] += keep_prob * phi + (1 - keep_prob) * (c > thr)
+    _, i, nxt = topk_softmax(noisy, k, backend="torch", return_next=True)
+    got = noisy_topk_load(clean, noisy, std, i, nxt, keep_prob=keep_prob)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    got32 = noisy_topk_load(clean.float(), noisy.float(), std.float(), i, nxt.float(), keep_prob=keep_prob)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), got, rtol=1e-5, atol=1e-5)
+    mean = sum(want) / N
+    var = sum((v - mean) ** 2 for v in want) / (N - 1)
+    assert cv_squared(got, eps=0.0).item() == pytest.approx(var / mean ** 2, rel=1e-12)
+    counts = torch.tensor([3, 1, 2])  # integer counts are promoted: mean 2, unbiased var 1
+    assert cv_squared(counts).dtype == torch.float32 and cv_squared(counts).item() == pytest.approx(0.25, rel=1e-6)
+    with pytest.raises(ValueError, match="keep_prob"):
+        noisy_topk_load(clean, noisy, std, i, nxt, keep_prob=1.5)
 
 
 @pytest.mark.parametrize("N,k", [(1, 1), (4, 2), (6, 2), (6, 6), (8, 1), (8, 8), (64, 5)])

@@ -4,7 +4,7 @@ Two ops, each with a plain reference (``*_ref``), a sparse PyTorch path and a Tr
 
 * ``topk_softmax(logits, k) -> (weights, indices)``: softmax over the K largest logits per row
   (or, ``routing="softmax_topk"``, over all N first), optionally with the (K+1)-th logit; the
-  balance terms ``noisy_topk_load``, ``importance`` and ``router_z_loss`` beside it.
+  balance terms ``noisy_topk_load``, ``importance``, ``router_z_loss`` and ``cv_squared`` beside it.
 * ``moe_mlp(x, weights, indices, w1, b1, w2, b2, combine)``: every row runs only its K chosen
   experts ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` (GELU, SiLU, ReLU, or gated SwiGLU/GeGLU;
   weights stacked or in nn.Linear's layout) and combines them with the gate weights.
@@ -45,7 +45,7 @@ from .reference import (ACTIVATIONS, COMBINES, GATED_ACTIVATIONS, LAYOUTS, ROUTI
                         topk_softmax_ref)
 
 __all__ = ["topk_softmax", "topk_softmax_ref", "moe_mlp", "moe_mlp_ref", "noisy_topk_load", "importance",
-           "router_z_loss", "COMBINES", "ACTIVATIONS", "LAYOUTS", "ROUTINGS"]
+           "router_z_loss", "cv_squared", "COMBINES", "ACTIVATIONS", "LAYOUTS", "ROUTINGS"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,21 +160,40 @@ def topk_softmax(logits: Tensor, k: int, backend: str = "auto", *, routing: str 
 
 
 def noisy_topk_load(clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, indices: Tensor,
-                    next_logit: Tensor) -> Tensor:
+                    next_logit: Tensor, keep_prob: float = 1.0) -> Tensor:
     """Shazeer et al.'s (2017) smooth load estimate for noisy top-K gates: (N,) float32 (float64 for
     float64), differentiable in the clean logits, the noise scale and the noisy thresholds.
 
     clean_logits, noisy_logits, noise_std (P, N); indices (P, K) and next_logit (P,) from
     ``topk_softmax(noisy_logits, k, return_next=True)``. Expert e's load sums over rows the
-    probability that it stays in the top K under fresh noise: Phi((clean - threshold) / std), the
-    threshold being the (K+1)-th noisy logit where e is in the top K and the K-th where it is not.
+    probability that it stays in the top K under fresh noise, its other experts' noisy logits held
+    fixed: it must beat the threshold thr, the (K+1)-th noisy logit where e is in the top K and the
+    K-th where it is not. ``keep_prob``: the noise is kept with that probability per row and expert
+    (a Bernoulli mask, as M2Restore's DDER draws it; 1: always), so
+
+        load[e] = sum_p keep_prob * Phi((clean - thr) / std) + (1 - keep_prob) * [clean > thr].
     """
+    if not 0.0 <= keep_prob <= 1.0:
+        raise ValueError(f"noisy_topk_load: keep_prob must be a probability in [0, 1], got {keep_prob!r}")
     acc = torch_impl.accumulation_dtype(clean_logits.dtype)
-    noisy = noisy_logits.to(acc)
+    noisy, clean = noisy_logits.to(acc), clean_logits.to(acc)
     kth = noisy.gather(1, indices[:, -1:])
     nxt = next_logit.to(acc)[:, None]
     threshold = torch.where(noisy > nxt, nxt, kth)
-    return torch.special.ndtr((clean_logits.to(acc) - threshold) / noise_std.to(acc)).sum(0)
+    prob = torch.special.ndtr((clean - threshold) / noise_std.to(acc))
+    if keep_prob != 1.0:
+        prob = keep_prob * prob + (1 - keep_prob) * (clean > threshold).to(acc)
+    return prob.sum(0)
+
+
+def cv_squared(v: Tensor, eps: float = 1e-10) -> Tensor:
+    """The squared coefficient of variation var(v) / (mean(v)^2 + eps) of a (N,) tensor (unbiased
+    variance; 0 for a single expert), the usual balance loss on importance and load: a 0-d float32
+    tensor (float64 for float64; integer counts are promoted)."""
+    v = v.to(torch.promote_types(v.dtype, torch.float32))
+    if v.numel() < 2:
+        return v.new_zeros(())
+    return v.var() / (v.mean() ** 2 + eps)
 
 
 def importance(weights: Tensor, indices: Tensor, n_experts: int) -> Tensor:
