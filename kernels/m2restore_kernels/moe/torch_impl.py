@@ -177,6 +177,19 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = N
     return torch.mm(x, w, out=out) if b is None else torch.addmm(b, x, w, out=out)
 
 
+# The forward keeps the first projection for the backward (moe_mlp_fwd(save_hidden=True)) unless
+# re-running it is cheaper: on a CPU a fresh buffer costs about 1 ms per MB in first-touch page
+# faults (bench/RESULTS.md), and the GEMM that recomputes a kept value costs 2*C flops, so narrow
+# inputs recompute (one DDER at 224², C 48: fwd+bwd 287 ms recomputing vs 306 ms keeping; the
+# Mixtral block, C 256: 197 ms keeping vs 219 ms). A GPU's caching allocator makes keeping free.
+KEEP_HIDDEN_MIN_C = 128
+
+
+def keeps_hidden(x: Tensor) -> bool:
+    """Whether the forward should keep x's first projection for a backward (x (P, C))."""
+    return x.device.type != "cpu" or x.shape[1] >= KEEP_HIDDEN_MIN_C
+
+
 # A CPU runs an expert's rows in chunks whose (rows, hidden) activation stays in cache between the
 # GEMM that writes it and the one that reads it; the budget is in bytes, with a floor on the rows
 # because bf16 GEMMs on a CPU want tall operands (timings in bench/RESULTS.md).
@@ -255,8 +268,12 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
     blocks = hidden_blocks(activation)
     w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2), blocks)
     tokens = order % P
-    dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(dtype)
-    dx_sorted = torch.empty_like(dout)
+    dout_slots = dout.view(K * P, x.shape[1])
+    dout = dout_slots.index_select(0, order).to(dtype)
+    # Fresh buffers of K*P rows cost more in first-touch page faults than their GEMMs on a small
+    # VM (about 1 ms per MB here, bench/RESULTS.md): dx's sorted rows reuse the slot-ordered dout,
+    # and its slot order the sorted dout, each free by then.
+    dx_sorted = dout_slots if dout_slots.dtype == dtype else torch.empty_like(dout)
     # Parameter gradients sum over row chunks in the accumulation dtype, so 16-bit ones are rounded
     # once, at the end.
     sums = dict(dtype=acc)
@@ -273,7 +290,7 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
             dw1[e] += xe.t() @ dh
             db1[e] += dh.sum(0, **sums)
             torch.mm(dh, w1[e].t(), out=dx_sorted[s:t])
-    dx_slots = dx_sorted.index_select(0, _inverse(order)).view(K, P, x.shape[1])
+    dx_slots = torch.index_select(dx_sorted, 0, _inverse(order), out=dout).view(K, P, x.shape[1])
     dx = dx_slots[0].to(acc, copy=True)
     for k in range(1, K):
         dx += dx_slots[k]
