@@ -198,12 +198,16 @@ MIN_ROW_CHUNK = 256
 
 
 def _row_chunks(lo: int, hi: int, hidden: int, like: Tensor):
-    """[lo, hi) cut, on a CPU, into chunks of about ROW_CHUNK_BYTES of hidden activation (at least
-    MIN_ROW_CHUNK rows). A GPU gets the whole segment: there chunks would only multiply the launches."""
+    """[lo, hi) cut, on a CPU, into equal chunks of at most about ROW_CHUNK_BYTES of hidden
+    activation (at least MIN_ROW_CHUNK rows): equal, so no short tail chunk runs its GEMMs at a
+    fraction of their speed (a Mixtral expert's 530 rows are 265 + 265, not 512 + 18). A GPU gets
+    the whole segment: there chunks would only multiply the launches."""
     if like.device.type != "cpu":
         rows = max(1, hi - lo)
     else:
-        rows = max(MIN_ROW_CHUNK, ROW_CHUNK_BYTES // (hidden * like.element_size()))
+        most = max(MIN_ROW_CHUNK, ROW_CHUNK_BYTES // (hidden * like.element_size()))
+        pieces = max(1, -(-(hi - lo) // most))
+        rows = max(1, -(-(hi - lo) // pieces))
     return ((s, min(s + rows, hi)) for s in range(lo, hi, rows))
 
 
