@@ -280,6 +280,8 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
     dx_sorted = dout_slots if dout_slots.dtype == dtype else torch.empty_like(dout)
     # Parameter gradients sum over row chunks in the accumulation dtype, so 16-bit ones are rounded
     # once, at the end.
+    # zeros_like keeps the weights' strides: unpadded float32 nn.Linear weights get their gradient
+    # summed in their own (transposed) layout, BLAS writing it there, and returned without a copy.
     sums = dict(dtype=acc)
     dw1, dw2 = torch.zeros_like(w1, **sums), torch.zeros_like(w2, **sums)
     db1 = w1.new_zeros(w1.shape[0], w1.shape[2], **sums)
@@ -288,10 +290,10 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
         for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
             xe, de = x.index_select(0, tokens[s:t]).to(dtype), dout[s:t]
             he = _linear(xe, w1[e], None if b1 is None else b1[e]) if hpre is None else hpre[s:t]
-            dw2[e] += hidden(he, activation).t() @ de
+            _add_product(dw2[e], hidden(he, activation).t(), de)
             db2[e] += de.sum(0, **sums)
             dh = _act_bwd(de @ w2[e].t(), he, activation)
-            dw1[e] += xe.t() @ dh
+            _add_product(dw1[e], xe.t(), dh)
             db1[e] += dh.sum(0, **sums)
             torch.mm(dh, w1[e].t(), out=dx_sorted[s:t])
     dx_slots = torch.index_select(dx_sorted, 0, _inverse(order), out=dout).view(K, P, x.shape[1])
@@ -302,6 +304,21 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
     # Gradients in each input's own dtype (autocast's casts are inside the op) and w1's and w2's in
     # their strides (the fake's empty_like: a transposed nn.Linear view gets a transposed gradient,
     # which autograd hands back to the parameter without a copy).
-    dw1_out, dw2_out = torch.empty_like(w1_in), torch.empty_like(w2_in)
-    return (dx.to(x.dtype).contiguous(), dweights.to(weights.dtype).contiguous(), dw1_out.copy_(dw1),
-            db1.to(w1_in.dtype).contiguous(), dw2_out.copy_(dw2), db2.to(w2_in.dtype).contiguous())
+    return (dx.to(x.dtype).contiguous(), dweights.to(weights.dtype).contiguous(), _like(dw1, w1_in),
+            db1.to(w1_in.dtype).contiguous(), _like(dw2, w2_in), db2.to(w2_in.dtype).contiguous())
+
+
+def _add_product(total: Tensor, a: Tensor, b: Tensor):
+    """total += a @ b: in place in the GEMM where the dtypes agree (no product buffer, no extra pass),
+    else the 16-bit product added to the float32 sum."""
+    if total.dtype == a.dtype:
+        total.addmm_(a, b)
+    else:
+        total += a @ b
+
+
+def _like(grad: Tensor, param: Tensor) -> Tensor:
+    """grad in param's dtype and strides (itself where it has them already)."""
+    if grad.dtype == param.dtype and grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
