@@ -20,7 +20,9 @@ compute dtype (bf16 under autocast: half the bytes of float32), one row per assi
 separate combine step reduces the K slots in float32. The buffer costs one extra write and read of
 K*P*C values but keeps the result deterministic (no atomics), serves ``sum`` and ``logsumexp``
 alike, and is exactly what the backward needs (``logsumexp`` gradients and the gate-weight
-gradient both need the unweighted expert outputs).
+gradient both need the unweighted expert outputs). Where a backward will run, the PyTorch path also
+keeps the first projection (K*P, H1) for it (``torch_impl.keeps_hidden``: not for narrow C on a
+CPU, where recomputing is cheaper than a fresh buffer); the Triton path recomputes it.
 
 Autocast: the op gets x and the expert parameters as they are (float32 parameters, activations
 of any float dtype) and the compute dtype as an argument; the kernels round each tile to it as
