@@ -21,8 +21,7 @@ separate combine step reduces the K slots in float32. The buffer costs one extra
 K*P*C values but keeps the result deterministic (no atomics), serves ``sum`` and ``logsumexp``
 alike, and is exactly what the backward needs (``logsumexp`` gradients and the gate-weight
 gradient both need the unweighted expert outputs). Where a backward will run, the PyTorch path also
-keeps the first projection (K*P, H1) for it (``torch_impl.keeps_hidden``: not for narrow C on a
-CPU, where recomputing is cheaper than a fresh buffer); the Triton path recomputes it.
+keeps the first projection (K*P, H1) for it; the Triton path recomputes it.
 
 Autocast: the op gets x and the expert parameters as they are (float32 parameters, activations
 of any float dtype) and the compute dtype as an argument; the kernels round each tile to it as
@@ -399,9 +398,9 @@ def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optiona
         w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
     x, weights, b1, b2 = (t.contiguous() if t is not None else None for t in (x, weights, b1, b2))
     impl = resolve_impl("moe_mlp", x.device, dtype, backend)
-    # Keep the first projection for the backward only when there will be one (never in inference)
-    # and it pays (torch_impl.keeps_hidden); the Triton path recomputes it.
-    save_hidden = impl != "triton" and torch_impl.keeps_hidden(x) and torch.is_grad_enabled() and any(
+    # Keep the first projection for the backward only when there will be one (never in inference);
+    # the Triton path recomputes it.
+    save_hidden = impl != "triton" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weights, w1, b1, w2, b2))
     return _moe_mlp_op(x, weights, indices.long().contiguous(), _unit_stride(w1), b1, _unit_stride(w2), b2,
                        combine, activation, impl, check_indices, dtype, save_hidden)[0]

@@ -177,19 +177,6 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = N
     return torch.mm(x, w, out=out) if b is None else torch.addmm(b, x, w, out=out)
 
 
-# The forward keeps the first projection for the backward (moe_mlp_fwd(save_hidden=True)) unless
-# re-running it is cheaper: on a CPU a fresh buffer costs about 1 ms per MB in first-touch page
-# faults (bench/RESULTS.md), and the GEMM that recomputes a kept value costs 2*C flops, so narrow
-# inputs recompute (one DDER at 224², C 48: fwd+bwd 287 ms recomputing vs 306 ms keeping; the
-# Mixtral block, C 256: 197 ms keeping vs 219 ms). A GPU's caching allocator makes keeping free.
-KEEP_HIDDEN_MIN_C = 128
-
-
-def keeps_hidden(x: Tensor) -> bool:
-    """Whether the forward should keep x's first projection for a backward (x (P, C))."""
-    return x.device.type != "cpu" or x.shape[1] >= KEEP_HIDDEN_MIN_C
-
-
 # A CPU runs an expert's rows in chunks whose (rows, hidden) activation stays in cache between the
 # GEMM that writes it and the one that reads it; the budget is in bytes, with a floor on the rows
 # because bf16 GEMMs on a CPU want tall operands (timings in bench/RESULTS.md).
@@ -229,8 +216,8 @@ def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation:
     tokens = order % P
     # GEMM2 writes straight into its expert's slice of the sorted order; one row gather then
     # restores (K, P) order. Per-expert row scatters (index_copy_, index_add_) are far slower on CPU.
-    out = x.new_empty(K * P, w2.shape[2], dtype=dtype)
-    hpre = x.new_empty(K * P if save_hidden else 0, w1.shape[2], dtype=dtype)
+    out = native_impl.empty(K * P, w2.shape[2], dtype=dtype, device=x.device)
+    hpre = native_impl.empty(K * P if save_hidden else 0, w1.shape[2], dtype=dtype, device=x.device)
     for e, lo, hi in _segments(offsets):
         b1e, b2e = (None if b is None else b[e] for b in (b1, b2))
         for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
@@ -240,7 +227,7 @@ def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation:
             else:
                 h = _hidden_in_place(_linear(xe, w1[e], b1e), activation)
             _linear(h, w2[e], b2e, out=out[s:t])
-    out = out.index_select(0, _inverse(order))
+    out = torch.index_select(out, 0, _inverse(order), out=native_impl.empty(*out.shape, dtype=dtype, device=x.device))
     y = _combine(out.view(K, P, x.shape[1]).to(accumulation_dtype(dtype)), weights, combine, native)
     return y.to(dtype), out, order, offsets, hpre
 
@@ -273,7 +260,8 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
     w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2), blocks)
     tokens = order % P
     dout_slots = dout.view(K * P, x.shape[1])
-    dout = dout_slots.index_select(0, order).to(dtype)
+    dout = torch.index_select(dout_slots, 0, order, out=native_impl.empty(
+        *dout_slots.shape, dtype=dout_slots.dtype, device=x.device)).to(dtype)
     # Fresh buffers of K*P rows cost more in first-touch page faults than their GEMMs on a small
     # VM (about 1 ms per MB here, bench/RESULTS.md): dx's sorted rows reuse the slot-ordered dout,
     # and its slot order the sorted dout, each free by then.
@@ -297,7 +285,7 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
             db1[e] += dh.sum(0, **sums)
             torch.mm(dh, w1[e].t(), out=dx_sorted[s:t])
     dx_slots = torch.index_select(dx_sorted, 0, _inverse(order), out=dout).view(K, P, x.shape[1])
-    dx = dx_slots[0].to(acc, copy=True)
+    dx = native_impl.empty(P, x.shape[1], dtype=acc, device=x.device).copy_(dx_slots[0])
     for k in range(1, K):
         dx += dx_slots[k]
     dw1, db1, dw2 = _unpad_hidden(dw1, db1, dw2, blocks, Hd)
