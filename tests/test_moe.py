@@ -740,6 +740,15 @@ def test_kept_first_projection_is_saved_only_for_a_backward(activation, monkeypa
     check_moe("torch", torch.float64, x, weights, indices, (w1, b1, w2, b2), "logsumexp", activation=activation)
 
 
+def test_large_cpu_buffers_advised_onto_huge_pages_are_ordinary_tensors():
+    """native_impl.empty advises buffers of 4 MiB or more (on Linux) before their first touch; the
+    advice must leave an ordinary writable tensor whose every element holds what was written."""
+    t = moe_native.empty(1 << 20, 6, dtype=torch.float32, device=torch.device("cpu"))  # 24 MiB
+    assert t.shape == (1 << 20, 6) and t.dtype == torch.float32 and t.is_contiguous()
+    values = torch.arange(t.numel(), dtype=torch.float32).view_as(t)  # exact below 2**24
+    assert torch.equal(t.copy_(values), values)
+
+
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = TinyDDER(combine="logsumexp")
