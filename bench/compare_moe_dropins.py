@@ -3,7 +3,8 @@
 Mixtral-shaped transformers block (its eager expert loop vs the one-call patch), float32,
 forward and forward+backward. Prints the best of ``--rounds`` per variant and alternation.
 
-    python bench/compare_moe_dropins.py [--rounds 3] [--alternations 2] [--case dder|mixtral] [--threads 1] [--clock cpu]
+    python bench/compare_moe_dropins.py [--rounds 3] [--alternations 2] [--case dder|mixtral]
+                                        [--threads 1] [--clock cpu]
 """
 from __future__ import annotations
 
