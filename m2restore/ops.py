@@ -28,9 +28,11 @@ def _op(name: str, backend: str, **kernel_options):
     return functools.partial(getattr(K, name), backend=backend, **kernel_options)
 
 
-def topk_softmax(logits, k: int, backend: str):
-    """logits (P, N) -> (weights (P, K), indices (P, K) int64); see ``m2restore_kernels.topk_softmax``."""
-    return _op("topk_softmax", backend)(logits, k)
+def topk_softmax(logits, k: int, backend: str, return_next: bool = False):
+    """logits (P, N) -> (weights (P, K), indices (P, K) int64), and with ``return_next`` the (K+1)-th
+    largest logit (P,) (-inf where K = N) that a noisy top-K load needs; see
+    ``m2restore_kernels.topk_softmax``."""
+    return _op("topk_softmax", backend)(logits, k, return_next=return_next)
 
 
 def moe_mlp(x, weights, indices, w1, b1, w2, b2, combine: str, backend: str):

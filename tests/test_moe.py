@@ -3,6 +3,7 @@ torch.compile / torch.export. On CPU the Triton path runs in the interpreter (TR
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from m2restore_kernels.moe import (importance, moe_mlp, moe_mlp_ref, noisy_topk_load, router_z_loss, topk_softmax,
-                                   topk_softmax_ref)
+from m2restore_kernels.moe import (cv_squared, importance, moe_mlp, moe_mlp_ref, noisy_topk_load, router_z_loss,
+                                   topk_softmax, topk_softmax_ref)
 from m2restore_kernels.testing import assert_close_rel
 
 from m2restore_kernels._backend import DISABLE_ENV, native_ready
@@ -152,6 +153,38 @@ def test_noisy_topk_load_importance_and_z_loss():
     dense = torch.zeros(P, N, dtype=torch.float64).scatter(1, i, w)
     assert torch.allclose(importance(w, i, N), dense.sum(0), rtol=1e-12)
     assert torch.allclose(router_z_loss(noisy), (torch.logsumexp(noisy, 1) ** 2).mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("keep_prob", [0.0, 0.3, 1.0])
+def test_noisy_topk_load_with_masked_noise_and_cv_squared(keep_prob):
+    """keep_prob (the Bernoulli mask on the noise) against the estimator written pixel by pixel in
+    float64: thr = the k-th largest noisy logit of the other experts, load = sum over pixels of
+    q * Phi((clean - thr) / std) + (1 - q) * [clean > thr]; and cv_squared against var / mean^2."""
+    g = torch.Generator().manual_seed(9)
+    P, N, k = 24, 5, 2
+    clean = torch.randn(P, N, generator=g, dtype=torch.float64)
+    std = torch.rand(P, N, generator=g, dtype=torch.float64) + 0.1
+    noisy = clean + std * torch.randn(P, N, generator=g, dtype=torch.float64)
+    want = [0.0] * N
+    for p in range(P):
+        for n in range(N):
+            thr = sorted((noisy[p, m].item() for m in range(N) if m != n), reverse=True)[k - 1]
+            c = clean[p, n].item()
+            phi = 0.5 * (1 + math.erf((c - thr) / std[p, n].item() / math.sqrt(2)))
+            want[n] += keep_prob * phi + (1 - keep_prob) * (c > thr)
+    _, i, nxt = topk_softmax(noisy, k, backend="torch", return_next=True)
+    got = noisy_topk_load(clean, noisy, std, i, nxt, keep_prob=keep_prob)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    got32 = noisy_topk_load(clean.float(), noisy.float(), std.float(), i, nxt.float(), keep_prob=keep_prob)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), got, rtol=1e-5, atol=1e-5)
+    mean = sum(want) / N
+    var = sum((v - mean) ** 2 for v in want) / (N - 1)
+    assert cv_squared(got, eps=0.0).item() == pytest.approx(var / mean ** 2, rel=1e-12)
+    counts = torch.tensor([3, 1, 2])  # integer counts are promoted: mean 2, unbiased var 1
+    assert cv_squared(counts).dtype == torch.float32 and cv_squared(counts).item() == pytest.approx(0.25, rel=1e-6)
+    with pytest.raises(ValueError, match="keep_prob"):
+        noisy_topk_load(clean, noisy, std, i, nxt, keep_prob=1.5)
 
 
 @pytest.mark.parametrize("N,k", [(1, 1), (4, 2), (6, 2), (6, 6), (8, 1), (8, 8), (64, 5)])
@@ -657,20 +690,63 @@ def test_custom_ops_pass_opcheck():
     gated = [t.float().to(DEVICE) for t in make_experts(4, 16, 10, gated=True, layout="linear")]
     forms = [("gelu", w1, b1, w2, dtype) for dtype in (torch.float32, torch.bfloat16)]
     forms.append(("swiglu", gated[0].transpose(1, 2), gated[1], gated[2].transpose(1, 2), torch.float32))
-    for activation, w1_, b1_, w2_, dtype in forms:
+    # save_hidden: the forward keeps the first projection for the backward, or leaves it to recompute.
+    for (activation, w1_, b1_, w2_, dtype), save in itertools.product(forms, (True, False)):
         torch.library.opcheck(ops.moe_mlp.default, (x, weights, indices, w1_, b1_, w2_, b2, "logsumexp", activation,
-                                                    "torch", True, dtype))
+                                                    "torch", True, dtype, save))
     # The backward ops have no autograd of their own (no double backward): inputs without grad.
     x, weights = x.detach(), weights.detach()
-    for activation, w1_, b1_, w2_, dtype in forms:
-        y, out, order, offsets = ops.moe_mlp(x, weights, indices, w1_, b1_, w2_, b2, "logsumexp", activation,
-                                             "torch", True, dtype)
+    for (activation, w1_, b1_, w2_, dtype), save in itertools.product(forms, (True, False)):
+        y, out, order, offsets, hpre = ops.moe_mlp(x, weights, indices, w1_, b1_, w2_, b2, "logsumexp", activation,
+                                                   "torch", True, dtype, save)
         torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(y), x, weights, order, offsets, w1_, b1_,
-                                                        w2_, out, "logsumexp", activation, "torch"))
+                                                        w2_, out, hpre, "logsumexp", activation, "torch"))
     logits = torch.randn(9, 5, requires_grad=True)
     torch.library.opcheck(ops.topk_softmax.default, (logits, 2, "torch"))
     w, i = topk_softmax(logits.detach(), 2, backend="torch")
     torch.library.opcheck(ops.topk_softmax_bwd.default, (torch.randn_like(w), w, i, 5, "torch"))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_kept_first_projection_is_saved_only_for_a_backward(activation, monkeypatch):
+    """The PyTorch path keeps x @ w1 + b1 (K*P rows, Hd padded to 16) for the backward only when a
+    gradient will be taken, and the backward from it equals the recomputing one and the float64
+    reference's, in row chunks of 7 (several per expert)."""
+    monkeypatch.setattr(moe_torch, "ROW_CHUNK_BYTES", 1)
+    monkeypatch.setattr(moe_torch, "MIN_ROW_CHUNK", 7)
+    x, weights, indices, _ = _routing_case("dder_like")
+    w1, b1, w2, b2 = make_experts(6, x.shape[1], 13, gated=activation == "swiglu")
+    seen = []
+    fwd = moe_torch.moe_mlp_fwd
+    monkeypatch.setattr(moe_torch, "moe_mlp_fwd", lambda *a, **kw: seen.append(kw["save_hidden"]) or fwd(*a, **kw))
+    args = (x, weights, indices, w1, b1, w2, b2)
+    with torch.no_grad():
+        moe_mlp(*args, backend="torch", activation=activation)
+    moe_mlp(*args, backend="torch", activation=activation)
+    moe_mlp(*(t.requires_grad_() if t is w2 else t for t in args), backend="torch", activation=activation)
+    assert seen == [False, False, True]
+    ops = torch.ops.m2restore_kernels
+    op_args = (x, weights, indices, w1, b1, w2, b2, "logsumexp", activation, "torch", True, torch.float64)
+    y, out, order, offsets, hpre = ops.moe_mlp(*op_args, True)
+    assert hpre.shape == (indices.numel(), (2 if activation == "swiglu" else 1) * 16)
+    assert ops.moe_mlp(*op_args, False)[4].numel() == 0
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    bwd = (dy, x, weights, order, offsets, w1, b1, w2, out)
+    kept = ops.moe_mlp_bwd(*bwd, hpre, "logsumexp", activation, "torch")
+    recomputed = ops.moe_mlp_bwd(*bwd, hpre[:0], "logsumexp", activation, "torch")
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # Last: the reference's .double() is the float64 inputs themselves, which it marks requiring grad.
+    check_moe("torch", torch.float64, x, weights, indices, (w1, b1, w2, b2), "logsumexp", activation=activation)
+
+
+def test_large_cpu_buffers_advised_onto_huge_pages_are_ordinary_tensors():
+    """native_impl.empty advises buffers of 4 MiB or more (on Linux) before their first touch; the
+    advice must leave an ordinary writable tensor whose every element holds what was written."""
+    t = moe_native.empty(1 << 20, 6, dtype=torch.float32, device=torch.device("cpu"))  # 24 MiB
+    assert t.shape == (1 << 20, 6) and t.dtype == torch.float32 and t.is_contiguous()
+    values = torch.arange(t.numel(), dtype=torch.float32).view_as(t)  # exact below 2**24
+    assert torch.equal(t.copy_(values), values)
 
 
 def test_torch_compile_matches_eager():

@@ -26,19 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from m2restore_kernels.moe import cv_squared, noisy_topk_load
+
 from .. import distributed, ops
 from ..config import M2RestoreConfig
 
 
-def cv_squared(v: torch.Tensor, eps: float = M2RestoreConfig.balance_eps) -> torch.Tensor:
-    """Squared coefficient of variation var(v) / (mean(v)² + eps), unbiased variance, in float32
-    (float64 stays float64)."""
-    v = v.to(torch.promote_types(v.dtype, torch.float32))
-    return v.var() / (v.mean() ** 2 + eps)
-
-
 def smooth_load(clean: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, k: int,
-                keep_prob: float = 1.0) -> torch.Tensor:
+                keep_prob: float = 1.0, routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The expected number of pixels routed to each expert under the routing noise, (N,).
 
     clean, noisy, sigma (P, N): router logits before and after the noise, and the noise scale;
@@ -49,16 +44,14 @@ def smooth_load(clean: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, k
 
         load[n] = Σ_p keep_prob·Φ((clean − thr)/σ) + (1 − keep_prob)·[clean > thr]
 
-    which is differentiable in clean, sigma and (through thr) noisy. Computed in the inputs'
-    dtype; Φ(x) = (1 + erf(x/√2))/2.
+    which is differentiable in clean, sigma and (through thr) noisy. ``routed``: (indices (P, k),
+    (k+1)-th logit (P,)) of the routing's own ``ops.topk_softmax(noisy, k, return_next=True)``, so no
+    second top-k runs; without it one is taken here. float32 (float64 for float64): the formula is
+    ``m2restore_kernels.moe.noisy_topk_load``'s.
     """
-    top = noisy.topk(k + 1, dim=-1).values
-    threshold_if_in, threshold_if_out = top[:, k:k + 1], top[:, k - 1:k]
-    threshold = torch.where(noisy > threshold_if_in, threshold_if_in, threshold_if_out)
-    prob = 0.5 * (1 + torch.erf((clean - threshold) / sigma / math.sqrt(2)))
-    if keep_prob != 1.0:
-        prob = keep_prob * prob + (1 - keep_prob) * (clean > threshold).to(prob.dtype)
-    return prob.sum(0)
+    if routed is None:
+        routed = ops.topk_softmax(noisy, k, "reference", return_next=True)[1:]
+    return noisy_topk_load(clean, noisy, sigma, *routed, keep_prob=keep_prob)
 
 
 def balance_loss(gates: torch.Tensor, eps: float = M2RestoreConfig.balance_eps, load: torch.Tensor | None = None,
@@ -133,15 +126,13 @@ class DDER(nn.Module):
             noise = noise * torch.bernoulli(torch.full_like(logits, self.noise_keep_prob))
         return gate_logits, logits, logits + noise, sigma
 
-    def _load(self, gate_logits, logits, noisy, sigma) -> torch.Tensor | None:
-        """The (N,) load of the balance loss, or None for the count (eval mode, or nothing to estimate)."""
+    def _smooth_clean(self, gate_logits, logits, sigma):
+        """The clean logits (B, L, N) the smooth load measures its margins from, or None where the load
+        is the count (eval mode, ``balance_load="count"``, or K = N: nothing to estimate)."""
         if sigma is None or self.balance_load == "count" or self.top_k == self.num_experts:
             return None
         # "smooth_clean" (the authors' code) measures the margin from x_p W_g without the d_g bias.
-        clean = logits if self.balance_load == "smooth" else gate_logits
-        n = self.num_experts
-        keep = self.noise_keep_prob if self.noise_mask else 1.0
-        return smooth_load(clean.reshape(-1, n), noisy.reshape(-1, n), sigma.reshape(-1, n), self.top_k, keep)
+        return logits if self.balance_load == "smooth" else gate_logits
 
     def forward(self, x: torch.Tensor, task_prompt: torch.Tensor, d_g: torch.Tensor):
         b, c, h, w = x.shape
@@ -149,14 +140,21 @@ class DDER(nn.Module):
         prompt = self.prompt_proj(task_prompt).unsqueeze(1).expand(b, h * w, c)
         gate_logits, clean, logits, sigma = self._router(torch.cat([tokens, prompt], dim=-1), d_g)
 
-        flat = tokens.reshape(b * h * w, c)
-        weights, indices = ops.topk_softmax(logits.reshape(b * h * w, -1), self.top_k, self.backend)
+        flat, n = tokens.reshape(b * h * w, c), self.num_experts
+        noisy = logits.reshape(-1, n)
+        smooth = self._smooth_clean(gate_logits, clean, sigma)
+        # The smooth load takes its thresholds from the routing's own top-K: the (K+1)-th logit comes with it.
+        routed = ops.topk_softmax(noisy, self.top_k, self.backend, return_next=smooth is not None)
+        weights, indices = routed[:2]
         y = ops.moe_mlp(flat, weights, indices, self.w1, self.b1, self.w2, self.b2, self.combine, self.backend)
 
-        gates = torch.zeros_like(logits.reshape(b * h * w, -1)).scatter(1, indices, weights)
+        gates = torch.zeros_like(noisy).scatter(1, indices, weights)
         out = x + y.reshape(b, h, w, c).permute(0, 3, 1, 2)
         routing = gates.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-        load = self._load(gate_logits, clean, logits, sigma)
+        load = None
+        if smooth is not None:
+            keep = self.noise_keep_prob if self.noise_mask else 1.0
+            load = smooth_load(smooth.reshape(-1, n), noisy, sigma.reshape(-1, n), self.top_k, keep, routed[1:])
         # Only training forwards reduce: validation and inference run on one process at a time.
         reduce = distributed.batch_reducer() if self.training else None
         return out, balance_loss(gates, self.balance_eps, load, reduce), routing

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..moe import COMBINES, importance, moe_mlp, noisy_topk_load, topk_softmax
+from ..moe import COMBINES, cv_squared, importance, moe_mlp, noisy_topk_load, topk_softmax
+
+__all__ = ["PixelMoE", "MoEOutput", "cv_squared"]
 
 # nn activation modules as moe_mlp names them (nn.GELU only with approximate="none").
 _ACTIVATIONS = {nn.GELU: "gelu", nn.SiLU: "silu", nn.ReLU: "relu"}
@@ -29,14 +31,6 @@ class MoEOutput(NamedTuple):
     y: Tensor
     importance: Tensor
     load: Tensor
-
-
-def cv_squared(v: Tensor, eps: float = 1e-10) -> Tensor:
-    """The squared coefficient of variation var(v) / mean(v)^2 (unbiased variance; 0 for one expert),
-    the usual balance loss on importance and load."""
-    if v.numel() < 2:
-        return v.new_zeros(())
-    return v.var() / (v.mean() ** 2 + eps)
 
 
 class PixelMoE(nn.Module):

@@ -4,7 +4,7 @@ Two ops, each with a plain reference (``*_ref``), a sparse PyTorch path and a Tr
 
 * ``topk_softmax(logits, k) -> (weights, indices)``: softmax over the K largest logits per row
   (or, ``routing="softmax_topk"``, over all N first), optionally with the (K+1)-th logit; the
-  balance terms ``noisy_topk_load``, ``importance`` and ``router_z_loss`` beside it.
+  balance terms ``noisy_topk_load``, ``importance``, ``router_z_loss`` and ``cv_squared`` beside it.
 * ``moe_mlp(x, weights, indices, w1, b1, w2, b2, combine)``: every row runs only its K chosen
   experts ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` (GELU, SiLU, ReLU, or gated SwiGLU/GeGLU;
   weights stacked or in nn.Linear's layout) and combines them with the gate weights.
@@ -20,7 +20,8 @@ compute dtype (bf16 under autocast: half the bytes of float32), one row per assi
 separate combine step reduces the K slots in float32. The buffer costs one extra write and read of
 K*P*C values but keeps the result deterministic (no atomics), serves ``sum`` and ``logsumexp``
 alike, and is exactly what the backward needs (``logsumexp`` gradients and the gate-weight
-gradient both need the unweighted expert outputs).
+gradient both need the unweighted expert outputs). Where a backward will run, the PyTorch path also
+keeps the first projection (K*P, H1) for it; the Triton path recomputes it.
 
 Autocast: the op gets x and the expert parameters as they are (float32 parameters, activations
 of any float dtype) and the compute dtype as an argument; the kernels round each tile to it as
@@ -45,7 +46,7 @@ from .reference import (ACTIVATIONS, COMBINES, GATED_ACTIVATIONS, LAYOUTS, ROUTI
                         topk_softmax_ref)
 
 __all__ = ["topk_softmax", "topk_softmax_ref", "moe_mlp", "moe_mlp_ref", "noisy_topk_load", "importance",
-           "router_z_loss", "COMBINES", "ACTIVATIONS", "LAYOUTS", "ROUTINGS"]
+           "router_z_loss", "cv_squared", "COMBINES", "ACTIVATIONS", "LAYOUTS", "ROUTINGS"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,21 +161,40 @@ def topk_softmax(logits: Tensor, k: int, backend: str = "auto", *, routing: str 
 
 
 def noisy_topk_load(clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, indices: Tensor,
-                    next_logit: Tensor) -> Tensor:
+                    next_logit: Tensor, keep_prob: float = 1.0) -> Tensor:
     """Shazeer et al.'s (2017) smooth load estimate for noisy top-K gates: (N,) float32 (float64 for
     float64), differentiable in the clean logits, the noise scale and the noisy thresholds.
 
     clean_logits, noisy_logits, noise_std (P, N); indices (P, K) and next_logit (P,) from
     ``topk_softmax(noisy_logits, k, return_next=True)``. Expert e's load sums over rows the
-    probability that it stays in the top K under fresh noise: Phi((clean - threshold) / std), the
-    threshold being the (K+1)-th noisy logit where e is in the top K and the K-th where it is not.
+    probability that it stays in the top K under fresh noise, its other experts' noisy logits held
+    fixed: it must beat the threshold thr, the (K+1)-th noisy logit where e is in the top K and the
+    K-th where it is not. ``keep_prob``: the noise is kept with that probability per row and expert
+    (a Bernoulli mask, as M2Restore's DDER draws it; 1: always), so
+
+        load[e] = sum_p keep_prob * Phi((clean - thr) / std) + (1 - keep_prob) * [clean > thr].
     """
+    if not 0.0 <= keep_prob <= 1.0:
+        raise ValueError(f"noisy_topk_load: keep_prob must be a probability in [0, 1], got {keep_prob!r}")
     acc = torch_impl.accumulation_dtype(clean_logits.dtype)
-    noisy = noisy_logits.to(acc)
+    noisy, clean = noisy_logits.to(acc), clean_logits.to(acc)
     kth = noisy.gather(1, indices[:, -1:])
     nxt = next_logit.to(acc)[:, None]
     threshold = torch.where(noisy > nxt, nxt, kth)
-    return torch.special.ndtr((clean_logits.to(acc) - threshold) / noise_std.to(acc)).sum(0)
+    prob = torch.special.ndtr((clean - threshold) / noise_std.to(acc))
+    if keep_prob != 1.0:
+        prob = keep_prob * prob + (1 - keep_prob) * (clean > threshold).to(acc)
+    return prob.sum(0)
+
+
+def cv_squared(v: Tensor, eps: float = 1e-10) -> Tensor:
+    """The squared coefficient of variation var(v) / (mean(v)^2 + eps) of a (N,) tensor (unbiased
+    variance; 0 for a single expert), the usual balance loss on importance and load: a 0-d float32
+    tensor (float64 for float64; integer counts are promoted)."""
+    v = v.to(torch.promote_types(v.dtype, torch.float32))
+    if v.numel() < 2:
+        return v.new_zeros(())
+    return v.var() / (v.mean() ** 2 + eps)
 
 
 def importance(weights: Tensor, indices: Tensor, n_experts: int) -> Tensor:
@@ -206,58 +226,74 @@ def _check_index_range(indices: Tensor, n_experts: int):
 @torch.library.custom_op("m2restore_kernels::moe_mlp", mutates_args=())
 def _moe_mlp_op(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
                 w2: Tensor, b2: Optional[Tensor], combine: str, activation: str, impl: str, check_indices: bool,
-                dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                dtype: torch.dtype, save_hidden: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """GEMMs in ``dtype`` whatever the inputs' dtypes (autocast). -> (y (P, C) dtype, and for the
     backward: expert outputs (K*P, C) dtype, row k*P + p; the dispatch plan, order (K*P,) int64 and
-    offsets (N+1,) int64, see ``torch_impl.sort_assignments``)."""
+    offsets (N+1,) int64, see ``torch_impl.sort_assignments``; the first projection's output
+    (K*P, H1 padded) dtype in the plan's order where ``save_hidden`` (PyTorch path only), else
+    (0, H1 padded))."""
     if check_indices:
         _check_index_range(indices, w1.shape[0])
-    if impl == "triton":
-        return triton_impl.moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation)
+    if impl == "triton":  # its backward recomputes the first projection
+        return (*triton_impl.moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation),
+                _no_hidden(x, w2, activation, dtype))
     return torch_impl.moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation,
-                                  native=impl == "native")
+                                  native=impl == "native", save_hidden=save_hidden)
+
+
+def _no_hidden(x: Tensor, w2: Tensor, activation: str, dtype: torch.dtype) -> Tensor:
+    """The (0, H1 padded) stand-in for a first projection the forward did not keep."""
+    return x.new_empty(0, torch_impl.padded_hidden(w2.shape[1], activation), dtype=dtype)
 
 
 @_moe_mlp_op.register_fake
-def _(x, weights, indices, w1, b1, w2, b2, combine, activation, impl, check_indices, dtype):
+def _(x, weights, indices, w1, b1, w2, b2, combine, activation, impl, check_indices, dtype, save_hidden):
     KP = indices.numel()
+    hpre = _no_hidden(x, w2, activation, dtype)
+    if save_hidden and impl != "triton":
+        hpre = hpre.new_empty(KP, hpre.shape[1])
     return (x.new_empty(x.shape, dtype=dtype), x.new_empty(KP, x.shape[1], dtype=dtype),
-            indices.new_empty(KP, dtype=torch.int64), indices.new_empty(w1.shape[0] + 1, dtype=torch.int64))
+            indices.new_empty(KP, dtype=torch.int64), indices.new_empty(w1.shape[0] + 1, dtype=torch.int64), hpre)
 
 
 @torch.library.custom_op("m2restore_kernels::moe_mlp_bwd", mutates_args=())
 def _moe_mlp_bwd_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, w1: Tensor,
-                    b1: Optional[Tensor], w2: Tensor, out: Tensor, combine: str, activation: str, impl: str
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    b1: Optional[Tensor], w2: Tensor, out: Tensor, hpre: Tensor, combine: str, activation: str,
+                    impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype (w1's for b1 and w2's for
     b2, which are computed even when the bias is None), w1's and w2's in their strides (empty_like);
-    GEMMs in ``out``'s dtype."""
+    GEMMs in ``out``'s dtype. ``hpre``: the forward's kept first projection, or (0, H1 padded) to
+    recompute it."""
     if impl == "triton":
         return triton_impl.moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activation)
     return torch_impl.moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activation,
-                                  native=impl == "native")
+                                  native=impl == "native", hpre=hpre if hpre.numel() else None)
 
 
 @_moe_mlp_bwd_op.register_fake
-def _(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activation, impl):
+def _(dy, x, weights, order, offsets, w1, b1, w2, out, hpre, combine, activation, impl):
     return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1),
             w1.new_empty(w1.shape[0], w1.shape[2]), torch.empty_like(w2), w2.new_empty(w2.shape[0], w2.shape[2]))
 
 
 def _moe_mlp_setup_context(ctx, inputs, output):
-    x, weights, indices, w1, b1, w2, b2, combine, activation, impl, _check, _dtype = inputs
+    x, weights, indices, w1, b1, w2, b2, combine, activation, impl, _check, _dtype, _save = inputs
     ctx.combine, ctx.activation, ctx.impl = combine, activation, impl
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-    _, out, order, offsets = output
-    ctx.save_for_backward(x, weights, order, offsets, w1, b1, w2, out)
+    _, out, order, offsets, hpre = output
+    ctx.save_for_backward(x, weights, order, offsets, w1, b1, w2, out, hpre)
+    # Only y takes a gradient: the other outputs are the backward's own inputs, and materialising
+    # their zero gradients wrote K*P*(C + H1) fresh values per backward (50 ms for one DDER at 224²).
+    ctx.mark_non_differentiable(out, order, offsets, hpre)
+    ctx.set_materialize_grads(False)
 
 
 def _moe_mlp_backward(ctx, dy, *_grads_of_saved_outputs):
-    x, weights, order, offsets, w1, b1, w2, out = ctx.saved_tensors
+    x, weights, order, offsets, w1, b1, w2, out, hpre = ctx.saved_tensors
     dx, dweights, dw1, db1, dw2, db2 = _moe_mlp_bwd_op(
-        dy, x, weights, order, offsets, w1, b1, w2, out, ctx.combine, ctx.activation, ctx.impl)
+        dy, x, weights, order, offsets, w1, b1, w2, out, hpre, ctx.combine, ctx.activation, ctx.impl)
     return (dx, dweights, None, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _moe_mlp_op.register_autograd(_moe_mlp_backward, setup_context=_moe_mlp_setup_context)
@@ -362,5 +398,9 @@ def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optiona
         w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
     x, weights, b1, b2 = (t.contiguous() if t is not None else None for t in (x, weights, b1, b2))
     impl = resolve_impl("moe_mlp", x.device, dtype, backend)
+    # Keep the first projection for the backward only when there will be one (never in inference);
+    # the Triton path recomputes it.
+    save_hidden = impl != "triton" and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weights, w1, b1, w2, b2))
     return _moe_mlp_op(x, weights, indices.long().contiguous(), _unit_stride(w1), b1, _unit_stride(w2), b2,
-                       combine, activation, impl, check_indices, dtype)[0]
+                       combine, activation, impl, check_indices, dtype, save_hidden)[0]

@@ -15,14 +15,19 @@ LAYOUTS = ("stacked", "linear")
 ROUTINGS = ("topk_softmax", "softmax_topk")
 
 
-def topk_softmax_ref(logits: Tensor, k: int):
-    """logits (P, N) -> (weights (P, K) softmax of the K largest, sorted descending; indices (P, K) int64).
+def topk_softmax_ref(logits: Tensor, k: int, return_next: bool = False):
+    """logits (P, N) -> (weights (P, K) softmax of the K largest, sorted descending; indices (P, K) int64),
+    with ``return_next=True`` also the (K+1)-th largest logit (P,) (-inf where K = N).
 
     The order is ``torch.sort``'s: NaN ranks above +inf, -0.0 equals 0.0, and equal logits (NaNs
     among them) go to the lower expert index (a stable descending sort). The softmax runs in the
     logits' dtype."""
     vals, idx = torch.sort(logits, dim=-1, descending=True, stable=True)
-    return torch.softmax(vals[:, :k], dim=-1), idx[:, :k]
+    routed = torch.softmax(vals[:, :k], dim=-1), idx[:, :k]
+    if not return_next:
+        return routed
+    nxt = vals[:, k] if k < logits.shape[1] else logits.new_full(logits.shape[:1], float("-inf"))
+    return (*routed, nxt)
 
 
 def hidden(h: Tensor, activation: str) -> Tensor:

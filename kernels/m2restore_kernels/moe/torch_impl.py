@@ -28,9 +28,12 @@ def sort_assignments(indices: Tensor, n_experts: int):
 
     Assignment a = k*P + p (slot-major), so per-assignment buffers viewed as (K, P, C) combine
     with contiguous elementwise ops over whole (P, C) slabs."""
-    experts, order = torch.sort(indices.t().reshape(-1), stable=True)
+    # int16 keys where they fit: CPU sorts them 4x faster than int64 and single-threaded (the int64
+    # stable sort runs threaded, which stalls for tens of ms on a contended CPU).
+    key = torch.int16 if n_experts < 2**15 else torch.int64
+    experts, order = torch.sort(indices.t().reshape(-1).to(key), stable=True)
     # searchsorted rather than bincount: no host sync (bincount sizes its output from the data).
-    offsets = torch.searchsorted(experts, torch.arange(n_experts + 1, device=indices.device))
+    offsets = torch.searchsorted(experts, torch.arange(n_experts + 1, dtype=key, device=indices.device))
     return order, offsets
 
 
@@ -107,6 +110,12 @@ def _pad_hidden(w1, b1, w2, blocks: int, multiple: int = HIDDEN_MULTIPLE):
     return pad_blocks(w1), pad_blocks(b1), F.pad(w2, (0, 0, 0, pad))
 
 
+def padded_hidden(Hd: int, activation: str, multiple: int = HIDDEN_MULTIPLE) -> int:
+    """The width H1 of the first projection as this path computes it: Hd padded by :func:`_pad_hidden`,
+    times the blocks of w1."""
+    return hidden_blocks(activation) * (Hd + -Hd % multiple)
+
+
 def _unpad_hidden(dw1, db1, dw2, blocks: int, Hd: int):
     """The gradients of :func:`_pad_hidden`'s inputs from those of its outputs."""
     padded = dw2.shape[1]
@@ -133,6 +142,20 @@ def _act_bwd(grad: Tensor, h: Tensor, activation: str) -> Tensor:
         return _plain_bwd(grad, h, activation)
     gate, up = h.chunk(2, dim=-1)
     return torch.cat([_plain_bwd(grad * up, gate, gated), grad * PLAIN_ACTIVATIONS[gated](gate)], dim=-1)
+
+
+_INPLACE = {"gelu": torch.ops.aten.gelu_, "silu": torch.ops.aten.silu_, "relu": torch.ops.aten.relu_}
+
+
+def _hidden_in_place(h: Tensor, activation: str) -> Tensor:
+    """:func:`reference.hidden` overwriting ``h`` (a forward temporary nobody keeps): no allocation
+    and one pass less over the (rows, H1) block. Gated: the result is a strided view of h's gate
+    half, which BLAS reads as it lies."""
+    gated = GATED_ACTIVATIONS.get(activation)
+    if gated is None:
+        return _INPLACE[activation](h)
+    gate, up = h.chunk(2, dim=-1)
+    return _INPLACE[gated](gate).mul_(up)
 
 
 def hidden_blocks(activation: str) -> int:
@@ -162,12 +185,16 @@ MIN_ROW_CHUNK = 256
 
 
 def _row_chunks(lo: int, hi: int, hidden: int, like: Tensor):
-    """[lo, hi) cut, on a CPU, into chunks of about ROW_CHUNK_BYTES of hidden activation (at least
-    MIN_ROW_CHUNK rows). A GPU gets the whole segment: there chunks would only multiply the launches."""
+    """[lo, hi) cut, on a CPU, into equal chunks of at most about ROW_CHUNK_BYTES of hidden
+    activation (at least MIN_ROW_CHUNK rows): equal, so no short tail chunk runs its GEMMs at a
+    fraction of their speed (a Mixtral expert's 530 rows are 265 + 265, not 512 + 18). A GPU gets
+    the whole segment: there chunks would only multiply the launches."""
     if like.device.type != "cpu":
         rows = max(1, hi - lo)
     else:
-        rows = max(MIN_ROW_CHUNK, ROW_CHUNK_BYTES // (hidden * like.element_size()))
+        most = max(MIN_ROW_CHUNK, ROW_CHUNK_BYTES // (hidden * like.element_size()))
+        pieces = max(1, -(-(hi - lo) // most))
+        rows = max(1, -(-(hi - lo) // pieces))
     return ((s, min(s + rows, hi)) for s in range(lo, hi, rows))
 
 
@@ -176,10 +203,12 @@ def _cast(dtype: torch.dtype, *tensors):
 
 
 def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation: str = "gelu",
-                native: bool = False):
-    """-> (y (P, C) dtype, expert outputs (K*P, C) dtype, order (K*P,), offsets (N+1,)); GEMMs in
-    ``dtype``; ``native``: the K-way combination in C. w1 (N, C, H1) and w2 (N, Hd, C) in any
-    strides (BLAS takes transposed operands as they are)."""
+                native: bool = False, save_hidden: bool = False):
+    """-> (y (P, C) dtype, expert outputs (K*P, C) dtype, order (K*P,), offsets (N+1,), hpre); GEMMs
+    in ``dtype``; ``native``: the K-way combination in C. w1 (N, C, H1) and w2 (N, Hd, C) in any
+    strides (BLAS takes transposed operands as they are). ``hpre`` (K*P, padded_hidden) dtype: the
+    first projection x @ w1[e] + b1[e] of every assignment in the plan's order where
+    ``save_hidden``, else (0, padded_hidden)."""
     P, K = indices.shape
     w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2), hidden_blocks(activation))
     (b2,) = _cast(dtype, b2)
@@ -187,15 +216,20 @@ def moe_mlp_fwd(x, weights, indices, w1, b1, w2, b2, combine, dtype, activation:
     tokens = order % P
     # GEMM2 writes straight into its expert's slice of the sorted order; one row gather then
     # restores (K, P) order. Per-expert row scatters (index_copy_, index_add_) are far slower on CPU.
-    out = x.new_empty(K * P, w2.shape[2], dtype=dtype)
+    out = native_impl.empty(K * P, w2.shape[2], dtype=dtype, device=x.device)
+    hpre = native_impl.empty(K * P if save_hidden else 0, w1.shape[2], dtype=dtype, device=x.device)
     for e, lo, hi in _segments(offsets):
         b1e, b2e = (None if b is None else b[e] for b in (b1, b2))
         for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
-            h = hidden(_linear(x.index_select(0, tokens[s:t]).to(dtype), w1[e], b1e), activation)
+            xe = x.index_select(0, tokens[s:t]).to(dtype)
+            if save_hidden:
+                h = hidden(_linear(xe, w1[e], b1e, out=hpre[s:t]), activation)
+            else:
+                h = _hidden_in_place(_linear(xe, w1[e], b1e), activation)
             _linear(h, w2[e], b2e, out=out[s:t])
-    out = out.index_select(0, _inverse(order))
+    out = torch.index_select(out, 0, _inverse(order), out=native_impl.empty(*out.shape, dtype=dtype, device=x.device))
     y = _combine(out.view(K, P, x.shape[1]).to(accumulation_dtype(dtype)), weights, combine, native)
-    return y.to(dtype), out, order, offsets
+    return y.to(dtype), out, order, offsets, hpre
 
 
 def _combine_bwd(dy, out, weights, combine, native: bool):
@@ -212,9 +246,11 @@ def _combine_bwd(dy, out, weights, combine, native: bool):
 
 
 def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activation: str = "gelu",
-                native: bool = False):
+                native: bool = False, hpre: Optional[Tensor] = None):
     """-> grads of (x, weights, w1, b1, w2, b2), each in its input's dtype and the w1 and w2
-    gradients in their inputs' strides; GEMMs in out's dtype."""
+    gradients in their inputs' strides; GEMMs in out's dtype. ``hpre``: the forward's first
+    projection (``moe_mlp_fwd(save_hidden=True)``), or None to recompute it (2 of the 8 GEMM units
+    of a gated expert's backward, 1 of 5 for a plain one)."""
     P, K = weights.shape
     w1_in, w2_in = w1, w2  # before the casts below
     Hd, dtype = w2.shape[1], out.dtype
@@ -223,10 +259,17 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
     blocks = hidden_blocks(activation)
     w1, b1, w2 = _pad_hidden(*_cast(dtype, w1, b1, w2), blocks)
     tokens = order % P
-    dout = dout.view(K * P, x.shape[1]).index_select(0, order).to(dtype)
-    dx_sorted = torch.empty_like(dout)
+    dout_slots = dout.view(K * P, x.shape[1])
+    dout = torch.index_select(dout_slots, 0, order, out=native_impl.empty(
+        *dout_slots.shape, dtype=dout_slots.dtype, device=x.device)).to(dtype)
+    # Fresh buffers of K*P rows cost more in first-touch page faults than their GEMMs on a small
+    # VM (about 1 ms per MB here, bench/RESULTS.md): dx's sorted rows reuse the slot-ordered dout,
+    # and its slot order the sorted dout, each free by then.
+    dx_sorted = dout_slots if dout_slots.dtype == dtype else torch.empty_like(dout)
     # Parameter gradients sum over row chunks in the accumulation dtype, so 16-bit ones are rounded
     # once, at the end.
+    # zeros_like keeps the weights' strides: unpadded float32 nn.Linear weights get their gradient
+    # summed in their own (transposed) layout, BLAS writing it there, and returned without a copy.
     sums = dict(dtype=acc)
     dw1, dw2 = torch.zeros_like(w1, **sums), torch.zeros_like(w2, **sums)
     db1 = w1.new_zeros(w1.shape[0], w1.shape[2], **sums)
@@ -234,21 +277,36 @@ def moe_mlp_bwd(dy, x, weights, order, offsets, w1, b1, w2, out, combine, activa
     for e, lo, hi in _segments(offsets):
         for s, t in _row_chunks(lo, hi, w1.shape[2], w1):
             xe, de = x.index_select(0, tokens[s:t]).to(dtype), dout[s:t]
-            hpre = _linear(xe, w1[e], None if b1 is None else b1[e])
-            dw2[e] += hidden(hpre, activation).t() @ de
+            he = _linear(xe, w1[e], None if b1 is None else b1[e]) if hpre is None else hpre[s:t]
+            _add_product(dw2[e], hidden(he, activation).t(), de)
             db2[e] += de.sum(0, **sums)
-            dh = _act_bwd(de @ w2[e].t(), hpre, activation)
-            dw1[e] += xe.t() @ dh
+            dh = _act_bwd(de @ w2[e].t(), he, activation)
+            _add_product(dw1[e], xe.t(), dh)
             db1[e] += dh.sum(0, **sums)
             torch.mm(dh, w1[e].t(), out=dx_sorted[s:t])
-    dx_slots = dx_sorted.index_select(0, _inverse(order)).view(K, P, x.shape[1])
-    dx = dx_slots[0].to(acc, copy=True)
+    dx_slots = torch.index_select(dx_sorted, 0, _inverse(order), out=dout).view(K, P, x.shape[1])
+    dx = native_impl.empty(P, x.shape[1], dtype=acc, device=x.device).copy_(dx_slots[0])
     for k in range(1, K):
         dx += dx_slots[k]
     dw1, db1, dw2 = _unpad_hidden(dw1, db1, dw2, blocks, Hd)
     # Gradients in each input's own dtype (autocast's casts are inside the op) and w1's and w2's in
     # their strides (the fake's empty_like: a transposed nn.Linear view gets a transposed gradient,
     # which autograd hands back to the parameter without a copy).
-    dw1_out, dw2_out = torch.empty_like(w1_in), torch.empty_like(w2_in)
-    return (dx.to(x.dtype).contiguous(), dweights.to(weights.dtype).contiguous(), dw1_out.copy_(dw1),
-            db1.to(w1_in.dtype).contiguous(), dw2_out.copy_(dw2), db2.to(w2_in.dtype).contiguous())
+    return (dx.to(x.dtype).contiguous(), dweights.to(weights.dtype).contiguous(), _like(dw1, w1_in),
+            db1.to(w1_in.dtype).contiguous(), _like(dw2, w2_in), db2.to(w2_in.dtype).contiguous())
+
+
+def _add_product(total: Tensor, a: Tensor, b: Tensor):
+    """total += a @ b: in place in the GEMM where the dtypes agree (no product buffer, no extra pass),
+    else the 16-bit product added to the float32 sum."""
+    if total.dtype == a.dtype:
+        total.addmm_(a, b)
+    else:
+        total += a @ b
+
+
+def _like(grad: Tensor, param: Tensor) -> Tensor:
+    """grad in param's dtype and strides (itself where it has them already)."""
+    if grad.dtype == param.dtype and grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
