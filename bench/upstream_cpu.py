@@ -5,6 +5,8 @@ Their tests hardcode ``device = "cuda"``. Without a GPU, a TorchFunctionMode act
 puts the tensors they create with ``device="cuda"`` (factories, ``.to``, ``.cuda()``) on the CPU
 instead: the only change to what they run. On a CUDA machine the plugin only makes the call, and
 the tests run as written (CUDA tensors then take upstream's extensions where they import, else ours).
+``--every N`` keeps every N-th parametrisation of each test function (tests/test_upstream_suites.py
+runs causal-conv1d's file so in CI).
 """
 from __future__ import annotations
 
@@ -31,6 +33,25 @@ class CudaToCpu(TorchFunctionMode):
             kwargs["device"] = "cpu"
         args = tuple("cpu" if _is_cuda(a) else a for a in args)
         return func(*args, **kwargs)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--every", type=int, default=1, metavar="N",
+                     help="run every N-th parametrisation of each test function (its first always), the rest "
+                          "deselected: a spread-out sample of a long sweep")
+
+
+def pytest_collection_modifyitems(config, items):
+    every = config.getoption("--every")
+    if every <= 1:
+        return
+    seen, keep, drop = {}, [], []
+    for item in items:
+        name = item.originalname if hasattr(item, "originalname") else item.name
+        index = seen[name] = seen.get(name, -1) + 1
+        (keep if index % every == 0 else drop).append(item)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
 
 
 def pytest_configure(config):

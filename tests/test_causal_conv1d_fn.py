@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import math
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from m2restore_kernels import (causal_conv1d, causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update,
-                               causal_conv1d_update_ref)
+                               causal_conv1d_update_ref, causal_conv1d_varlen_states, causal_conv1d_varlen_states_ref)
 
 F64 = torch.float64
 
@@ -297,3 +298,31 @@ def test_fullgraph_compile_keeps_every_form():
     torch.testing.assert_close(update32(x32[..., :2], cache32, w32, b32, "silu", seqlens, idx), exp,
                                rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cache32, expected32, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# causal_conv1d_varlen_states
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn", [causal_conv1d_varlen_states, causal_conv1d_varlen_states_ref])
+def test_varlen_states_are_each_sequences_last_inputs(fn):
+    """Packed sequences of lengths 3, 0, 7, 1 and 5 (x a strided float16 view): each state holds its
+    own sequence's last min(5, length) tokens, right-aligned, zeros before (never a neighbour's)."""
+    lengths, state_len, dim = [3, 0, 7, 1, 5], 5, 4
+    total = sum(lengths)
+    x = torch.randn(total, 2 * dim).to(torch.float16)[:, ::2]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    states = fn(x, cu, state_len)
+    assert states.shape == (5, dim, state_len) and states.dtype == torch.float16
+    for i, n in enumerate(lengths):
+        end, take = int(cu[i + 1]), min(state_len, n)
+        for col in range(state_len):
+            token = end - state_len + col
+            expected = x[token] if col >= state_len - take else torch.zeros(dim, dtype=torch.float16)
+            assert torch.equal(states[i, :, col], expected), (i, col)
+
+
+def test_varlen_states_bad_input_is_a_one_line_value_error():
+    with pytest.raises(ValueError, match="cu_seqlens must be an int32 or int64"):
+        causal_conv1d_varlen_states(torch.zeros(4, 2), torch.tensor([0.0, 4.0]), 3)
+    with pytest.raises(ValueError, match="state_len must be an int >= 0"):
+        causal_conv1d_varlen_states(torch.zeros(4, 2), torch.tensor([0, 4]), -1)

@@ -10,7 +10,7 @@ from importlib import metadata as _metadata
 
 from ._backend import BACKENDS, resolve_backend
 from .causal_conv1d import (causal_conv1d, causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update,
-                            causal_conv1d_update_ref)
+                            causal_conv1d_update_ref, causal_conv1d_varlen_states, causal_conv1d_varlen_states_ref)
 from .gated_fusion import gated_fusion, gated_fusion_ref
 from .integrations.mamba_ssm import apply_to_mamba_ssm
 from .moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
@@ -37,4 +37,5 @@ __all__ = [
     "selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",
     "mamba_inner_fn", "mamba_inner_ref",
     "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_update_ref",
+    "causal_conv1d_varlen_states", "causal_conv1d_varlen_states_ref",
 ]

@@ -23,11 +23,13 @@ from torch import Tensor
 
 from .._backend import OPS, UP_TO_FLOAT32, optional_op, resolve_impl
 from . import native_impl, torch_impl
-from .reference import (ACTIVATIONS, _check_args, causal_conv1d_ref, causal_conv1d_update_ref, check_update_args,
-                        compute_dtype, with_final_states)
+from .reference import (ACTIVATIONS, _check_args, causal_conv1d_ref, causal_conv1d_update_ref,
+                        causal_conv1d_varlen_states_ref, check_update_args, check_varlen_states_args, compute_dtype,
+                        with_final_states)
 
 __all__ = ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update",
-           "causal_conv1d_update_ref", "ACTIVATIONS"]
+           "causal_conv1d_update_ref", "causal_conv1d_varlen_states", "causal_conv1d_varlen_states_ref",
+           "ACTIVATIONS"]
 
 CAUSAL_CONV1D_FN = OPS["causal_conv1d"].extension
 
@@ -108,3 +110,22 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         out = step(steps, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
         return out if x.dim() == 3 else out.squeeze(-1)
     return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
+
+
+def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
+    """causal_conv1d's ``causal_conv1d_varlen_states`` (a Triton kernel there; Mamba-2's varlen
+    prefill): the conv cache of each packed sequence, results as
+    :func:`~.reference.causal_conv1d_varlen_states_ref`. x (total_tokens, dim); cu_seqlens
+    (batch + 1,) int, sorted -> (batch, dim, state_len) in x's dtype, laid out as upstream's
+    ((batch, state_len, dim) memory, transposed). One gather and a mask, no loop over sequences,
+    no host sync; no backward (as upstream)."""
+    check_varlen_states_args(x, cu_seqlens, state_len)
+    batch, dim = cu_seqlens.shape[0] - 1, x.shape[1]
+    bounds = cu_seqlens.long()
+    # Token position of every state column: the last state_len positions before each sequence's end.
+    pos = bounds[1:, None] - state_len + torch.arange(state_len, device=x.device)
+    valid = pos >= bounds[:-1, None]
+    rows = x.index_select(0, pos.clamp(0, max(x.shape[0] - 1, 0)).flatten()) if x.shape[0] else \
+        x.new_zeros(batch * state_len, dim)
+    states = rows.view(batch, state_len, dim).masked_fill(~valid[..., None], 0)
+    return states.transpose(1, 2)

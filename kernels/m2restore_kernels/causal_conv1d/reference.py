@@ -179,3 +179,30 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, 
         out = out.masked_fill(~valid[:, None, None], 0.0)
     write_rows_(conv_state, conv_state_indices, valid, state, new_state)
     return out.squeeze(-1) if squeeze else out
+
+
+def check_varlen_states_args(x, cu_seqlens, state_len):
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be (total_tokens, dim), got shape {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or \
+            cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.device != x.device:
+        raise ValueError(f"cu_seqlens must be an int32 or int64 (batch + 1,) tensor on {x.device}, got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))} of shape {tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if isinstance(state_len, bool) or not isinstance(state_len, int) or state_len < 0:
+        raise ValueError(f"state_len must be an int >= 0, got {state_len!r}")
+
+
+def causal_conv1d_varlen_states_ref(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
+    """Reference of :func:`~m2restore_kernels.causal_conv1d.causal_conv1d_varlen_states`, one
+    sequence at a time: states[i] holds the last min(state_len, length_i) inputs of sequence i
+    (tokens cu_seqlens[i] to cu_seqlens[i + 1] of x), right-aligned, zeros before them.
+    x (total_tokens, dim); cu_seqlens (batch + 1,) sorted -> (batch, dim, state_len) in x's dtype."""
+    check_varlen_states_args(x, cu_seqlens, state_len)
+    batch, dim = cu_seqlens.shape[0] - 1, x.shape[1]
+    states = x.new_zeros(batch, dim, state_len)
+    for i in range(batch):
+        start, end = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
+        take = min(state_len, end - start)
+        if take > 0:
+            states[i, :, state_len - take:] = x[end - take:end].t()
+    return states

@@ -13,8 +13,8 @@ What it does, in three cases:
   extension built for another torch): a stand-in module takes the place of each extension that
   does not import (``selective_scan_cuda``, ``causal_conv1d_cuda``), so their modules import; then
   every name their loaded modules bound to one of the ops in ``DROP_INS`` (``selective_scan_fn``,
-  ``mamba_inner_fn``, ``causal_conv1d_fn``, ``causal_conv1d_update``, ``selective_state_update``,
-  ``layer_norm_fn``, ``rms_norm_fn``; also a name an earlier import left ``None``) is rebound to a
+  ``mamba_inner_fn``, ``causal_conv1d_fn``, ``causal_conv1d_update``, ``causal_conv1d_varlen_states``,
+  ``selective_state_update``, ``layer_norm_fn``, ``rms_norm_fn``; also a name an earlier import left ``None``) is rebound to a
   dispatcher. Modules imported later bind the dispatchers, since the defining modules now hold them.
 * neither installed: a meta-path finder placed after every other one serves small stand-in
   packages, ``mamba_ssm.ops.selective_scan_interface``, ``mamba_ssm.ops.triton.selective_state_update``,
@@ -135,6 +135,7 @@ DROP_INS = {
     "mamba_inner_fn": (("mamba_ssm.ops.selective_scan_interface",), ("selective_scan_cuda", "causal_conv1d_cuda")),
     "causal_conv1d_fn": (("causal_conv1d",), ("causal_conv1d_cuda",)),
     "causal_conv1d_update": (("causal_conv1d",), ("causal_conv1d_cuda",)),
+    "causal_conv1d_varlen_states": (("causal_conv1d.causal_conv1d_varlen",), ()),
     "selective_state_update": (("mamba_ssm.ops.triton.selective_state_update",), ()),
     "layer_norm_fn": (NORM_MODULES, ()),
     "rms_norm_fn": (NORM_MODULES, ()),
