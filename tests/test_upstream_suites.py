@@ -33,8 +33,10 @@ def test_causal_conv1d_suite_passes_through_the_one_call(quick, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), str(ROOT / "kernels"),
                                          env.get("PYTHONPATH", "")])
     # Run from a folder of its own: our conftest (the interpreter) and pytest settings stay out.
+    # test_causal_conv1d_race_condition repeats a 2x4128x2048 forward + backward 10,000 times to catch
+    # a CUDA race: hours on a CPU, and a C loop without atomics has no race to catch.
     cmd = [sys.executable, "-m", "pytest", "-p", "upstream_cpu", "-p", "no:cacheprovider", "-q", "-rfE",
-           "--tb=line", "-W", "ignore::DeprecationWarning", f"--every={EVERY[quick]}", str(CAUSAL_CONV1D_TESTS)]
+           "--tb=line", "-W", "ignore::DeprecationWarning", "-k", "not race_condition", f"--every={EVERY[quick]}", str(CAUSAL_CONV1D_TESTS)]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", summary)}
