@@ -34,7 +34,7 @@ def test_causal_conv1d_suite_passes_through_the_one_call(quick, tmp_path):
                                          env.get("PYTHONPATH", "")])
     # Run from a folder of its own: our conftest (the interpreter) and pytest settings stay out.
     # test_causal_conv1d_race_condition repeats a 2x4128x2048 forward + backward 10,000 times to catch
-    # a CUDA race: hours on a CPU, and a C loop without atomics has no race to catch.
+    # a CUDA race: hours on a CPU, where the conv (PyTorch ops) has no atomics to race.
     cmd = [sys.executable, "-m", "pytest", "-p", "upstream_cpu", "-p", "no:cacheprovider", "-q", "-rfE",
            "--tb=line", "-W", "ignore::DeprecationWarning", "-k", "not race_condition", f"--every={EVERY[quick]}", str(CAUSAL_CONV1D_TESTS)]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
