@@ -20,3 +20,35 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(share))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--quick", action="store_true", default=False,
+        help="benchmarks: small sizes and few rounds (what CI runs so the suite cannot rot)",
+    )
+
+
+@pytest.fixture(scope="session")
+def quick(request) -> bool:
+    return bool(request.config.getoption("--quick"))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # A run stopped by `timeout` (SIGTERM) ends like Ctrl-C: pytest still finishes the session, so
+    # the benchmark JSON and JUnit XML of what did run are written (bench/gpu_check.sh relies on it).
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
