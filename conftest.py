@@ -12,6 +12,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (`-n N`, the README's test command) each worker gets its share of the cores
+    # for PyTorch's intra-op pool (the C kernels take torch.get_num_threads() too), and so do the
+    # processes its tests start (CLI runs, DDP ranks) through OMP_NUM_THREADS: N workers with a pool
+    # of every core each would oversubscribe them, and OpenMP threads spin while they wait.
+    share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def pytest_addoption(parser):
     parser.addoption(

@@ -63,7 +63,7 @@ def test_ci_runs_the_readme_quick_start_commands():
     bash = re.findall(r"^```bash\n(.*?)^```$", quick_start, flags=re.S | re.M)[:2]
     install, tests = (_commands(b) for b in bash)
     assert install[-1].startswith("m2restore restore ") and tests == ['pip install -e ".[test]"',
-                                                                     "python -m pytest --quick"]
+                                                                     "python -m pytest --quick -n 2 --dist worksteal"]
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     for command in install + tests:
         if "venv" in command:
