@@ -227,11 +227,19 @@ void state_update(const update_shape *s, int threads, float *state, const float 
         const int64_t ss = s->s_state[3], sa = s->s_A[2], sb = s->s_B[2], sc = s->s_C[2];
         const float dx = dl * xv;
         float y = 0.0f;
+        if (ss == 1 && sa == 1 && sb == 1 && sc == 1) { /* the usual layout: a loop that vectorises expf */
 #pragma omp simd reduction(+ : y)
-        for (int64_t k = 0; k < s->n; k++) {
-            const float v = expf(dl * a[k * sa]) * st[k * ss] + dx * bb[k * sb];
-            st[k * ss] = v;
-            y += v * cc[k * sc];
+            for (int64_t k = 0; k < s->n; k++) {
+                const float v = expf(dl * a[k]) * st[k] + dx * bb[k];
+                st[k] = v;
+                y += v * cc[k];
+            }
+        } else {
+            for (int64_t k = 0; k < s->n; k++) {
+                const float v = expf(dl * a[k * sa]) * st[k * ss] + dx * bb[k * sb];
+                st[k * ss] = v;
+                y += v * cc[k * sc];
+            }
         }
         if (s->has_D)
             y += xv * D[hi * s->s_D[0] + pi * s->s_D[1]];

@@ -180,9 +180,14 @@ def _fused_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tens
                      state_batch_indices: Optional[Tensor], impl: str) -> Tensor:
     """The fused decode step (``impl`` "triton" or "native") on the arguments as given (either
     form), state written in place."""
-    heads = state.dim() == 4  # the arguments were checked by selective_state_update
-    args = heads_form(state, x, dt, A, B, C, D, z, dt_bias)
-    out = _FUSED[impl].selective_state_update(*args, dt_softplus, state_batch_indices).to(x.dtype)
+    # The arguments were checked by selective_state_update.
+    return _fused_step(impl, state.dim() == 4, heads_form(state, x, dt, A, B, C, D, z, dt_bias), dt_softplus,
+                       state_batch_indices, x.dtype)
+
+
+def _fused_step(impl: str, heads: bool, args: tuple, dt_softplus: bool, state_batch_indices, dtype) -> Tensor:
+    """The fused step on the multi-head form ``args`` -> out in ``dtype``, in the caller's form."""
+    out = _FUSED[impl].selective_state_update(*args, dt_softplus, state_batch_indices).to(dtype)
     return out if heads else out.squeeze(1)
 
 
@@ -210,14 +215,15 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     that need gradients (any input requiring grad under grad mode) take the PyTorch ops, which are
     differentiable in every input but the state.
     """
-    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    args = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     wide = any(t.dtype == torch.float64 for t in (state, x, dt, A, B, C))
     impl = resolve_impl("selective_state_update", x.device, torch.float64 if wide else x.dtype, backend)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias))
     # The C loop stores the state as float32, so it takes only a float32 state.
     if not grads and (impl == "triton" or (impl == "native" and state.dtype == torch.float32)):
-        step = _state_update_op if torch.compiler.is_compiling() else _fused_state_update
-        return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, impl)
+        if torch.compiler.is_compiling():
+            return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, impl)
+        return _fused_step(impl, state.dim() == 4, args, dt_softplus, state_batch_indices, x.dtype)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 
