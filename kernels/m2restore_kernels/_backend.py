@@ -181,6 +181,13 @@ def resolve_impl(op: str, device: torch.device, dtype: torch.dtype, backend: str
     return "torch"
 
 
+def grad_needed(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd will take a gradient through a call on these tensors (None allowed): grad
+    mode on and one of them requires grad. The fused paths without a backward, and the choice to keep
+    activations for one, ask this."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``"triton"`` or ``"torch"``: whether Triton kernels run for ``backend`` on ``device``
     (the user-level view of :func:`resolve_impl`)."""

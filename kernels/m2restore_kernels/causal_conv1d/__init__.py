@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import OPS, UP_TO_FLOAT32, optional_op, resolve_impl
+from .._backend import OPS, UP_TO_FLOAT32, grad_needed, optional_op, resolve_impl
 from . import native_impl, torch_impl
 from .reference import (ACTIVATIONS, _check_args, causal_conv1d_ref, causal_conv1d_update_ref,
                         causal_conv1d_varlen_states_ref, check_update_args, check_varlen_states_args, compute_dtype,
@@ -103,8 +103,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     the rest, and every other device, run the PyTorch ops (differentiable in x, weight and bias)."""
     check_update_args(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
     impl = resolve_impl("causal_conv1d_update", x.device, compute_dtype(x, weight, bias, conv_state), backend)
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if impl == "native" and not grads and native_impl.takes(x, conv_state, weight):
+    if impl == "native" and not grad_needed(x, weight, bias) and native_impl.takes(x, conv_state, weight):
         steps = x if x.dim() == 3 else x.unsqueeze(-1)
         step = _update_op if torch.compiler.is_compiling() else _native_update
         out = step(steps, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import resolve_impl
+from .._backend import grad_needed, resolve_impl
 from . import native_impl, torch_impl, triton_impl
 from .reference import (ACTIVATIONS, COMBINES, GATED_ACTIVATIONS, LAYOUTS, ROUTINGS, moe_mlp_ref,
                         topk_softmax_ref)
@@ -400,7 +400,6 @@ def moe_mlp(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, b1: Optiona
     impl = resolve_impl("moe_mlp", x.device, dtype, backend)
     # Keep the first projection for the backward only when there will be one (never in inference);
     # the Triton path recomputes it.
-    save_hidden = impl != "triton" and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weights, w1, b1, w2, b2))
+    save_hidden = impl != "triton" and grad_needed(x, weights, w1, b1, w2, b2)
     return _moe_mlp_op(x, weights, indices.long().contiguous(), _unit_stride(w1), b1, _unit_stride(w2), b2,
                        combine, activation, impl, check_indices, dtype, save_hidden)[0]

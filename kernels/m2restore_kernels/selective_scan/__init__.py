@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import OPS, optional_op, resolve_impl
+from .._backend import OPS, grad_needed, optional_op, resolve_impl
 from . import native_impl, torch_impl, triton_impl
 from ..causal_conv1d import causal_conv1d_fn
 from .reference import (_check_args, check_state_update_args, heads_form, mamba_inner, mamba_inner_ref, selective_scan_ref,
@@ -218,7 +218,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     args = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     wide = any(t.dtype == torch.float64 for t in (state, x, dt, A, B, C))
     impl = resolve_impl("selective_state_update", x.device, torch.float64 if wide else x.dtype, backend)
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias))
+    grads = grad_needed(x, dt, A, B, C, D, z, dt_bias)
     # The C loop stores the state as float32, so it takes only a float32 state.
     if not grads and (impl == "triton" or (impl == "native" and state.dtype == torch.float32)):
         if torch.compiler.is_compiling():
