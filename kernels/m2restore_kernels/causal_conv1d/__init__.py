@@ -124,7 +124,7 @@ def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -
     # Token position of every state column: the last state_len positions before each sequence's end.
     pos = bounds[1:, None] - state_len + torch.arange(state_len, device=x.device)
     valid = pos >= bounds[:-1, None]
-    rows = x.index_select(0, pos.clamp(0, max(x.shape[0] - 1, 0)).flatten()) if x.shape[0] else \
+    rows = x.index_select(0, pos.clamp(0, x.shape[0] - 1).flatten()) if x.shape[0] else \
         x.new_zeros(batch * state_len, dim)
     states = rows.view(batch, state_len, dim).masked_fill(~valid[..., None], 0)
     return states.transpose(1, 2)
