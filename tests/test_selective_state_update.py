@@ -5,7 +5,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from m2restore_kernels import selective_scan, selective_state_update, selective_state_update_ref
 

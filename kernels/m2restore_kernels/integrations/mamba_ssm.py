@@ -46,7 +46,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from .._backend import disabled_impls
 
