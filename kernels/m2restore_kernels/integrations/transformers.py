@@ -12,8 +12,9 @@ registers ours there and switches a model to it::
 The model's own router still computes the top-K weights; our op then runs the K chosen experts
 per token (a sort by expert, the GEMMs on the parameters where they lie, no per-expert Python loop
 over masks) and its backward. Expert forms the op does not express (an activation other than
-exact GELU, SiLU or ReLU; interleaved gate/up columns; a post-expert norm; expert parallelism)
-run transformers' own eager loop, so switching is always safe.
+exact GELU, SiLU or ReLU; a gate of the class's own, such as DeepSeek-V4's clamped SwiGLU;
+interleaved gate/up columns; a post-expert norm; expert parallelism) run transformers' own eager
+loop, so switching is always safe.
 """
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ BACKEND_ATTRIBUTE = "m2restore_backend"  # set on experts modules by apply_to_tr
 _ACTIVATIONS = {"GELUActivation": "gelu", "SiLUActivation": "silu", "SiLU": "silu", "ReLU": "relu", "GELU": "gelu"}
 
 
+def _own_gate(experts: nn.Module) -> bool:
+    """Whether the class replaces transformers' ``_apply_gate`` (act(gate) * up): DeepSeek-V4,
+    GLM-5-Next, Step-3.7 and gpt-oss clamp gate and up to a limit first, and others change it in
+    other ways; moe_mlp computes only the plain form."""
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    return apply_gate is not None and apply_gate.__name__ != "_default_apply_gate"
+
+
 def expert_form(experts: nn.Module) -> Optional[str]:
     """moe_mlp's ``activation`` for a transformers experts module, or None where moe_mlp cannot run it."""
     act = getattr(experts, "act_fn", None)
@@ -39,7 +48,7 @@ def expert_form(experts: nn.Module) -> Optional[str]:
     if isinstance(act, nn.GELU) and act.approximate != "none":
         name = None
     if (name is None or getattr(experts, "has_post_expert_norm", False) or getattr(experts, "_is_expert_parallel", False)
-            or not getattr(experts, "is_concatenated", True)):
+            or not getattr(experts, "is_concatenated", True) or _own_gate(experts)):
         return None
     if getattr(experts, "has_gate", True):
         return {"silu": "swiglu", "gelu": "geglu"}.get(name)
