@@ -43,6 +43,20 @@ def pytest_configure(config):
     # the benchmark JSON and JUnit XML of what did run are written (bench/gpu_check.sh relies on it).
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)
+    if config.getoption("--quick"):
+        _hypothesis_fixed_examples()
+
+
+def _hypothesis_fixed_examples():
+    """``--quick`` (CI) draws hypothesis' examples from a fixed seed: a landing must not hang on
+    an example no earlier run met. Runs without it keep exploring new ones (and replay the
+    failures they found from .hypothesis/)."""
+    try:
+        from hypothesis import settings
+    except ImportError:  # the test extra is not installed: nothing uses hypothesis
+        return
+    settings.register_profile("m2restore-quick", derandomize=True)
+    settings.load_profile("m2restore-quick")
 
 
 def pytest_collection_modifyitems(config, items):
