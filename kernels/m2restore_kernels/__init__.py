@@ -16,6 +16,7 @@ from .integrations.mamba_ssm import apply_to_mamba_ssm
 from .moe import moe_mlp, moe_mlp_ref, topk_softmax, topk_softmax_ref
 from .selective_scan import (mamba_inner_fn, mamba_inner_ref, selective_scan, selective_scan_ref,
                              selective_state_update, selective_state_update_ref)
+from .selective_scan.ssd import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
 
 def _installed_version() -> str:
     # Two distributions ship this package: the kernels alone (kernels/pyproject.toml) and m2restore.
@@ -35,7 +36,7 @@ __all__ = [
     "topk_softmax", "topk_softmax_ref", "moe_mlp", "moe_mlp_ref",
     "gated_fusion", "gated_fusion_ref",
     "selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",
-    "mamba_inner_fn", "mamba_inner_ref",
+    "mamba_inner_fn", "mamba_inner_ref", "mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined",
     "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_update_ref",
     "causal_conv1d_varlen_states", "causal_conv1d_varlen_states_ref",
 ]

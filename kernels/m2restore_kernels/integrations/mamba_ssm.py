@@ -14,7 +14,8 @@ What it does, in three cases:
   does not import (``selective_scan_cuda``, ``causal_conv1d_cuda``), so their modules import; then
   every name their loaded modules bound to one of the ops in ``DROP_INS`` (``selective_scan_fn``,
   ``mamba_inner_fn``, ``causal_conv1d_fn``, ``causal_conv1d_update``, ``causal_conv1d_varlen_states``,
-  ``selective_state_update``, ``layer_norm_fn``, ``rms_norm_fn``; also a name an earlier import left ``None``) is rebound to a
+  ``selective_state_update``, ``layer_norm_fn``, ``rms_norm_fn``, Mamba-2's ``mamba_chunk_scan_combined``,
+  ``mamba_split_conv1d_scan_combined``, ``layernorm_fn`` and ``rmsnorm_fn``; also a name an earlier import left ``None``) is rebound to a
   dispatcher. Modules imported later bind the dispatchers, since the defining modules now hold them.
 * neither installed: a meta-path finder placed after every other one serves small stand-in
   packages, ``mamba_ssm.ops.selective_scan_interface``, ``mamba_ssm.ops.triton.selective_state_update``,
@@ -30,8 +31,10 @@ What it does, in three cases:
 The dispatchers take upstream's parameters by name or position (the version installed, 1.1.x or
 2.x); a flag ours does not implement raises a one-line ValueError naming it. The stand-in
 extension modules have no functions: code that calls ``selective_scan_cuda.fwd`` itself (its own
-autograd Function around the raw kernel) gets an AttributeError saying so. Mamba2/Mamba3 (the SSD
-Triton kernels) are not covered.
+autograd Function around the raw kernel) gets an AttributeError saying so. Mamba-2 is covered
+through ``mamba_chunk_scan_combined``, ``mamba_split_conv1d_scan_combined`` and the gated norms
+(``selective_scan/ssd.py``: SSD as this package's selective scan); upstream's other SSD Triton
+entry points (``mamba_chunk_scan``, ``chunk_state``, ...) and Mamba-3 are not.
 """
 from __future__ import annotations
 
@@ -121,12 +124,16 @@ def _ours(name: str) -> Callable:
     """Our function for an upstream name (looked up when called: the package imports us)."""
     import m2restore_kernels
 
+    from ..selective_scan import ssd
+
     return {"selective_scan_fn": m2restore_kernels.selective_scan, "layer_norm_fn": layer_norm_fn,
-            "rms_norm_fn": rms_norm_fn}.get(name) or getattr(m2restore_kernels, name)
+            "rms_norm_fn": rms_norm_fn, "layernorm_fn": ssd.layernorm_fn,
+            "rmsnorm_fn": ssd.rmsnorm_fn}.get(name) or getattr(m2restore_kernels, name)
 
 
 # The Triton norms' module: layer_norm in mamba-ssm 2.x, layernorm in 1.x.
 NORM_MODULES = ("mamba_ssm.ops.triton.layer_norm", "mamba_ssm.ops.triton.layernorm")
+SSD_MODULE, GATED_NORM_MODULE = "mamba_ssm.ops.triton.ssd_combined", "mamba_ssm.ops.triton.layernorm_gated"
 # name -> (upstream modules that may define it, the first that exists is taken; the CUDA extensions
 # upstream's function needs, () for its Triton functions)
 DROP_INS = {
@@ -138,6 +145,12 @@ DROP_INS = {
     "selective_state_update": (("mamba_ssm.ops.triton.selective_state_update",), ()),
     "layer_norm_fn": (NORM_MODULES, ()),
     "rms_norm_fn": (NORM_MODULES, ()),
+    # Mamba-2 (2.x): the SSD scan, the fused block op (its conv is causal-conv1d's CUDA function),
+    # and the gated norms of its RMSNormGated.
+    "mamba_chunk_scan_combined": ((SSD_MODULE,), ()),
+    "mamba_split_conv1d_scan_combined": ((SSD_MODULE,), ("causal_conv1d_cuda",)),
+    "layernorm_fn": ((GATED_NORM_MODULE,), ()),
+    "rmsnorm_fn": ((GATED_NORM_MODULE,), ()),
 }
 
 
@@ -205,6 +218,7 @@ def _extension_imports(name: str) -> bool:
 def _stand_in_packages() -> dict:
     """Module name -> its attributes, for the stand-in packages served when upstream is absent."""
     import m2restore_kernels as k
+    from ..selective_scan import ssd
 
     scan = dict(selective_scan_fn=k.selective_scan, selective_scan_ref=k.selective_scan_ref)
     for optional in ("mamba_inner_fn", "mamba_inner_ref"):
@@ -214,11 +228,15 @@ def _stand_in_packages() -> dict:
     conv = {n: getattr(k, n) for n in ("causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_ref",
                                         "causal_conv1d_update_ref") if hasattr(k, n)}
     norms = dict(layer_norm_fn=layer_norm_fn, rms_norm_fn=rms_norm_fn, RMSNorm=RMSNorm)
+    ssd_ops = dict(mamba_chunk_scan_combined=ssd.mamba_chunk_scan_combined,
+                   mamba_split_conv1d_scan_combined=ssd.mamba_split_conv1d_scan_combined)
+    gated_norms = dict(layernorm_fn=ssd.layernorm_fn, rmsnorm_fn=ssd.rmsnorm_fn, RMSNorm=ssd.RMSNormGated)
     return {
         "mamba_ssm": dict(scan), "mamba_ssm.ops": {}, "mamba_ssm.ops.triton": {},
         "mamba_ssm.ops.selective_scan_interface": scan,
         "mamba_ssm.ops.triton.selective_state_update": state_update,
         "mamba_ssm.ops.triton.layer_norm": norms, "mamba_ssm.ops.triton.layernorm": norms,  # 2.x, 1.x
+        SSD_MODULE: ssd_ops, GATED_NORM_MODULE: gated_norms,
         "causal_conv1d": dict(conv), "causal_conv1d.causal_conv1d_interface": conv,
     }
 
