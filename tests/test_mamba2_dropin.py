@@ -125,3 +125,22 @@ def test_mamba2_compiles_whole():
     layer = _mamba2()
     u = torch.randn(2, 16, 48, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(torch.compile(layer, fullgraph=True)(u), layer(u), rtol=1e-5, atol=1e-5)
+
+
+@needs_upstream
+def test_mamba2_agrees_with_transformers_mamba2_mixer():
+    """A third implementation: transformers' ``Mamba2Mixer`` (its PyTorch chunked SSD, what it runs
+    without hub kernels) with the same weights gives our ``Mamba2``'s output and input gradient."""
+    transformers = pytest.importorskip("transformers")
+    layer = _mamba2(use_mem_eff_path=False)
+    config = transformers.Mamba2Config(hidden_size=48, state_size=8, head_dim=12, num_heads=8, n_groups=2, expand=2,
+                                       conv_kernel=4, chunk_size=8, use_bias=False, use_conv_bias=True,
+                                       layer_norm_epsilon=layer.norm.eps, num_hidden_layers=1)
+    mixer = transformers.models.mamba2.modeling_mamba2.Mamba2Mixer(config, layer_idx=0)
+    mixer.load_state_dict(layer.state_dict())
+    u = torch.randn(2, 24, 48, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    ours, theirs = layer(u), mixer(u)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), u)
+    (g_theirs,) = torch.autograd.grad(theirs.square().sum(), u)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-5)
