@@ -105,8 +105,18 @@ def test_seq_idx_restarts_the_state_and_gives_each_sequence_its_last_state():
         torch.testing.assert_close(out[:, lo:hi].double(), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(states[i].double(), want_last[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last[0], states[-1], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="return_varlen_states needs seq_idx numbering the sequences"):
-        mamba_chunk_scan_combined(*args, chunk_size=8, cu_seqlens=cu, return_varlen_states=True)
+    # Upstream's padded varlen generation: cu_seqlens stops short of seqlen and ends in an empty
+    # sequence, and seq_idx does not restart at every one of its sequences. Each state is still its
+    # sequence's from a zero start; the empty one's is zero.
+    padded = torch.tensor([0, 7, 21, 21])
+    _, states = mamba_chunk_scan_combined(*args, chunk_size=8, dt_softplus=True, cu_seqlens=padded,
+                                          seq_idx=torch.zeros(1, 30, dtype=torch.int32), return_varlen_states=True)
+    for i, (lo, hi) in enumerate([(0, 7), (7, 21)]):
+        part = [t[:, lo:hi] for t in (c["x"], c["dt"])] + [c["A"]] + [t[:, lo:hi] for t in (c["B"], c["C"])]
+        torch.testing.assert_close(states[i].double(), ssd_float64(*part, softplus=True)[1][0], rtol=1e-5, atol=1e-5)
+    assert states.shape == (3, 4, 8, 6) and not states[2].any()
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to at most seqlen"):
+        mamba_chunk_scan_combined(*args, chunk_size=8, cu_seqlens=torch.tensor([0, 9, 4]), return_varlen_states=True)
 
 
 def test_unsupported_arguments_fail_with_a_line_naming_them():

@@ -37,15 +37,16 @@ def _fail(op: str, message: str):
 
 
 def _runs(seq_idx: Optional[Tensor], batch: int, seqlen: int) -> list:
-    """(batch row, first, end) of each run of equal ``seq_idx`` (b, l); whole rows without it."""
+    """(batch row, first, end) of each run of equal ``seq_idx`` (b, l); one (None: every row, 0,
+    seqlen) without it."""
     if seq_idx is None:
-        return [(slice(None), 0, seqlen)]
+        return [(None, 0, seqlen)]
     if seq_idx.shape != (batch, seqlen):
         _fail("mamba_chunk_scan_combined", f"seq_idx must be (batch, seqlen) = {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
     runs = []
     for row in range(batch):
         starts = [0] + (torch.nonzero(seq_idx[row, 1:] != seq_idx[row, :-1]).flatten() + 1).tolist() + [seqlen]
-        runs += [(slice(row, row + 1), lo, hi) for lo, hi in zip(starts[:-1], starts[1:]) if hi > lo]
+        runs += [(row, lo, hi) for lo, hi in zip(starts[:-1], starts[1:]) if hi > lo]
     return runs
 
 
@@ -57,10 +58,10 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     x, z: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A, dt_bias: (nheads,);
     B, C: (batch, seqlen, ngroups, dstate), ngroups dividing nheads; D: (nheads, headdim) or
     (nheads,); seq_idx: (batch, seqlen) int; cu_seqlens: (nseq + 1,) int, with
-    ``return_varlen_states`` only (batch 1; its sequences must be seq_idx's runs).
+    ``return_varlen_states`` only (batch 1; rising from 0, at most seqlen, empty sequences allowed).
     Returns out (batch, seqlen, nheads, headdim) in x's dtype; with ``return_final_states`` also the
     last state (batch, nheads, headdim, dstate), and with ``return_varlen_states`` each sequence's
-    last state (nseq, nheads, headdim, dstate), both float32 (float64 for float64 dt). Differentiable
+    last state from a zero start (nseq, nheads, headdim, dstate), both float32 (float64 for float64 dt). Differentiable
     in every floating input. ``backend`` as :func:`selective_scan`'s.
     """
     op = "mamba_chunk_scan_combined"
@@ -87,13 +88,9 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     if return_varlen_states:
         if cu_seqlens is None or batch != 1:
             _fail(op, "return_varlen_states needs cu_seqlens and batch 1")
-        starts = cu_seqlens.tolist()
-        ids = torch.repeat_interleave(torch.arange(len(starts) - 1, device=x.device),
-                                      torch.tensor(starts, device=x.device).diff())
-        if starts[0] != 0 or starts[-1] != seqlen or seq_idx is None or not torch.equal(
-                seq_idx[0].to(ids.dtype), ids):
-            _fail(op, "return_varlen_states needs seq_idx numbering the sequences of cu_seqlens "
-                      "(0 at cu_seqlens[0] = 0, ..., ending at seqlen)")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] > seqlen or any(b < a for a, b in zip(bounds, bounds[1:])):
+            _fail(op, f"cu_seqlens must rise from 0 to at most seqlen ({seqlen}), got {bounds}")
     dim = nheads * headdim
     # The selective scan's layout: channels (h, p), time last.
     channels = lambda t: t.reshape(t.shape[0], t.shape[1], dim).transpose(1, 2)  # noqa: E731
@@ -108,26 +105,35 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     Bg, Cg = B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
     Dc = None if D is None else (D.reshape(dim) if D.dim() == 2 else per_channel(D))
     bias = None if delta_bias is None else per_channel(delta_bias)
-    outs, lasts = [], []
-    for rows, lo, hi in _runs(seq_idx, batch, seqlen):
+
+    def scan(row: Optional[int], lo: int, hi: int):
+        rows = slice(None) if row is None else slice(row, row + 1)
         piece = lambda t: None if t is None else t[rows, ..., lo:hi]  # noqa: E731
-        out, last = selective_scan(piece(u), piece(delta), A_full, piece(Bg), piece(Cg), Dc, piece(zc), bias,
-                                   softplus, return_last_state=True, backend=backend)
-        outs.append((rows, out))
-        lasts.append((rows, last))
+        return selective_scan(piece(u), piece(delta), A_full, piece(Bg), piece(Cg), Dc, piece(zc), bias, softplus,
+                              return_last_state=True, backend=backend)
+
+    runs = {run: scan(*run) for run in _runs(seq_idx, batch, seqlen)}
     if seq_idx is None:
-        out, last = outs[0][1], lasts[0][1]
+        out, last = runs[None, 0, seqlen]
     else:
-        out = torch.cat([torch.cat([o for r, o in outs if r.start == row], dim=-1) for row in range(batch)])
-        # A row's last state is its last run's.
-        last = torch.cat([[s for r, s in lasts if r.start == row][-1] for row in range(batch)])
+        rows = [[result for (row, _, _), result in runs.items() if row == r] for r in range(batch)]
+        out = torch.cat([torch.cat([o for o, _ in row], dim=-1) for row in rows])
+        last = torch.cat([row[-1][1] for row in rows])  # a row's last state is its last run's
     result = out.transpose(1, 2).reshape(batch, seqlen, nheads, headdim)
     heads = lambda s: s.reshape(s.shape[0], nheads, headdim, dstate)  # noqa: E731
     extra = []
     if return_final_states:
         extra.append(heads(last))
     if return_varlen_states:
-        extra.append(heads(torch.cat([s for _, s in lasts])))
+        # Each sequence's state from a zero start: its run's where seq_idx restarted there, its own
+        # scan where not, and zeros for an empty one (upstream's padding slot).
+        states = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi == lo:
+                states.append(last.new_zeros(1, dim, dstate))
+            else:
+                states.append(runs[0, lo, hi][1] if (0, lo, hi) in runs else scan(0, lo, hi)[1])
+        extra.append(heads(torch.cat(states)))
     return (result, *extra) if extra else result
 
 
