@@ -20,8 +20,9 @@ def cpu_user(monkeypatch):
     monkeypatch.setenv(DISABLE_ENV, "triton")
 
 
-def ssd_float64(x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus=False, limit=(0.0, math.inf)):
-    """Mamba-2's recurrence step by step in float64: -> (out (b, l, h, p), last state (b, h, p, n))."""
+def ssd_float64(x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus=False, limit=(0.0, math.inf), initial=None):
+    """Mamba-2's recurrence step by step in float64 from ``initial`` (b, h, p, n) or zeros:
+    -> (out (b, l, h, p), last state (b, h, p, n))."""
     x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
     batch, seqlen, nheads, headdim = x.shape
     group_of_head = torch.arange(nheads) // (nheads // B.shape[2])
@@ -31,7 +32,7 @@ def ssd_float64(x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus=False, li
         dt = torch.where(dt <= 20, torch.log1p(torch.exp(dt)), dt)
     if tuple(limit) != (0.0, math.inf):  # upstream clamps only for a limit of its own
         dt = dt.clamp(min=limit[0], max=limit[1])
-    state = x.new_zeros(batch, nheads, headdim, B.shape[-1])
+    state = x.new_zeros(batch, nheads, headdim, B.shape[-1]) if initial is None else initial.double()
     outs = []
     for t in range(seqlen):
         Bt, Ct = B[:, t, group_of_head], C[:, t, group_of_head]  # (b, h, n)
@@ -89,6 +90,29 @@ def test_chunk_scan_is_the_recurrence_forward_and_backward(D_form, gate, softplu
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("gate", [False, True])
+def test_initial_states_start_the_recurrence_forward_and_backward(gate):
+    """A start state (transformers' chunked prefill from its cache): the recurrence from it, before
+    the z gate, clamped dt included; the gradient reaches the start state too."""
+    c = _case()
+    start = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(9))
+    names = ["x", "dt", "A", "B", "C", "D1", "dt_bias"] + (["z"] if gate else [])
+    ours = {k: c[k].clone().requires_grad_() for k in names}
+    ref = {k: c[k].double().requires_grad_() for k in names}
+    s_ours, s_ref = start.clone().requires_grad_(), start.double().requires_grad_()
+    out, last = mamba_chunk_scan_combined(ours["x"], ours["dt"], ours["A"], ours["B"], ours["C"], chunk_size=8,
+                                          D=ours["D1"], z=ours.get("z"), dt_bias=ours["dt_bias"], dt_softplus=True,
+                                          dt_limit=(0.1, 1.5), initial_states=s_ours, return_final_states=True)
+    want, want_last = ssd_float64(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], D=ref["D1"], z=ref.get("z"),
+                                  dt_bias=ref["dt_bias"], softplus=True, limit=(0.1, 1.5), initial=s_ref)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last.double(), want_last, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(out.double().sum() + last.double().sum(), [*ours.values(), s_ours])
+    exp = torch.autograd.grad(want.sum() + want_last.sum(), [*ref.values(), s_ref])
+    for name, a, b in zip(names + ["initial_states"], got, exp):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
 def test_seq_idx_restarts_the_state_and_gives_each_sequence_its_last_state():
     """Packed sequences (seq_idx runs, cu_seqlens) give what each sequence gives alone."""
     c = _case(batch=1, seqlen=30)
@@ -122,8 +146,9 @@ def test_seq_idx_restarts_the_state_and_gives_each_sequence_its_last_state():
 def test_unsupported_arguments_fail_with_a_line_naming_them():
     c = _case(batch=1, seqlen=5)
     args = (c["x"], c["dt"], c["A"], c["B"], c["C"])
-    with pytest.raises(ValueError, match="initial_states is not supported by m2restore_kernels"):
-        mamba_chunk_scan_combined(*args, chunk_size=4, initial_states=torch.zeros(1, 4, 8, 6))
+    with pytest.raises(ValueError, match="initial_states with seq_idx is not supported by m2restore_kernels"):
+        mamba_chunk_scan_combined(*args, chunk_size=4, initial_states=torch.zeros(1, 4, 8, 6),
+                                  seq_idx=torch.zeros(1, 5, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"ngroups \(3\) must divide nheads \(4\)"):
         mamba_chunk_scan_combined(c["x"], c["dt"], c["A"], *(torch.zeros(1, 5, 3, 6),) * 2, chunk_size=4)
     with pytest.raises(ValueError, match="D must be"):

@@ -1,7 +1,7 @@
 """``apply_to_transformers_mamba()``: transformers' own Mamba and Mamba-2 language models, unchanged,
 run their SSM ops on our kernels on the CPU, and give what transformers' reference PyTorch code
-gives: logits, every gradient (training mode: the fused block ops) and greedy tokens (the cached
-decode steps). Each model runs in a fresh process: the call changes process-wide state, and the
+gives: logits, every gradient (training mode: the fused block ops), greedy tokens (the cached
+decode steps) and a prompt fed in two chunks (the second from the cache's state). Each model runs in a fresh process: the call changes process-wide state, and the
 reference must run before it."""
 from __future__ import annotations
 
@@ -44,16 +44,19 @@ SCRIPT = textwrap.dedent("""
         with torch.no_grad():
             logits = model(ids).logits
             tokens = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
-        return logits, grads, tokens
+            # A prompt in two chunks: the second starts from the cache's state (Mamba-2's initial_states).
+            resumed = model(ids[:, 8:], cache=model(ids[:, :8], use_cache=True).cache, use_cache=True).logits
+        return logits, grads, tokens, resumed
 
-    ref_logits, ref_grads, ref_tokens = run()
+    ref_logits, ref_grads, ref_tokens, ref_resumed = run()
     from m2restore_kernels.integrations.transformers_mamba import apply_to_transformers_mamba
     redone = apply_to_transformers_mamba()
     with profile() as prof:
-        logits, grads, tokens = run()
+        logits, grads, tokens, resumed = run()
     ops = sorted({e.name for e in prof.events() if e.name.startswith("m2restore_kernels::")})
     worst_grad = max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in ref_grads.items())
     print(json.dumps(dict(redone=redone, ops=ops, logits=(logits - ref_logits).abs().max().item(),
+                          resumed=(resumed - ref_resumed).abs().max().item(),
                           grad=worst_grad, tokens=torch.equal(tokens, ref_tokens))))
 """)
 
@@ -69,4 +72,4 @@ def test_transformers_mamba_models_run_our_kernels_and_agree(name):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["redone"], "no transformers op was switched"
     assert "m2restore_kernels::selective_scan" in result["ops"], result["ops"]
-    assert result["logits"] < 1e-4 and result["grad"] < 1e-3 and result["tokens"], result
+    assert result["logits"] < 1e-4 and result["resumed"] < 1e-4 and result["grad"] < 1e-3 and result["tokens"], result

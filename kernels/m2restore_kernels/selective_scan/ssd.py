@@ -12,7 +12,10 @@ grouped (b, g, n, l) form. Upstream's ``chunk_size`` is a GPU blocking of the sa
 and it changes nothing here. ``seq_idx`` restarts the state where it changes (packed sequences):
 each run of equal ids is scanned on its own.
 
-Not covered (a ValueError names them): ``initial_states`` (the scan always starts from zero).
+``initial_states`` (a start state, transformers' chunked prefill from its cache) works by
+linearity: the scan runs from zero and the start state's decayed contribution is added to every
+output and to the last state. Not covered (a ValueError names it): ``initial_states`` together with
+``seq_idx``.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     """mamba_ssm's ``mamba_chunk_scan_combined`` (see the module docstring for the recurrence).
 
     x, z: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A, dt_bias: (nheads,);
+    initial_states: (batch, nheads, headdim, dstate), the state before the first step (not with seq_idx);
     B, C: (batch, seqlen, ngroups, dstate), ngroups dividing nheads; D: (nheads, headdim) or
     (nheads,); seq_idx: (batch, seqlen) int; cu_seqlens: (nseq + 1,) int, with
     ``return_varlen_states`` only (batch 1; rising from 0, at most seqlen, empty sequences allowed).
@@ -83,8 +87,10 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     if dt_bias is not None and dt_bias.shape != (nheads,):
         _fail(op, f"dt_bias must be ({nheads},), got {tuple(dt_bias.shape)}")
     if initial_states is not None:
-        _fail(op, "initial_states is not supported by m2restore_kernels (the scan starts from zero); "
-                  "pass initial_states=None")
+        if seq_idx is not None:
+            _fail(op, "initial_states with seq_idx is not supported by m2restore_kernels; pass one of them")
+        if initial_states.shape != (batch, nheads, headdim, dstate):
+            _fail(op, f"initial_states must be {(batch, nheads, headdim, dstate)}, got {tuple(initial_states.shape)}")
     if return_varlen_states:
         if cu_seqlens is None or batch != 1:
             _fail(op, "return_varlen_states needs cu_seqlens and batch 1")
@@ -100,7 +106,10 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         delta = dt if dt_bias is None else dt + dt_bias
         delta = (F.softplus(delta) if dt_softplus else delta).clamp(min=dt_limit[0], max=dt_limit[1])
         delta_bias, softplus = None, False
-    u, delta, zc = channels(x), per_channel(delta).transpose(1, 2), None if z is None else channels(z)
+    # A start state gates through z after its own term is added, so z waits for it (below).
+    gate_later = z is not None and initial_states is not None
+    u, delta = channels(x), per_channel(delta).transpose(1, 2)
+    zc = None if z is None or gate_later else channels(z)
     A_full = per_channel(A).unsqueeze(-1).expand(dim, dstate)
     Bg, Cg = B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
     Dc = None if D is None else (D.reshape(dim) if D.dim() == 2 else per_channel(D))
@@ -121,6 +130,22 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         last = torch.cat([row[-1][1] for row in rows])  # a row's last state is its last run's
     result = out.transpose(1, 2).reshape(batch, seqlen, nheads, headdim)
     heads = lambda s: s.reshape(s.shape[0], nheads, headdim, dstate)  # noqa: E731
+    if initial_states is not None:
+        # The recurrence is linear in its state: from a start S0 it adds S0 decayed by
+        # exp(A cumsum(dt')) to every state, and C_t of that to every output.
+        compute = torch.promote_types(dt.dtype, torch.float32)
+        step = (dt if dt_bias is None else dt + dt_bias).to(compute)
+        step = F.softplus(step) if dt_softplus else step
+        if tuple(dt_limit) != NO_LIMIT:
+            step = step.clamp(min=dt_limit[0], max=dt_limit[1])
+        decay = torch.exp(torch.cumsum(step * A.to(compute), dim=1))  # (b, l, h)
+        start = initial_states.to(compute)
+        C_heads = C.to(compute).repeat_interleave(nheads // ngroups, dim=2)  # (b, l, h, n)
+        carried = torch.einsum("blhn,bhpn->blhp", C_heads, start) * decay[..., None]
+        result = result + carried.to(result.dtype)
+        if gate_later:
+            result = result * F.silu(z)
+        last = (heads(last) + decay[:, -1, :, None, None] * start).reshape(batch, dim, dstate)
     extra = []
     if return_final_states:
         extra.append(heads(last))
