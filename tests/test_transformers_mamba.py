@@ -6,6 +6,7 @@ reference must run before it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -61,15 +62,60 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _last_json_line(script: str, *args: str) -> dict:
+    """Runs ``script`` in a fresh interpreter on the C loops (as a user's CPU process) -> the JSON of
+    its last line."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "M2RESTORE_KERNELS_DISABLE": "triton"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("name", ["mamba", "mamba2"])
 def test_transformers_mamba_models_run_our_kernels_and_agree(name):
-    env_disable = {"M2RESTORE_KERNELS_DISABLE": "triton"}  # the C loops, as a user's CPU process runs them
-    import os
-
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, name], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env_disable})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _last_json_line(SCRIPT, name)
     assert result["redone"], "no transformers op was switched"
     assert "m2restore_kernels::selective_scan" in result["ops"], result["ops"]
     assert result["logits"] < 1e-4 and result["resumed"] < 1e-4 and result["grad"] < 1e-3 and result["tokens"], result
+
+
+HYBRIDS = textwrap.dedent("""
+    import json, torch, transformers
+    from torch.profiler import profile
+
+    # Other transformers models whose SSM layers take the same ops: FalconMamba (mamba_inner_fn
+    # with RMS-normalised B, C and dt), Jamba (Mamba-1 layers beside attention and MoE), NemotronH
+    # (Mamba-2 layers).
+    tiny = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2, state_size=8, mamba_d_state=8,
+                mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_conv=4, mamba_expand=2,
+                mamba_chunk_size=8, ssm_state_size=8, mamba_headdim=16, num_experts=4, num_experts_per_tok=2,
+                expert_layer_period=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_offset=1, head_dim=8,
+                n_groups=2, chunk_size=8, time_step_rank=8, conv_kernel=4, expand=2, max_position_embeddings=64)
+    models = {}
+    for name in ("FalconMamba", "Jamba", "NemotronH"):
+        config = getattr(transformers, name + "Config")()
+        for key, value in tiny.items():
+            if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
+                setattr(config, key, value)
+        torch.manual_seed(0)
+        models[name] = getattr(transformers, name + "ForCausalLM")(config).float().eval()
+    ids = torch.randint(3, 61, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = {name: model(ids).logits for name, model in models.items()}
+    from m2restore_kernels.integrations.transformers_mamba import apply_to_transformers_mamba
+    apply_to_transformers_mamba()
+    result = {}
+    for name, model in models.items():
+        with torch.no_grad(), profile() as prof:
+            got = model(ids).logits
+        ran_ours = any(e.name == "m2restore_kernels::selective_scan" for e in prof.events())
+        result[name] = [ran_ours, (got - want[name]).abs().max().item()]
+    print(json.dumps(result))
+""")
+
+
+def test_transformers_hybrid_mamba_models_run_our_kernels_and_agree():
+    result = _last_json_line(HYBRIDS)
+    assert set(result) == {"FalconMamba", "Jamba", "NemotronH"}
+    assert all(ran and diff < 1e-4 for ran, diff in result.values()), result
