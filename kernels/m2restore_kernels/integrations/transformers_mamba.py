@@ -48,9 +48,14 @@ def _decorated(value) -> Optional[Callable]:
 def apply_to_transformers_mamba() -> list:
     """Run transformers' Mamba-family SSM ops on m2restore_kernels (see the module docstring);
     idempotent. -> "module.name" of each op decorated again (those imported before the call)."""
+    try:
+        from transformers.integrations import hub_kernels
+    except ImportError:
+        hub_kernels = None
+    if not hasattr(hub_kernels, "_PACKAGE_SUPPORTED_DEVICES"):
+        raise ImportError("apply_to_transformers_mamba needs transformers 5 (its hub_kernels op registry); "
+                          "pip install 'transformers>=5'")
     apply_to_mamba_ssm()
-    from transformers.integrations import hub_kernels
-
     for package in UPSTREAM_PACKAGES:
         devices = hub_kernels._PACKAGE_SUPPORTED_DEVICES.get(package, ())
         hub_kernels._PACKAGE_SUPPORTED_DEVICES[package] = tuple(dict.fromkeys((*devices, *DEVICES)))
