@@ -20,7 +20,7 @@ WINDOW_MAX = 4096  # CONV_WINDOW_MAX in csrc/causal_conv1d_cpu.c: width - 1 + se
 
 # (conv_update_shape as int64s: b, d, l, w, S, strides of x, out, conv_state, weight, bias, then the flags
 # has_bias, silu, has_seqlens, has_idx; threads; x, state, weight, bias, seqlens, idx, out)
-_CONV_UPDATE = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int] + [ctypes.c_void_p] * 7
+_CONV_UPDATE = [_native.INT64S, ctypes.c_int] + [ctypes.c_void_p] * 7
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,13 +38,15 @@ def takes(x: Tensor, conv_state: Tensor, weight: Tensor) -> bool:
 
 def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], activation,
                          cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor]) -> Tensor:
-    """x (b, d, l) any strides and float dtype; conv_state (slots, d, S) float32, updated in place;
-    weight (d, w); bias (d,) -> out (b, d, l) float32 (arguments checked by the caller)."""
-    b, d, l = x.shape
+    """x (b, d) (one step: its seqlen axis is passed to C as a stride, not made a view) or (b, d, l),
+    any strides and float dtype; conv_state (slots, d, S) float32, updated in place; weight (d, w);
+    bias (d,) -> out shaped like x, float32 (arguments checked by the caller)."""
+    b, d, l = x.shape if x.dim() == 3 else (*x.shape, 1)
     xf, wf, bf = (t if t is None or t.dtype == torch.float32 else t.float() for t in (x, weight, bias))
     seqlens, idx = (None if t is None else t.to(torch.int64).contiguous() for t in (cache_seqlens, conv_state_indices))
-    out = torch.empty(b, d, l)
-    shape = _native.int64s(b, d, l, weight.shape[1], conv_state.shape[2], *xf.stride(), *out.stride(),
+    out = torch.empty(x.shape)
+    step_strides = (*xf.stride(), 0)[:3], (*out.stride(), 0)[:3]
+    shape = _native.int64s(b, d, l, weight.shape[1], conv_state.shape[2], *step_strides[0], *step_strides[1],
                            *conv_state.stride(), *wf.stride(), bf.stride(0) if bf is not None else 0,
                            bias is not None, activation in ("silu", "swish"), seqlens is not None, idx is not None)
     _library().conv_update(shape, _native.threads_for(b * d * (weight.shape[1] + l)),
