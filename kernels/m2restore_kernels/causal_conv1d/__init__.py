@@ -103,7 +103,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     the rest, and every other device, run the PyTorch ops (differentiable in x, weight and bias)."""
     check_update_args(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
     impl = resolve_impl("causal_conv1d_update", x.device, compute_dtype(x, weight, bias, conv_state), backend)
-    if impl == "native" and not grad_needed(x, weight, bias) and native_impl.takes(x, conv_state, weight):
+    # The C loop keeps the cache in float32, so it takes only a float32 conv_state.
+    if impl == "native" and conv_state.dtype == torch.float32 and not grad_needed(x, weight, bias):
         step = _update_op if torch.compiler.is_compiling() else _native_update
         return step(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
     return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
