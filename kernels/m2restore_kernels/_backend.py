@@ -156,6 +156,12 @@ def probe(op: str, device: torch.device, backend: str) -> Available:
 _DECISIONS: dict = {}
 _DECISIONS_MAX = 1024  # a process cycling through environment values must not grow it without end
 _ENV = (DISABLE_ENV, "M2RESTORE_NATIVE", "TRITON_INTERPRET")
+# The key reads those values from os.environ's own store, which every change through os.environ
+# updates: os.environ.get costs a few Python calls and, for an unset name, a caught KeyError, which
+# together cost more than the rest of a decode step's decision (CPython's os._Environ has kept
+# _data and encodekey since 3.2; elsewhere, os.environ.get).
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV) if _ENV_STORE is not None else _ENV
 
 
 def resolve_impl(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto",
@@ -172,8 +178,8 @@ def resolve_impl(op: str, device: torch.device, dtype: torch.dtype, backend: str
     if available is not None or torch.compiler.is_compiling():  # traced: no dict for Dynamo to guard on
         return _decide(op, device, dtype, backend,
                        available if available is not None else probe(op, device, backend), native_ok)
-    environ = os.environ
-    key = (op, device.type, dtype, backend, native_ok, *[environ.get(name) for name in _ENV])
+    store = _ENV_STORE if _ENV_STORE is not None else os.environ
+    key = (op, device.type, dtype, backend, native_ok, *[store.get(name) for name in _ENV_KEYS])
     impl = _DECISIONS.get(key)
     if impl is None:
         impl = _decide(op, device, dtype, backend, probe(op, device, backend), native_ok)

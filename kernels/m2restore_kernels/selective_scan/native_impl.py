@@ -50,10 +50,16 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+# The tensors whose strides update_shape holds, in its order (out is laid out like x), each with its
+# single-head rank and nheads axis.
+_UPDATE_STRIDES = tuple((rank, axis) for rank, axis in map(HEAD_AXIS.get, ("state", "x", "dt", "z", "x", "A", "B",
+                                                                         "C", "D", "dt_bias")))
+
+
 def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices) -> Tensor:
     """One step on the arguments as the caller gave them, each in the multi-head form or its
     single-head one (``reference.check_state_update_args`` checked them): a missing nheads axis is
-    passed to C as a stride, not made a view. Any strides; state float32, written in place (the
+    passed to C as a stride 0, not made a view. Any strides; state float32, written in place (the
     caller checks its dtype); the rest converted to float32 where they are not.
     -> out shaped like x, float32."""
     _, h, p, n = lifted("state", state.shape, 1)
@@ -62,14 +68,12 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, st
                                                 for t in (x, dt, A, B, C, D, z, dt_bias)]
     idx = None if state_batch_indices is None else state_batch_indices.to(torch.int64).contiguous()
     out = torch.empty(x.shape)
-
-    def strides(name, t):
-        return lifted(name, t.stride(), 0) if t is not None else (0,) * (HEAD_AXIS[name][0] + 1)
-
-    shape = _native.int64s(b, h, p, n, lifted("B", B.shape, 1)[1], *strides("state", state), *strides("x", xf),
-                           *strides("dt", dtf), *strides("z", zf), *strides("x", out), *strides("A", Af),
-                           *strides("B", Bf), *strides("C", Cf), *strides("D", Df), *strides("dt_bias", biasf),
-                           D is not None, z is not None, dt_bias is not None, idx is not None, dt_softplus)
+    strides = []
+    for (rank, axis), t in zip(_UPDATE_STRIDES, (state, xf, dtf, zf, out, Af, Bf, Cf, Df, biasf)):
+        s = t.stride() if t is not None else (0,) * rank
+        strides += (*s[:axis], 0, *s[axis:]) if len(s) == rank else s
+    shape = _native.int64s(b, h, p, n, lifted("B", B.shape, 1)[1], *strides, D is not None, z is not None,
+                           dt_bias is not None, idx is not None, dt_softplus)
     _library().state_update(shape, _native.threads_for(b * h * p * n), *map(_native.ptr, [state, *ins, idx, out]))
     return out
 
