@@ -43,8 +43,8 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
     seqlens = None if cache_seqlens is None else cache_seqlens.to(torch.int64).contiguous()
     idx = None if conv_state_indices is None else conv_state_indices.to(torch.int64).contiguous()
     out = torch.empty(x.shape)
-    step_strides = (*xf.stride(), 0)[:3], (*out.stride(), 0)[:3]
-    shape = _native.int64s(b, d, l, weight.shape[1], conv_state.shape[2], *step_strides[0], *step_strides[1],
+    x_strides, out_strides = (*xf.stride(), 0)[:3], (*out.stride(), 0)[:3]  # (b, d): a 0 for the step axis
+    shape = _native.int64s(b, d, l, weight.shape[1], conv_state.shape[2], *x_strides, *out_strides,
                            *conv_state.stride(), *wf.stride(), bf.stride(0) if bf is not None else 0,
                            bias is not None, activation in ("silu", "swish"), seqlens is not None, idx is not None)
     _library().conv_update(shape, _native.threads_for(b * d * (weight.shape[1] + l)),

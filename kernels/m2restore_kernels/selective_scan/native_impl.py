@@ -52,8 +52,7 @@ def _library() -> ctypes.CDLL:
 
 # The tensors whose strides update_shape holds, in its order (out is laid out like x), each with its
 # single-head rank and nheads axis.
-_UPDATE_STRIDES = tuple((rank, axis) for rank, axis in map(HEAD_AXIS.get, ("state", "x", "dt", "z", "x", "A", "B",
-                                                                         "C", "D", "dt_bias")))
+_UPDATE_STRIDES = tuple(map(HEAD_AXIS.get, ("state", "x", "dt", "z", "x", "A", "B", "C", "D", "dt_bias")))
 
 
 def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices) -> Tensor:
