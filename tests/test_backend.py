@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import m2restore_kernels._backend as backend_module
+from m2restore_kernels import selective_state_update
 from m2restore_kernels._backend import (DISABLE_ENV, Available, disabled_impls, optional_op, probe, resolve_backend,
                                         resolve_impl)
 
@@ -116,6 +117,38 @@ def test_probe_reads_the_machine_and_the_override(monkeypatch):
     have = probe("selective_scan", CPU, "torch")
     assert have.interpreter and not have.native and have.disabled == {"native"}
     assert resolve_impl("selective_scan", CPU, F32, "torch") == "torch"
+
+
+def test_cached_decisions_follow_the_environment_at_run_time(monkeypatch):
+    """resolve_impl keeps its decisions per environment value: one changed between two calls (after
+    the first has been cached) decides the second, and changing it back restores the first; the
+    decode step that asks it follows."""
+    ss_native = importlib.import_module("m2restore_kernels.selective_scan.native_impl")
+    if not backend_module.native_ready(ss_native.LIBRARY):
+        pytest.skip("no working C compiler here")
+    for name in (DISABLE_ENV, "M2RESTORE_NATIVE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    def impl():
+        return resolve_impl("selective_state_update", CPU, F32, "auto")
+
+    assert impl() == impl() == "native"
+    for name, value, expected in ((DISABLE_ENV, "native", "torch"), ("M2RESTORE_NATIVE", "0", "torch"),
+                                  ("TRITON_INTERPRET", "1", "triton" if backend_module.triton_available() else "native")):
+        monkeypatch.setenv(name, value)
+        assert impl() == expected, name
+        monkeypatch.delenv(name)
+        assert impl() == "native", name
+    calls = []
+    step = ss_native.selective_state_update
+    monkeypatch.setattr(ss_native, "selective_state_update", lambda *a: calls.append(1) or step(*a))
+    a = dict(state=torch.zeros(1, 2, 3), x=torch.ones(1, 2), dt=torch.ones(1, 2), A=-torch.ones(2, 3),
+             B=torch.ones(1, 3), C=torch.ones(1, 3))
+    out = selective_state_update(**a)
+    monkeypatch.setenv(DISABLE_ENV, "native")
+    again = selective_state_update(**{**a, "state": torch.zeros(1, 2, 3)})
+    assert calls == [1] and torch.allclose(out, again)
 
 
 def test_resolve_backend_picks_triton_on_cpu_only_under_the_interpreter(monkeypatch):

@@ -251,6 +251,26 @@ def test_update_c_loop_matches_loops_on_strided_float32(seqlen, form):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("seqlen", [None, 5])  # 5 steps with a 3-column cache: every column replaced
+@pytest.mark.parametrize("ring", [False, True])
+@pytest.mark.parametrize("activation, with_bias", [(None, False), ("silu", True)])
+def test_update_c_loop_over_several_blocks_of_channels(seqlen, ring, activation, with_bias):
+    """The C loop works on blocks of 64 channels: 131 channels (two whole blocks and a partial one)
+    of two batch rows, against the float64 loops."""
+    g = torch.Generator().manual_seed(5)
+    l = seqlen or 1
+    x = torch.randn(2, 131, l, generator=g)
+    weight = torch.randn(131, 4, generator=g)
+    bias = torch.randn(131, generator=g) if with_bias else None
+    cache = torch.randn(2, 131, 3, generator=g)
+    seqlens = torch.tensor([2, 7], dtype=torch.int32) if ring else None
+    exp_out, exp_cache = update_loops(x.double(), cache.double(), weight.double(),
+                                      None if bias is None else bias.double(), activation, seqlens)
+    out = causal_conv1d_update(x if seqlen else x[..., 0], cache, weight, bias, activation, seqlens, backend="torch")
+    torch.testing.assert_close(out.double(), exp_out if seqlen else exp_out[..., 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.double(), exp_cache, rtol=0, atol=0)
+
+
 def test_decoding_step_by_step_equals_the_whole_conv():
     x, weight, bias, _ = make(l=7, w=4)
     whole, final = causal_conv1d_fn(x, weight, bias, return_final_states=True, activation="silu")

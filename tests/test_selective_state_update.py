@@ -109,6 +109,29 @@ def test_fused_step_matches_formula_on_strided_inputs(dtype, heads, backend):
     torch.testing.assert_close(state.double(), exp_state, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("heads", [True, False])
+@pytest.mark.parametrize("optional", [True, False])  # D, z and dt_bias given, or None
+def test_c_loop_over_several_blocks_of_channels(heads, optional):
+    """The C loop (backend="torch" on CPU, float32 state) works on blocks of 64 channels per batch row
+    and head: 130 channels (two whole blocks and a partial one), slots with a padding row."""
+    a = make(b=3, h=2, p=130, n=16, g=1, dtype=torch.float32) if heads else make(b=3, h=1, p=130, n=16, g=1,
+                                                                                  dtype=torch.float32)
+    if not optional:
+        a.update(D=None, z=None, dt_bias=None)
+    cache = torch.randn(4, *a.pop("state").shape[1:])
+    idx = torch.tensor([3, -1, 0])
+    exp_out, exp_rows = step_formula(cache[idx.clamp_min(0)], **a, softplus=True)
+    exp_out[1] = 0
+    expected = cache.double().clone()
+    expected[[3, 0]] = exp_rows[[0, 2]]
+    if not heads:
+        a = {k: None if v is None else v.squeeze(1 if k in ("x", "dt", "z", "B", "C") else 0) for k, v in a.items()}
+        cache, expected, exp_out = cache.squeeze(1), expected.squeeze(1), exp_out.squeeze(1)
+    out = selective_state_update(cache, **a, dt_softplus=True, state_batch_indices=idx, backend="torch")
+    torch.testing.assert_close(out.double(), exp_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("impl", ["triton", "native"])
 def test_custom_op_registration(impl):
     a = make(dtype=torch.float32)

@@ -149,17 +149,49 @@ def probe(op: str, device: torch.device, backend: str) -> Available:
                      disabled=disabled)
 
 
+# resolve_impl's decisions: (op, device type, dtype, backend, native_ok, the environment values it
+# reads) -> implementation. The rest of what probe sees is fixed for the process (the C libraries and
+# the extension packages are looked up once), so a decision holds until one of those values
+# changes; a decode step then pays a dict lookup, not a probe.
+_DECISIONS: dict = {}
+_DECISIONS_MAX = 1024  # a process cycling through environment values must not grow it without end
+_ENV = (DISABLE_ENV, "M2RESTORE_NATIVE", "TRITON_INTERPRET")
+# The key reads those values from os.environ's own store, which every change through os.environ
+# updates: os.environ.get costs a few Python calls and, for an unset name, a caught KeyError, which
+# together cost more than the rest of a decode step's decision (CPython's os._Environ has kept
+# _data and encodekey since 3.2; elsewhere, os.environ.get).
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV) if _ENV_STORE is not None else _ENV
+
+
 def resolve_impl(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto",
                  available: Optional[Available] = None, native_ok: bool = True) -> str:
     """The implementation of ``op`` for tensors on ``device`` computed from ``dtype``:
-    ``"extension" | "triton" | "native" | "torch"``. ``available`` defaults to :func:`probe`'s;
-    ``native_ok=False`` when the C loop cannot take these arguments (a size over its limit).
+    ``"extension" | "triton" | "native" | "torch"``. ``available`` defaults to :func:`probe`'s
+    (the decision is then cached per op, device type, dtype, backend, ``native_ok`` and the values
+    of ``M2RESTORE_KERNELS_DISABLE``, ``M2RESTORE_NATIVE`` and ``TRITON_INTERPRET``, read at every
+    call); ``native_ok=False`` when the C loop cannot take these arguments (a size over its limit).
     Raises a one-line ValueError for an unknown backend or a forced one that cannot run (on these
     tensors, or in this dtype)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if available is not None or torch.compiler.is_compiling():  # traced: no dict for Dynamo to guard on
+        return _decide(op, device, dtype, backend,
+                       available if available is not None else probe(op, device, backend), native_ok)
+    store = _ENV_STORE if _ENV_STORE is not None else os.environ
+    key = (op, device.type, dtype, backend, native_ok, *[store.get(name) for name in _ENV_KEYS])
+    impl = _DECISIONS.get(key)
+    if impl is None:
+        impl = _decide(op, device, dtype, backend, probe(op, device, backend), native_ok)
+        if len(_DECISIONS) >= _DECISIONS_MAX:
+            _DECISIONS.clear()
+        _DECISIONS[key] = impl
+    return impl
+
+
+def _decide(op: str, device: torch.device, dtype: torch.dtype, backend: str, have: Available, native_ok: bool) -> str:
+    """:func:`resolve_impl`'s rules, on what ``have`` says runs here."""
     spec = OPS[op]
-    have = available if available is not None else probe(op, device, backend)
     triton_runs = (have.triton and "triton" not in have.disabled
                    and (device.type == "cuda" or (device.type == "cpu" and have.interpreter)))
     if (backend == "auto" and spec.extension is not None and have.extension and "extension" not in have.disabled

@@ -18,6 +18,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 import warnings
@@ -99,18 +100,18 @@ def threads_for(elements: int) -> int:
     return 1 if elements < PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
 
 
-def strides(t: Optional[torch.Tensor], rank: int) -> tuple:
-    """t's element strides (zeros for an absent tensor)."""
-    return t.stride() if t is not None else (0,) * rank
+# The ctypes argument type of int64s' value (read by C as a pointer to the struct).
+INT64S = ctypes.c_char_p
 
 
-def int64s(*values) -> ctypes.Array:
+def int64s(*values) -> bytes:
     """A C struct made of int64 fields only, from its field values in order (a decode step's
-    shapes, strides and flags: one array is far cheaper to build than a ctypes.Structure)."""
-    return (ctypes.c_int64 * len(values))(*values)
+    shapes, strides and flags), packed into bytes: far cheaper to build per call than a ctypes array
+    or Structure. Passed as an ``INT64S`` argument; C reads it, never writes it."""
+    return struct.pack(f"{len(values)}q", *values)
 
 
-def ptr(t: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
-    """A tensor's data as a C pointer argument (None: NULL). The caller keeps ``t`` alive (bound to
-    a name) until the call returns: a temporary copy would be freed before C reads it."""
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+def ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    """A tensor's data address for a ``c_void_p`` argument (None: NULL). The caller keeps ``t`` alive
+    (bound to a name) until the call returns: a temporary copy would be freed before C reads it."""
+    return None if t is None else t.data_ptr()

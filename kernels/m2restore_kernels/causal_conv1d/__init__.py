@@ -75,9 +75,9 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend: str = "auto"):
 
 def _native_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
                    cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor]) -> Tensor:
-    """The C decode step (x (b, d, l)), conv_state written in place -> out in x's dtype."""
-    return native_impl.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
-                                            conv_state_indices).to(x.dtype)
+    """The C decode step (x (b, d) or (b, d, l)), conv_state written in place -> out shaped like x, in x's dtype."""
+    out = native_impl.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # The same as a custom op, which torch.compile keeps whole (it cannot trace a ctypes call). Eager
@@ -103,11 +103,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     the rest, and every other device, run the PyTorch ops (differentiable in x, weight and bias)."""
     check_update_args(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
     impl = resolve_impl("causal_conv1d_update", x.device, compute_dtype(x, weight, bias, conv_state), backend)
-    if impl == "native" and not grad_needed(x, weight, bias) and native_impl.takes(x, conv_state, weight):
-        steps = x if x.dim() == 3 else x.unsqueeze(-1)
+    # The C loop keeps the cache in float32, so it takes only a float32 conv_state.
+    if impl == "native" and conv_state.dtype == torch.float32 and not grad_needed(x, weight, bias):
         step = _update_op if torch.compiler.is_compiling() else _native_update
-        out = step(steps, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
-        return out if x.dim() == 3 else out.squeeze(-1)
+        return step(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
     return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
 
 

@@ -18,7 +18,7 @@ ACTIVATIONS = (None, "silu", "swish")
 
 
 def compute_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.float64 if torch.float64 in [t.dtype for t in tensors if t is not None] else torch.float32
 
 
 def _check_float(name: str, t, device: torch.device):

@@ -194,59 +194,82 @@ void scan_bwd(const scan_shape *s, int threads, const float *u, const float *del
 /* One decode step (mamba_ssm's selective_state_update), the state updated in place. Every tensor
  * is float32 and addressed by its element strides, in the multi-head form:
  *   state (slots, h, p, n); x, dt, z, out (b, h, p); A (h, p, n); B, C (b, g, n); D, bias (h, p)
- * (strides 0 broadcast, as Mamba-2's expanded A). idx (b,) int64 or NULL: the state row of each
- * batch row, negative for padding (out zero, nothing written). */
+ * (strides 0 broadcast, as Mamba-2's expanded A, or the single-head form's missing nheads axis).
+ * idx (b,) int64 or NULL: the state row of each batch row, negative for padding (out zero, nothing
+ * written). */
 typedef struct {
     int64_t b, h, p, n, g;
     int64_t s_state[4], s_x[3], s_dt[3], s_z[3], s_out[3], s_A[3], s_B[3], s_C[3], s_D[2], s_bias[2];
     int64_t has_D, has_z, has_bias, has_idx, softplus; /* int64 like the rest: Python passes one int64 array */
 } update_shape;
 
+/* Channels per task of a step: a task's dt', outputs and gates are vectors on the stack, so the
+ * softplus and the gate vectorise over channels (per channel, they would cost more than the n states). */
+#define STEP_BLOCK 64
+
 void state_update(const update_shape *s, int threads, float *state, const float *x, const float *dt,
                   const float *A, const float *B, const float *C, const float *D, const float *z,
                   const float *bias, const int64_t *idx, float *out) {
-    const int64_t rows = s->b * s->h * s->p, heads_per_group = s->h / s->g;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t bi = r / (s->h * s->p), hi = r / s->p % s->h, pi = r % s->p, gi = hi / heads_per_group;
-        float *o = out + bi * s->s_out[0] + hi * s->s_out[1] + pi * s->s_out[2];
-        const int64_t slot = s->has_idx ? idx[bi] : bi;
+    const int64_t h = s->h, p = s->p, n = s->n, heads_per_group = h / s->g;
+    const int64_t blocks = (p + STEP_BLOCK - 1) / STEP_BLOCK;
+    const int64_t ss = s->s_state[3], sa = s->s_A[2], sb = s->s_B[2], sc = s->s_C[2];
+    const int unit = ss == 1 && sa == 1 && sb == 1 && sc == 1; /* the usual layout: a loop that vectorises expf */
+    /* Tasks (batch row, head, block of channels); one division per task, none per channel. */
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t task = 0; task < s->b * h * blocks; task++) {
+        const int64_t bi = task / (h * blocks), hi = task / blocks % h, p0 = task % blocks * STEP_BLOCK;
+        const int64_t np = p - p0 < STEP_BLOCK ? p - p0 : STEP_BLOCK, gi = hi / heads_per_group;
+        float *o = out + bi * s->s_out[0] + hi * s->s_out[1] + p0 * s->s_out[2];
+        const int64_t so = s->s_out[2], slot = s->has_idx ? idx[bi] : bi;
         if (slot < 0) {
-            *o = 0.0f;
+            for (int64_t k = 0; k < np; k++)
+                o[k * so] = 0.0f;
             continue;
         }
-        const float xv = x[bi * s->s_x[0] + hi * s->s_x[1] + pi * s->s_x[2]];
-        float dl = dt[bi * s->s_dt[0] + hi * s->s_dt[1] + pi * s->s_dt[2]];
-        if (s->has_bias)
-            dl += bias[hi * s->s_bias[0] + pi * s->s_bias[1]];
-        if (s->softplus) /* torch's softplus: x above 20 as is */
-            dl = dl <= 20.0f ? log1pf(expf(dl)) : dl;
-        float *st = state + slot * s->s_state[0] + hi * s->s_state[1] + pi * s->s_state[2];
-        const float *a = A + hi * s->s_A[0] + pi * s->s_A[1];
-        const float *bb = B + bi * s->s_B[0] + gi * s->s_B[1], *cc = C + bi * s->s_C[0] + gi * s->s_C[1];
-        const int64_t ss = s->s_state[3], sa = s->s_A[2], sb = s->s_B[2], sc = s->s_C[2];
-        const float dx = dl * xv;
-        float y = 0.0f;
-        if (ss == 1 && sa == 1 && sb == 1 && sc == 1) { /* the usual layout: a loop that vectorises expf */
-#pragma omp simd reduction(+ : y)
-            for (int64_t k = 0; k < s->n; k++) {
-                const float v = expf(dl * a[k]) * st[k] + dx * bb[k];
-                st[k] = v;
-                y += v * cc[k];
-            }
+        float raw[STEP_BLOCK], dl[STEP_BLOCK], y[STEP_BLOCK];
+        const float *dtr = dt + bi * s->s_dt[0] + hi * s->s_dt[1] + p0 * s->s_dt[2];
+        const int64_t sdt = s->s_dt[2];
+        if (s->has_bias) {
+            const float *br = bias + hi * s->s_bias[0] + p0 * s->s_bias[1];
+            const int64_t sbias = s->s_bias[1];
+            for (int64_t k = 0; k < np; k++)
+                raw[k] = dtr[k * sdt] + br[k * sbias];
         } else {
-            for (int64_t k = 0; k < s->n; k++) {
-                const float v = expf(dl * a[k * sa]) * st[k * ss] + dx * bb[k * sb];
-                st[k * ss] = v;
-                y += v * cc[k * sc];
+            for (int64_t k = 0; k < np; k++)
+                raw[k] = dtr[k * sdt];
+        }
+        row_delta(raw, 0.0f, np, (int)s->softplus, dl, NULL);
+        const float *xr = x + bi * s->s_x[0] + hi * s->s_x[1] + p0 * s->s_x[2];
+        const float *bb = B + bi * s->s_B[0] + gi * s->s_B[1], *cc = C + bi * s->s_C[0] + gi * s->s_C[1];
+        for (int64_t k = 0; k < np; k++) {
+            const float xv = xr[k * s->s_x[2]], dx = dl[k] * xv, dk = dl[k];
+            float *st = state + slot * s->s_state[0] + hi * s->s_state[1] + (p0 + k) * s->s_state[2];
+            const float *a = A + hi * s->s_A[0] + (p0 + k) * s->s_A[1];
+            float acc = 0.0f;
+            if (unit) {
+#pragma omp simd reduction(+ : acc)
+                for (int64_t j = 0; j < n; j++) {
+                    const float v = expf(dk * a[j]) * st[j] + dx * bb[j];
+                    st[j] = v;
+                    acc += v * cc[j];
+                }
+            } else {
+                for (int64_t j = 0; j < n; j++) {
+                    const float v = expf(dk * a[j * sa]) * st[j * ss] + dx * bb[j * sb];
+                    st[j * ss] = v;
+                    acc += v * cc[j * sc];
+                }
             }
+            y[k] = s->has_D ? acc + xv * D[hi * s->s_D[0] + (p0 + k) * s->s_D[1]] : acc;
         }
-        if (s->has_D)
-            y += xv * D[hi * s->s_D[0] + pi * s->s_D[1]];
         if (s->has_z) {
-            const float zv = z[bi * s->s_z[0] + hi * s->s_z[1] + pi * s->s_z[2]];
-            y *= zv / (1.0f + expf(-zv));
+            const float *zr = z + bi * s->s_z[0] + hi * s->s_z[1] + p0 * s->s_z[2];
+            const int64_t sz = s->s_z[2];
+#pragma omp simd
+            for (int64_t k = 0; k < np; k++)
+                y[k] *= zr[k * sz] / (1.0f + expf(-zr[k * sz]));
         }
-        *o = y;
+        for (int64_t k = 0; k < np; k++)
+            o[k * so] = y[k];
     }
 }

@@ -78,19 +78,25 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
     if return_dropout_mask:
         raise ValueError("layer_norm_fn: return_dropout_mask=True is not supported by m2restore_kernels")
     compute = torch.promote_types(x.dtype, torch.float32)
-    h = x.to(compute) if residual is None else x.to(compute) + residual.to(compute)
-    w = weight.to(compute)
-    b = None if bias is None else bias.to(compute)
+    h = _cast(x, compute) if residual is None else _cast(x, compute) + _cast(residual, compute)
+    w = _cast(weight, compute)
+    b = None if bias is None else _cast(bias, compute)
     if is_rms_norm:
         out = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps) * w
         out = out if b is None else out + b
     else:
         out = F.layer_norm(h, h.shape[-1:], w, b, eps)
-    out = out.to(x.dtype)
+    out = _cast(out, x.dtype)
     if not prenorm:
         return out
     residual_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
-    return out, h.to(residual_dtype)
+    return out, _cast(h, residual_dtype)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipped where t already has it: a decode step makes a few of these calls per
+    layer and token, and even a no-op ``.to`` costs about one small op."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def rms_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
@@ -121,7 +127,7 @@ class RMSNorm(torch.nn.Module):
 # The table: upstream name -> where upstream defines it, our function, what it needs on CUDA
 # --------------------------------------------------------------------------------------------
 def _ours(name: str) -> Callable:
-    """Our function for an upstream name (looked up when called: the package imports us)."""
+    """Our function for an upstream name (imported here, not at the top: the package imports us)."""
     import m2restore_kernels
 
     from ..selective_scan import ssd
@@ -169,17 +175,24 @@ UPSTREAM_ATTR = "__m2restore_upstream__"  # on a dispatcher: upstream's function
 
 def _dispatcher(name: str, upstream: Callable, upstream_runs_on_cuda: bool) -> Callable:
     """A function with upstream's signature: CUDA tensors go to ``upstream`` when it runs here (and
-    the extension is not disabled), everything else to ours, called by keyword."""
+    the extension is not disabled), everything else to ours. Ours is looked up here, once: a decode
+    step calls its dispatchers a few times per layer and token, so each does no more than it must."""
     params = list(inspect.signature(upstream).parameters)
+    ours = _ours(name)
+    # Ours takes upstream's parameters first, in upstream's order (then its own, such as backend):
+    # positional arguments can then pass as they are; otherwise they are given ours by name.
+    in_order = list(inspect.signature(ours).parameters)[:len(params)] == params
 
     def dispatch(*args, **kwargs):
         if len(args) > len(params):
             raise TypeError(f"{name}() takes {len(params)} positional arguments but {len(args)} were given")
+        first = args[0] if args else kwargs[params[0]]
+        if upstream_runs_on_cuda and first.device.type == "cuda" and "extension" not in disabled_impls():
+            return upstream(*args, **kwargs)
+        if in_order:
+            return ours(*args, **kwargs)
         kwargs.update(zip(params, args))
-        first = kwargs[params[0]]
-        if (upstream_runs_on_cuda and first.device.type == "cuda" and "extension" not in disabled_impls()):
-            return upstream(**kwargs)
-        return _ours(name)(**kwargs)
+        return ours(**kwargs)
 
     dispatch.__name__ = dispatch.__qualname__ = name
     dispatch.__doc__ = (f"m2restore_kernels' drop-in for upstream's {name}: CUDA tensors run upstream's "

@@ -176,19 +176,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def _fused_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                     z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
-                     state_batch_indices: Optional[Tensor], impl: str) -> Tensor:
+                        z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+                        state_batch_indices: Optional[Tensor], impl: str) -> Tensor:
     """The fused decode step (``impl`` "triton" or "native") on the arguments as given (either
-    form), state written in place."""
-    # The arguments were checked by selective_state_update.
-    return _fused_step(impl, state.dim() == 4, heads_form(state, x, dt, A, B, C, D, z, dt_bias), dt_softplus,
-                       state_batch_indices, x.dtype)
-
-
-def _fused_step(impl: str, heads: bool, args: tuple, dt_softplus: bool, state_batch_indices, dtype) -> Tensor:
-    """The fused step on the multi-head form ``args`` -> out in ``dtype``, in the caller's form."""
-    out = _FUSED[impl].selective_state_update(*args, dt_softplus, state_batch_indices).to(dtype)
-    return out if heads else out.squeeze(1)
+    form, checked by selective_state_update), state written in place -> out shaped like x, in x's dtype."""
+    if impl == "native":  # takes either form as it is: no views to make per step
+        out = native_impl.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                                 state_batch_indices)
+    else:
+        out = triton_impl.selective_state_update(*heads_form(state, x, dt, A, B, C, D, z, dt_bias), dt_softplus,
+                                                 state_batch_indices)
+        out = out if state.dim() == 4 else out.squeeze(1)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # The same as a custom op, which torch.compile keeps whole. Eager calls skip it: on a CPU the
@@ -215,15 +214,14 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     that need gradients (any input requiring grad under grad mode) take the PyTorch ops, which are
     differentiable in every input but the state.
     """
-    args = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
-    wide = any(t.dtype == torch.float64 for t in (state, x, dt, A, B, C))
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    wide = torch.float64 in (state.dtype, x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype)
     impl = resolve_impl("selective_state_update", x.device, torch.float64 if wide else x.dtype, backend)
-    grads = grad_needed(x, dt, A, B, C, D, z, dt_bias)
     # The C loop stores the state as float32, so it takes only a float32 state.
-    if not grads and (impl == "triton" or (impl == "native" and state.dtype == torch.float32)):
-        if torch.compiler.is_compiling():
-            return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, impl)
-        return _fused_step(impl, state.dim() == 4, args, dt_softplus, state_batch_indices, x.dtype)
+    if ((impl == "triton" or (impl == "native" and state.dtype == torch.float32))
+            and not grad_needed(x, dt, A, B, C, D, z, dt_bias)):
+        step = _state_update_op if torch.compiler.is_compiling() else _fused_state_update
+        return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, impl)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 

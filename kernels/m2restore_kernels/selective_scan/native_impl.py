@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .reference import group_sizes
+from .reference import HEAD_AXIS, group_sizes, lifted
 
 LIBRARY = "selective_scan_cpu"
 NATIVE_CHUNK = 64  # steps per checkpoint: the backward's per-thread buffer is (NATIVE_CHUNK + 1, n)
@@ -37,7 +37,7 @@ _SCAN_BWD = [*_PTR] + [ctypes.c_void_p] * 19
 
 # (update_shape as int64s: b, h, p, n, g, strides of state, x, dt, z, out, A, B, C, D, bias, then the
 # flags has_D, has_z, has_bias, has_idx, softplus; threads; state, x, dt, A, B, C, D, z, bias, idx, out)
-_STATE_UPDATE = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int] + [ctypes.c_void_p] * 11
+_STATE_UPDATE = [_native.INT64S, ctypes.c_int] + [ctypes.c_void_p] * 11
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,19 +50,28 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+# The tensors whose strides update_shape holds, in its order (out is laid out like x), each with its
+# single-head rank and nheads axis.
+_UPDATE_STRIDES = tuple(map(HEAD_AXIS.get, ("state", "x", "dt", "z", "x", "A", "B", "C", "D", "dt_bias")))
+
+
 def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices) -> Tensor:
-    """One step on the multi-head form (``reference.check_state_update_args``'s), any strides; state
-    float32, written in place (the caller checks its dtype), the rest converted to float32 where
-    they are not. -> out (b, h, p) float32."""
-    b, h, p = x.shape
-    n = state.shape[-1]
-    ins = [t if t is None or t.dtype == torch.float32 else t.float() for t in (x, dt, A, B, C, D, z, dt_bias)]
+    """One step on the arguments as the caller gave them, each in the multi-head form or its
+    single-head one (``reference.check_state_update_args`` checked them): a missing nheads axis is
+    passed to C as a stride 0, not made a view. Any strides; state float32, written in place (the
+    caller checks its dtype); the rest converted to float32 where they are not.
+    -> out shaped like x, float32."""
+    _, h, p, n = lifted("state", state.shape, 1)
+    b = x.shape[0]
+    xf, dtf, Af, Bf, Cf, Df, zf, biasf = ins = [t if t is None or t.dtype == torch.float32 else t.float()
+                                                for t in (x, dt, A, B, C, D, z, dt_bias)]
     idx = None if state_batch_indices is None else state_batch_indices.to(torch.int64).contiguous()
-    out = torch.empty(b, h, p)
-    xf, dtf, Af, Bf, Cf, Df, zf, biasf = ins
-    shape = _native.int64s(b, h, p, n, B.shape[1], *state.stride(), *xf.stride(), *dtf.stride(),
-                           *_native.strides(zf, 3), *out.stride(), *Af.stride(), *Bf.stride(), *Cf.stride(),
-                           *_native.strides(Df, 2), *_native.strides(biasf, 2), D is not None, z is not None,
+    out = torch.empty(x.shape)
+    strides = []
+    for (rank, axis), t in zip(_UPDATE_STRIDES, (state, xf, dtf, zf, out, Af, Bf, Cf, Df, biasf)):
+        s = t.stride() if t is not None else (0,) * rank
+        strides += (*s[:axis], 0, *s[axis:]) if len(s) == rank else s
+    shape = _native.int64s(b, h, p, n, lifted("B", B.shape, 1)[1], *strides, D is not None, z is not None,
                            dt_bias is not None, idx is not None, dt_softplus)
     _library().state_update(shape, _native.threads_for(b * h * p * n), *map(_native.ptr, [state, *ins, idx, out]))
     return out

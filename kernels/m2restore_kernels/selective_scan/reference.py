@@ -141,47 +141,60 @@ def group_sizes(X: Tensor, d: int):
 # --------------------------------------------------------------------------------------------
 # One decode step: mamba_ssm's selective_state_update
 # --------------------------------------------------------------------------------------------
+# Each argument of a step: its single-head rank, and where the multi-head form has its nheads axis.
+# mamba_ssm lifts each argument by its own rank, so the two forms may be mixed within one call.
+HEAD_AXIS = dict(state=(3, 1), x=(2, 1), dt=(2, 1), A=(2, 0), B=(2, 1), C=(2, 1), D=(1, 0), z=(2, 1), dt_bias=(1, 0))
+_OPTIONAL = ("D", "z", "dt_bias")
+
+
 def heads_form(state, x, dt, A, B, C, D, z, dt_bias):
     """The single-head form (state (b, d, n), x (b, d), A (d, n), B/C (b, n), D/dt_bias (d,)) as the
     multi-head one with one head, each argument by its own rank (mamba_ssm's rule)."""
-    def lift(t, rank, dim):
-        return t.unsqueeze(dim) if t is not None and t.dim() == rank else t
+    return tuple(t.unsqueeze(HEAD_AXIS[name][1]) if t is not None and t.dim() == HEAD_AXIS[name][0] else t
+                 for name, t in zip(HEAD_AXIS, (state, x, dt, A, B, C, D, z, dt_bias)))
 
-    return (lift(state, 3, 1), lift(x, 2, 1), lift(dt, 2, 1), lift(A, 2, 0), lift(B, 2, 1), lift(C, 2, 1),
-            lift(D, 1, 0), lift(z, 2, 1), lift(dt_bias, 1, 0))
+
+def lifted(name: str, values: tuple, fill: int) -> tuple:
+    """A shape or strides tuple of argument ``name`` in the multi-head form: ``fill`` put in on the
+    nheads axis when the argument has the single-head rank (what :func:`heads_form` does, without
+    making views: a decode step checks and calls on tuples)."""
+    rank, axis = HEAD_AXIS[name]
+    return (*values[:axis], fill, *values[axis:]) if len(values) == rank else tuple(values)
 
 
 def check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
-    """-> the arguments in the multi-head form; a one-line ValueError naming the argument otherwise."""
-    named = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
-    for name, t in named.items():
-        if t is None and name in ("D", "z", "dt_bias"):
+    """A one-line ValueError naming the argument unless these are one step's arguments, each in
+    the multi-head form or its single-head one."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():  # first: every device is compared with x's
+        raise ValueError(f"x must be a real floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    device = x.device
+    for name, t in zip(HEAD_AXIS, (state, x, dt, A, B, C, D, z, dt_bias)):
+        if t is None and name in _OPTIONAL:
             continue
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise ValueError(f"{name} must be a real floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}")
     if state.dim() not in (3, 4):
         raise ValueError(f"state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), "
                          f"got {tuple(state.shape)}")
-    state, x, dt, A, B, C, D, z, dt_bias = heads_form(state, x, dt, A, B, C, D, z, dt_bias)
-    _, h, p, n = state.shape
+    slots, h, p, n = lifted("state", state.shape, 1)
     b = x.shape[0]
-    rows = state.shape[0] if state_batch_indices is not None else b
-    if state.shape[0] != rows:
-        raise ValueError(f"state must have x's batch {b} rows (or pass state_batch_indices), got {tuple(state.shape)}")
-    g = B.shape[1] if B.dim() == 3 else 0
+    if state_batch_indices is None and slots != b:
+        raise ValueError(f"state must have x's batch {b} rows (or pass state_batch_indices), "
+                         f"got {lifted('state', state.shape, 1)}")
+    B_shape = lifted("B", B.shape, 1)
+    g = B_shape[1] if len(B_shape) == 3 else 0
     expected = dict(x=(b, h, p), dt=(b, h, p), A=(h, p, n), B=(b, g, n), C=(b, g, n), D=(h, p), z=(b, h, p),
                     dt_bias=(h, p))
     for name, t in zip(expected, (x, dt, A, B, C, D, z, dt_bias)):
-        if t is not None and tuple(t.shape) != expected[name]:
+        if t is not None and lifted(name, t.shape, 1) != expected[name]:
             raise ValueError(f"{name} must be {expected[name]} (or its single-head form) for state "
-                             f"(batch, nheads={h}, dim={p}, dstate={n}), got {tuple(t.shape)}")
+                             f"(batch, nheads={h}, dim={p}, dstate={n}), got {lifted(name, t.shape, 1)}")
     if g < 1 or h % g:
         raise ValueError(f"B and C must be (batch, ngroups, dstate) with ngroups dividing nheads={h}, "
-                         f"got {tuple(B.shape)}")
-    check_indices("state_batch_indices", state_batch_indices, b, x.device)
-    return state, x, dt, A, B, C, D, z, dt_bias
+                         f"got {B_shape}")
+    check_indices("state_batch_indices", state_batch_indices, b, device)
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -200,8 +213,8 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     dtype, out (from the unrounded new state) in x's dtype.
     """
     heads = state.dim() == 4
-    st, x4, dt4, A4, B4, C4, D4, z4, bias4 = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias,
-                                                                     state_batch_indices)
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    st, x4, dt4, A4, B4, C4, D4, z4, bias4 = heads_form(state, x, dt, A, B, C, D, z, dt_bias)
     ct = torch.float64 if any(t.dtype == torch.float64 for t in (state, x, dt, A, B, C)) else torch.float32
     old, valid = read_rows(st, state_batch_indices)
     h, g = A4.shape[0], B4.shape[1]
