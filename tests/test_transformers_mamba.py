@@ -83,23 +83,33 @@ HYBRIDS = textwrap.dedent("""
     import json, torch, transformers
     from torch.profiler import profile
 
-    # Other transformers models whose SSM layers take the same ops: FalconMamba (mamba_inner_fn
-    # with RMS-normalised B, C and dt), Jamba (Mamba-1 layers beside attention and MoE), NemotronH
-    # (Mamba-2 layers).
-    tiny = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2, state_size=8, mamba_d_state=8,
-                mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_conv=4, mamba_expand=2,
-                mamba_chunk_size=8, ssm_state_size=8, mamba_headdim=16, num_experts=4, num_experts_per_tok=2,
-                expert_layer_period=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_offset=1, head_dim=8,
-                n_groups=2, chunk_size=8, time_step_rank=8, conv_kernel=4, expand=2, max_position_embeddings=64)
+    # Other transformers models whose SSM layers take the same ops, at toy sizes with one attention
+    # layer where they are hybrids: FalconMamba (mamba_inner_fn with RMS-normalised B, C and dt),
+    # Jamba (Mamba-1 beside attention and MoE), NemotronH, Bamba, GraniteMoeHybrid, FalconH1 and
+    # Zamba2 (Mamba-2 layers).
+    common = dict(vocab_size=61, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2, max_position_embeddings=64)
+    ssd = dict(mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8)
+    configs = {
+        "FalconMamba": dict(state_size=8, expand=2, conv_kernel=4, time_step_rank=8),
+        "Jamba": dict(mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, num_experts=4, num_experts_per_tok=2,
+                      expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1),
+        "NemotronH": dict(ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=32, n_groups=2, chunk_size=8,
+                          layers_block_type=["mamba", "attention"]),
+        "Bamba": dict(attn_layer_indices=[1], **ssd),
+        "GraniteMoeHybrid": dict(layer_types=["mamba", "attention"], num_local_experts=4, num_experts_per_tok=2, **ssd),
+        "FalconH1": dict(mamba_d_ssm=128, head_dim=16, **ssd),
+        "Zamba2": dict(layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], mamba_d_state=8, n_mamba_heads=4,
+                       mamba_headdim=32, mamba_ngroups=2, chunk_size=8),
+    }
     models = {}
-    for name in ("FalconMamba", "Jamba", "NemotronH"):
-        config = getattr(transformers, name + "Config")()
-        for key, value in tiny.items():
-            if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
-                setattr(config, key, value)
+    for name, extra in configs.items():
         torch.manual_seed(0)
-        models[name] = getattr(transformers, name + "ForCausalLM")(config).float().eval()
+        config = getattr(transformers, name + "Config")(**common, **extra)
+        model = models[name] = getattr(transformers, name + "ForCausalLM")(config).float().eval()
+        with torch.no_grad():  # some inits leave the SSM branch silent (zero projections): wake every weight
+            for p in model.parameters():
+                p.normal_(1.0 if p.dim() == 1 else 0.0, 0.2)
     ids = torch.randint(3, 61, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = {name: model(ids).logits for name, model in models.items()}
@@ -115,7 +125,8 @@ HYBRIDS = textwrap.dedent("""
 """)
 
 
+
 def test_transformers_hybrid_mamba_models_run_our_kernels_and_agree():
     result = _last_json_line(HYBRIDS)
-    assert set(result) == {"FalconMamba", "Jamba", "NemotronH"}
+    assert set(result) == {"FalconMamba", "Jamba", "NemotronH", "Bamba", "GraniteMoeHybrid", "FalconH1", "Zamba2"}
     assert all(ran and diff < 1e-4 for ran, diff in result.values()), result
