@@ -4,6 +4,9 @@ transformers' own eager expert loop gives them."""
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,10 +99,6 @@ _TINY = dict(hidden_size=32, d_model=32, dim=32, hidden_dim=32, n_embd=32, embed
 def _experts_classes():
     """(model type, class) of every experts class of the installed transformers that
     ``@use_experts_implementation`` decorates: the modeling sources that use it, imported."""
-    import importlib
-    import inspect
-    from pathlib import Path
-
     for source in sorted(Path(transformers.models.__file__).parent.glob("*/modeling_*.py")):
         if "@use_experts_implementation" not in source.read_text(encoding="utf-8"):
             continue
@@ -113,8 +112,6 @@ def _experts_classes():
 def _tiny_experts(module, cls):
     """An instance of ``cls`` built from one of its module's config classes (or a sub-config) with
     the sizes shrunk, or None where no config builds it."""
-    import inspect
-
     extra = {"layer_idx": 0} if "layer_idx" in inspect.signature(cls.__init__).parameters else {}
     for config_cls in [v for k, v in vars(module).items() if k.endswith("Config") and inspect.isclass(v)]:
         try:

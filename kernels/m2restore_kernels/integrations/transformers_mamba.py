@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -31,10 +31,10 @@ __all__ = ["apply_to_transformers_mamba"]
 DEVICES = ("cuda", "cpu")  # where the dispatchers run: CUDA (upstream's or our Triton) and the CPU (our C loops)
 
 
-def _decorated(value) -> Optional[Callable]:
-    """The function ``use_kernel_func_from_hub_with_fallback`` made for a mamba-ssm or causal-conv1d
-    op, from a module attribute (with the ``kernels`` package installed, a module whose forward
-    calls it), else None."""
+def _decorated(value) -> Optional[tuple]:
+    """(the function ``use_kernel_func_from_hub_with_fallback`` made for a mamba-ssm or causal-conv1d
+    op, the names its closure holds) from a module attribute (with the ``kernels`` package
+    installed, a module whose forward calls it), else None."""
     if isinstance(value, torch.nn.Module):  # kernels' Func: its class's forward closes over the function
         cells = getattr(type(value).forward, "__closure__", None) or ()
         value = next((c.cell_contents for c in cells if callable(c.cell_contents)
@@ -42,7 +42,9 @@ def _decorated(value) -> Optional[Callable]:
     if not callable(value) or not hasattr(value, "__wrapped__") or getattr(value, "__closure__", None) is None:
         return None
     names = inspect.getclosurevars(value).nonlocals
-    return value if names.get("package") in UPSTREAM_PACKAGES and isinstance(names.get("func_name"), str) else None
+    if names.get("package") in UPSTREAM_PACKAGES and isinstance(names.get("func_name"), str):
+        return value, names
+    return None
 
 
 def apply_to_transformers_mamba() -> list:
@@ -64,10 +66,10 @@ def apply_to_transformers_mamba() -> list:
         if module is None or not module_name.startswith("transformers.models."):
             continue
         for attr, value in list(vars(module).items()):
-            fn = _decorated(value)
-            if fn is None:
+            found = _decorated(value)
+            if found is None:
                 continue
-            names = inspect.getclosurevars(fn).nonlocals
+            fn, names = found
             if "cpu" in (names.get("supported_devices") or ()) and names.get("is_new_implementation"):
                 continue  # decorated after the devices changed: ours already
             decorate = hub_kernels.use_kernel_func_from_hub_with_fallback(names["func_name"], names["package"])

@@ -53,6 +53,14 @@ def _runs(seq_idx: Optional[Tensor], batch: int, seqlen: int) -> list:
     return runs
 
 
+def _step_sizes(dt: Tensor, dt_bias: Optional[Tensor], softplus: bool, limit) -> Tensor:
+    """dt' as upstream forms it: the bias, then softplus, then the clamp (only for a limit of its
+    own: none at the default (0, inf))."""
+    step = dt if dt_bias is None else dt + dt_bias
+    step = F.softplus(step) if softplus else step
+    return step if tuple(limit) == NO_LIMIT else step.clamp(min=limit[0], max=limit[1])
+
+
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                               seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=NO_LIMIT,
                               return_final_states=False, return_varlen_states=False, backend: str = "auto"):
@@ -103,9 +111,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     per_channel = lambda t: t.repeat_interleave(headdim, dim=-1)  # noqa: E731  (..., nheads) -> (..., dim)
     delta, delta_bias, softplus = dt, dt_bias, dt_softplus
     if tuple(dt_limit) != NO_LIMIT:  # the clamp comes after bias and softplus, so they go first
-        delta = dt if dt_bias is None else dt + dt_bias
-        delta = (F.softplus(delta) if dt_softplus else delta).clamp(min=dt_limit[0], max=dt_limit[1])
-        delta_bias, softplus = None, False
+        delta, delta_bias, softplus = _step_sizes(dt, dt_bias, dt_softplus, dt_limit), None, False
     # A start state gates through z after its own term is added, so z waits for it (below).
     gate_later = z is not None and initial_states is not None
     u, delta = channels(x), per_channel(delta).transpose(1, 2)
@@ -130,14 +136,12 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         last = torch.cat([row[-1][1] for row in rows])  # a row's last state is its last run's
     result = out.transpose(1, 2).reshape(batch, seqlen, nheads, headdim)
     heads = lambda s: s.reshape(s.shape[0], nheads, headdim, dstate)  # noqa: E731
+    last = heads(last)
     if initial_states is not None:
         # The recurrence is linear in its state: from a start S0 it adds S0 decayed by
         # exp(A cumsum(dt')) to every state, and C_t of that to every output.
         compute = torch.promote_types(dt.dtype, torch.float32)
-        step = (dt if dt_bias is None else dt + dt_bias).to(compute)
-        step = F.softplus(step) if dt_softplus else step
-        if tuple(dt_limit) != NO_LIMIT:
-            step = step.clamp(min=dt_limit[0], max=dt_limit[1])
+        step = _step_sizes(dt.to(compute), dt_bias, dt_softplus, dt_limit)
         decay = torch.exp(torch.cumsum(step * A.to(compute), dim=1))  # (b, l, h)
         start = initial_states.to(compute)
         C_heads = C.to(compute).repeat_interleave(nheads // ngroups, dim=2)  # (b, l, h, n)
@@ -145,10 +149,10 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         result = result + carried.to(result.dtype)
         if gate_later:
             result = result * F.silu(z)
-        last = (heads(last) + decay[:, -1, :, None, None] * start).reshape(batch, dim, dstate)
+        last = last + decay[:, -1, :, None, None] * start
     extra = []
     if return_final_states:
-        extra.append(heads(last))
+        extra.append(last)
     if return_varlen_states:
         # Each sequence's state from a zero start: its run's where seq_idx restarted there, its own
         # scan where not, and zeros for an empty one (upstream's padding slot).
